@@ -1,0 +1,235 @@
+"""Peak training memory for LoRA / QLoRA on a decoder-only model, from its shape alone.
+
+`estimate(shape, knobs, backend)` returns a `MemoryEstimate` in bytes, split into the parts a
+person can act on. No weights are loaded: the numbers come from `models.ModelShape` (hidden
+size, layers, heads, kv heads, intermediate size, vocabulary, tied embeddings).
+
+The parts and where each formula comes from:
+
+weights
+    Every parameter of the base model. Linear layers of the decoder blocks hold
+    `in * out` weights (+ `out` biases for q/k/v where the model has them); embeddings `V * h`;
+    lm_head another `V * h` unless tied; RMSNorms `h` each (two per block + one final).
+    16-bit: 2 bytes each (the CPU trains in float32: 4 bytes).
+    4-bit (bitsandbytes `Params4bit`, NF4 or FP4): only the decoder linear weights are
+    quantised; embeddings, lm_head and norms stay in the 16-bit compute dtype
+    (transformers keeps lm_head out of `llm_int8_skip_modules`' reach by default).
+    A quantised weight costs 0.5 byte + its block constants: one float32 absmax per 64
+    weights (4/64 = 0.0625 B) or, with double quantisation, one uint8 per 64 weights plus one
+    float32 per 256 such bytes (1/64 + 4/16384 = 0.0159 B) and a 256-entry float32 code book
+    per tensor. (bitsandbytes `functional.quantize_4bit`, blocksize 64; QLoRA paper §2.)
+adapter (LoRA parameters + gradients + optimizer state)
+    A LoRA pair on a linear layer of shape (in, out) adds `r * (in + out)` parameters. peft
+    keeps adapter weights in float32 even over a 16-bit base (`autocast_adapter_dtype`), so each
+    parameter costs 4 bytes, its gradient 4 bytes, and AdamW's two moments 8 bytes (32-bit),
+    2 bytes + 8/256 for the block constants (bitsandbytes 8-bit blockwise, block 256), the same
+    for the paged variants (paging moves state to host memory under pressure, it does not
+    shrink it).
+activations
+    Saved tensors per token per decoder block, measured with autograd saved-tensor hooks on
+    Llama-style blocks (transformers 5, peft 0.21, SDPA attention, LoRA on all seven
+    projections; `benchmarks/activation_fit.py` prints the fit). In bytes per token per block:
+    float32 compute:  12 h + 12 q + 8 kv + 16 i      (+20 h +20 q + 4 i with LoRA dropout > 0)
+    bfloat16 compute: 18 h + 18 q + 4 kv + 10 i      (+12 h +12 q + 4 i with LoRA dropout > 0)
+    where q = heads * head_dim and kv = kv_heads * head_dim; plus 4 bytes * r per adapted
+    module (the LoRA A outputs). The bf16 figures are higher per element than 2/4 of the
+    float32 ones because RMSNorm and peft upcast copies to float32.
+    SDPA (flash / memory-efficient) kernels keep no seq x seq attention matrix.
+    With gradient checkpointing only each block's input is kept (`a * h` per token per
+    block) and one block's full activations live again while it is recomputed in the
+    backward pass. Plus the final norm's float32 input (4 h per token).
+logits
+    The loss spike: `tokens * V * (a + 4 + 4)`: the lm_head output in the compute dtype, the
+    float32 log-softmax that cross-entropy saves (transformers upcasts logits before the loss),
+    and its float32 gradient during backward. For a 128k vocabulary this is often the largest
+    activation of all.
+overhead
+    What the framework costs beyond the tensors: the CUDA context and cuBLAS workspaces
+    (~0.5 GiB, not counted by `torch.cuda.max_memory_allocated`), ~0.25 GiB for Metal,
+    ~1 GiB of process memory for Python + torch + transformers on the CPU.
+fragmentation
+    The caching allocator rarely packs perfectly: 10% of the tensor parts on CUDA, 5% on
+    Apple and the CPU. `torch.cuda.max_memory_reserved` exceeds `max_memory_allocated` by
+    about this much in practice.
+
+`tokens` is micro-batch x max_length: the worst case, a batch of rows padded (or packed) to
+the full length. This module knows nothing about hardware or profiles; `plan.py` decides
+what to do with the number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from localtune.errors import UserError
+from localtune.knobs import Knobs
+from localtune.models import ModelShape
+
+GiB = 1024**3
+
+NF4_BLOCK = 64
+"""Weights per 4-bit block (bitsandbytes default for quantize_4bit)."""
+DQ_BLOCK = 256
+"""Block constants per second-level block under double quantisation."""
+
+OVERHEAD_BYTES = {"cuda": int(0.5 * GiB), "mps": int(0.25 * GiB), "cpu": int(1.0 * GiB)}
+FRAGMENTATION_FRAC = {"cuda": 0.10, "mps": 0.05, "cpu": 0.05}
+
+# bytes per token per block: (h, q, kv, i) coefficients, and the extra with LoRA dropout
+_ACT_COEF = {4: (12, 12, 8, 16), 2: (18, 18, 4, 10)}
+_ACT_DROPOUT_COEF = {4: (20, 20, 0, 4), 2: (12, 12, 0, 4)}
+
+LINEAR_ALIASES = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+"""Fused layer names (Phi-3 style) and the Llama layers they stand for."""
+
+PART_LABELS = {
+    "weights": "base weights",
+    "adapter": "LoRA params + grads + optimizer",
+    "activations": "activations",
+    "logits": "logits + loss",
+    "overhead": "runtime overhead",
+    "fragmentation": "fragmentation headroom",
+}
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak training memory, in bytes, split into parts (see the module docstring)."""
+
+    weights_bytes: int
+    adapter_bytes: int
+    activations_bytes: int
+    logits_bytes: int
+    overhead_bytes: int
+    fragmentation_bytes: int
+    lora_params: int
+    """Trainable LoRA parameters (equals peft's count for the same target modules)."""
+    base_params: int
+    """Parameters of the base model."""
+    tokens_per_micro_batch: int
+    details: dict[str, Any] = field(default_factory=dict)
+    """The inputs that decided the numbers (dtype bytes, quantised params, ...)."""
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.weights_bytes + self.adapter_bytes + self.activations_bytes
+                + self.logits_bytes + self.overhead_bytes + self.fragmentation_bytes)
+
+    @property
+    def allocated_bytes(self) -> int:
+        """The tensor parts only: what `torch.cuda.max_memory_allocated` measures."""
+        return self.weights_bytes + self.adapter_bytes + self.activations_bytes + self.logits_bytes
+
+    def parts(self) -> list[tuple[str, int]]:
+        return [(k, getattr(self, f"{k}_bytes")) for k in PART_LABELS]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["total_bytes"] = self.total_bytes
+        return d
+
+
+def compute_dtype_bytes(knobs: Knobs, backend: str) -> int:
+    """Bytes per element of the dtype the model computes in: float32 on the CPU (bf16
+    matmuls on most CPUs are slower than fp32 and lose precision), else 2 (bf16/fp16),
+    unless the 4-bit compute dtype says float32."""
+    if backend == "cpu":
+        return 4
+    return 4 if knobs.load_in_4bit and knobs.bnb_4bit_compute_dtype == "float32" else 2
+
+
+def resolve_targets(shape: ModelShape, target_modules: list[str]) -> list[str]:
+    """The decoder-block linear layers that `target_modules` adapts, by Llama names."""
+    layers = shape.linear_layers()
+    if any(t == "all-linear" for t in target_modules):
+        return list(layers)
+    out: list[str] = []
+    for t in target_modules:
+        for name in LINEAR_ALIASES.get(t, (t,)):
+            if name not in layers:
+                raise UserError(f"target_modules: '{t}' is not a linear layer of a {shape.model_type} "
+                                f"block; use some of {', '.join(layers)} or \"all-linear\"")
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def lora_param_count(shape: ModelShape, knobs: Knobs) -> int:
+    layers = shape.linear_layers()
+    per_block = sum(knobs.r * (layers[n][0] + layers[n][1]) for n in resolve_targets(shape, knobs.target_modules))
+    return per_block * shape.num_hidden_layers
+
+
+def weights_bytes(shape: ModelShape, *, load_in_4bit: bool, double_quant: bool, dtype_bytes: int) -> tuple[int, int, int]:
+    """(bytes, base params, quantised params) of the base model's weights."""
+    h, L, V = shape.hidden_size, shape.num_hidden_layers, shape.vocab_size
+    linears = shape.linear_layers()
+    linear_weights_per_block = sum(i * o for i, o in linears.values())
+    bias_per_block = (shape.q_dim + 2 * shape.kv_dim) if shape.attention_bias else 0
+    embed = V * h * (1 if shape.tie_word_embeddings else 2)
+    norms = (2 * L + 1) * h
+    linear_params = linear_weights_per_block * L
+    base_params = linear_params + bias_per_block * L + embed + norms
+    plain = (bias_per_block * L + embed + norms) * dtype_bytes
+    if not load_in_4bit:
+        return plain + linear_params * dtype_bytes, base_params, 0
+    blocks = -(-linear_params // NF4_BLOCK)
+    if double_quant:
+        n_tensors = len(linears) * L
+        constants = blocks * 1 + -(-blocks // DQ_BLOCK) * 4 + n_tensors * (256 * 4 + 4)
+    else:
+        constants = blocks * 4
+    return plain + linear_params // 2 + constants, base_params, linear_params
+
+
+def optimizer_bytes_per_param(optim: str) -> float:
+    if "8bit" in optim:
+        return 2 + 2 * 4 / 256
+    return 8.0
+
+
+def activation_bytes_per_token_per_block(shape: ModelShape, knobs: Knobs, a: int) -> float:
+    ch, cq, ckv, ci = _ACT_COEF[a]
+    h, q, kv, i = shape.hidden_size, shape.q_dim, shape.kv_dim, shape.intermediate_size
+    per = ch * h + cq * q + ckv * kv + ci * i
+    if knobs.lora_dropout > 0:
+        dh, dq, dkv, di = _ACT_DROPOUT_COEF[a]
+        per += dh * h + dq * q + dkv * kv + di * i
+    per += 4 * knobs.r * len(resolve_targets(shape, knobs.target_modules))
+    return per
+
+
+def estimate(shape: ModelShape, knobs: Knobs, backend: str) -> MemoryEstimate:
+    """Estimate peak memory for training `shape` with `knobs` on `backend`. Pure arithmetic."""
+    a = compute_dtype_bytes(knobs, backend)
+    w_bytes, base_params, quantised = weights_bytes(
+        shape, load_in_4bit=knobs.load_in_4bit, double_quant=knobs.bnb_4bit_use_double_quant, dtype_bytes=a)
+    lora = lora_param_count(shape, knobs)
+    adapter = int(lora * (4 + 4 + optimizer_bytes_per_param(knobs.optim)))
+    tokens = knobs.per_device_train_batch_size * knobs.max_length
+    full_block = activation_bytes_per_token_per_block(shape, knobs, a)
+    L, h = shape.num_hidden_layers, shape.hidden_size
+    if knobs.gradient_checkpointing:
+        per_token = L * a * h + full_block + 4 * h
+    else:
+        per_token = L * full_block + 4 * h
+    activations = int(tokens * per_token)
+    logits = tokens * shape.vocab_size * (a + 4 + 4)
+    tensors = w_bytes + adapter + activations + logits
+    return MemoryEstimate(
+        weights_bytes=w_bytes,
+        adapter_bytes=adapter,
+        activations_bytes=activations,
+        logits_bytes=logits,
+        overhead_bytes=OVERHEAD_BYTES[backend],
+        fragmentation_bytes=int(tensors * FRAGMENTATION_FRAC[backend]),
+        lora_params=lora,
+        base_params=base_params,
+        tokens_per_micro_batch=tokens,
+        details={"compute_dtype_bytes": a, "quantised_params": quantised,
+                 "activation_bytes_per_token_per_block": full_block},
+    )

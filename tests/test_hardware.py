@@ -1,0 +1,296 @@
+"""The hardware probe, with NVML, the CUDA driver API and Apple's MPS faked where this
+machine lacks them. The fake NVML keeps the real nvidia-ml-py error classes and constants,
+so `except pynvml.NVMLError` behaves as it will on a real machine."""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pynvml
+import pytest
+
+from localtune import hardware
+from localtune.hardware import GiB, describe, probe, sample_devices
+
+MiB = 1024**2
+
+
+@dataclass
+class FakeGPU:
+    name: str
+    total: int
+    used: int
+    uuid: str
+    bus_id: str  # as NVML writes it: '00000000:01:00.0'
+    cc: tuple[int, int] = (8, 6)
+    temp: int | None = 40
+    util: int | None = 0
+    power_mw: int | None = 30_000
+    limit_mw: int | None = 300_000
+
+
+def fake_nvml(gpus: list[FakeGPU], *, v2: bool = True, init_error: int | None = None):
+    """A pynvml module over `gpus`, listed in NVML (PCI bus) order."""
+    nv = types.ModuleType("pynvml")
+    for k, v in vars(pynvml).items():
+        if k.startswith(("NVMLError", "NVML_")) or k == "nvmlMemory_v2":
+            setattr(nv, k, v)
+    nv.calls = []
+
+    def init():
+        if init_error is not None:
+            raise pynvml.NVMLError(init_error)
+
+    def opt(value):
+        if value is None:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return value
+
+    def memory(h, version=None):
+        nv.calls.append(("memory", version))
+        if version is not None and not v2:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+        reserved = 300 * MiB if version else 0  # v2 reports the driver's reserve apart
+        return SimpleNamespace(total=h.total, used=h.used, free=h.total - h.used - reserved)
+
+    nv.nvmlInit = init
+    nv.nvmlShutdown = lambda: None
+    nv.nvmlSystemGetDriverVersion = lambda: "550.54.14"
+    nv.nvmlSystemGetCudaDriverVersion = lambda: 12040
+    nv.nvmlDeviceGetCount = lambda: len(gpus)
+    nv.nvmlDeviceGetHandleByIndex = lambda i: gpus[i]
+    nv.nvmlDeviceGetName = lambda h: h.name
+    nv.nvmlDeviceGetUUID = lambda h: h.uuid
+    # ctypes gives the bus id as bytes
+    nv.nvmlDeviceGetPciInfo = lambda h: SimpleNamespace(busId=h.bus_id.encode())
+    nv.nvmlDeviceGetMemoryInfo = memory
+    nv.nvmlDeviceGetCudaComputeCapability = lambda h: h.cc
+    nv.nvmlDeviceGetTemperature = lambda h, sensor: opt(h.temp)
+    nv.nvmlDeviceGetUtilizationRates = lambda h: SimpleNamespace(gpu=opt(h.util), memory=0)
+    nv.nvmlDeviceGetPowerUsage = lambda h: opt(h.power_mw)
+    nv.nvmlDeviceGetEnforcedPowerLimit = lambda h: opt(h.limit_mw)
+    return nv
+
+
+def cuda_bus_id(nvml_bus_id: str) -> str:
+    """The CUDA driver's spelling of a bus id: a 4-digit domain, lower case here on purpose."""
+    return nvml_bus_id[4:].lower()
+
+
+@pytest.fixture
+def use(monkeypatch):
+    """Install a fake NVML and a fake CUDA driver view (default: every GPU, in NVML order)."""
+
+    def install(gpus, cuda=..., **kw):
+        nv = fake_nvml(gpus, **kw)
+        monkeypatch.setitem(sys.modules, "pynvml", nv)
+        if cuda is ...:
+            cuda = [(g.uuid, cuda_bus_id(g.bus_id)) for g in gpus]
+        monkeypatch.setattr(hardware, "_cuda_driver_devices", lambda: cuda)
+        monkeypatch.setattr(hardware, "_sampling_nvml", None)
+        return nv
+
+    return install
+
+
+def gb(n: int) -> float:
+    return round(n / GiB, 1)
+
+
+RTX_4090 = FakeGPU("NVIDIA GeForce RTX 4090", 24564 * MiB, 1024 * MiB,
+                   "GPU-4090aaaa-0000-0000-0000-000000000001", "00000000:01:00.0",
+                   cc=(8, 9), temp=45, util=7, power_mw=31_500, limit_mw=450_000)
+RTX_A6000 = FakeGPU("NVIDIA RTX A6000", 49140 * MiB, 512 * MiB,
+                    "GPU-a6000bbb-0000-0000-0000-000000000002", "00000000:41:00.0",
+                    cc=(8, 6), temp=None, util=None, power_mw=None, limit_mw=None)
+RTX_3060 = FakeGPU("NVIDIA GeForce RTX 3060", 12288 * MiB, 256 * MiB,
+                   "GPU-3060cccc-0000-0000-0000-000000000003", "00000000:0A:00.0")
+
+
+def test_rtx_4090(use):
+    use([RTX_4090])
+    hw = probe()
+    assert hw.backend == "cuda"
+    assert len(hw.devices) == 1
+    d = hw.primary
+    assert d.name == "NVIDIA GeForce RTX 4090"
+    assert (d.index, d.nvml_index) == (0, 0)
+    assert gb(d.total_bytes) == 24.0
+    assert d.free_bytes == (24564 - 1024 - 300) * MiB  # v2: the driver's reserve is not free
+    assert d.compute_capability == "8.9"
+    assert (d.temperature_c, d.utilization_pct) == (45.0, 7.0)
+    assert (d.power_w, d.power_limit_w) == (31.5, 450.0)
+    assert d.pci_bus_id == "00000000:01:00.0"
+    assert hw.driver_version == "550.54.14" and hw.cuda_driver_version == "12.4"
+    assert hw.notes == []
+    assert hardware.Hardware.from_dict(hw.to_dict()) == hw
+
+
+def test_rtx_a6000_without_optional_readings(use):
+    use([RTX_A6000])
+    hw = probe()
+    d = hw.primary
+    assert hw.backend == "cuda"
+    assert d.name == "NVIDIA RTX A6000" and gb(d.total_bytes) == 48.0
+    assert d.compute_capability == "8.6"
+    # NOT_SUPPORTED from NVML is a missing reading, not a failed probe.
+    assert d.temperature_c is d.utilization_pct is d.power_w is d.power_limit_w is None
+    assert not any("°C" in line or " W" in line for line in describe(hw))
+
+
+def test_two_gpus_come_back_in_cuda_order(use):
+    # NVML lists by PCI bus: the 3060 (0x0A) before the A6000 (0x41). CUDA puts the faster
+    # card first; the first entry matches by UUID, the second only by PCI bus id.
+    gpus = sorted([RTX_A6000, RTX_3060], key=lambda g: g.bus_id)
+    use(gpus, cuda=[(RTX_A6000.uuid.upper(), None), (None, cuda_bus_id(RTX_3060.bus_id))])
+    hw = probe()
+    assert [d.name for d in hw.devices] == ["NVIDIA RTX A6000", "NVIDIA GeForce RTX 3060"]
+    assert [d.index for d in hw.devices] == [0, 1]
+    assert [d.nvml_index for d in hw.devices] == [1, 0]
+    assert [gb(d.total_bytes) for d in hw.devices] == [48.0, 12.0]
+    assert hw.primary.uuid == RTX_A6000.uuid
+    # Live sampling reads each device by its own NVML index, keeping the CUDA order.
+    RTX_3060.used += 4096 * MiB
+    try:
+        live = sample_devices(hw)
+    finally:
+        RTX_3060.used -= 4096 * MiB
+    assert [d.name for d in live] == ["NVIDIA RTX A6000", "NVIDIA GeForce RTX 3060"]
+    assert live[1].free_bytes == hw.devices[1].free_bytes - 4096 * MiB
+    assert live[0].free_bytes == hw.devices[0].free_bytes
+
+
+def test_gpus_hidden_from_cuda_are_left_out(use):
+    use([RTX_3060, RTX_A6000], cuda=[(RTX_A6000.uuid, None)])  # CUDA_VISIBLE_DEVICES=1
+    hw = probe()
+    assert [(d.name, d.index, d.nvml_index) for d in hw.devices] == [("NVIDIA RTX A6000", 0, 1)]
+
+
+def test_one_unreadable_gpu_does_not_hide_the_others(use):
+    nv = use([RTX_3060, RTX_A6000])
+
+    def name(h):
+        if h is RTX_3060:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+        return h.name
+
+    nv.nvmlDeviceGetName = name
+    hw = probe()
+    assert hw.backend == "cuda"
+    # The lost card still holds CUDA ordinal 0, so the A6000 keeps ordinal 1.
+    assert [(d.name, d.index) for d in hw.devices] == [("NVIDIA RTX A6000", 1)]
+    assert any("GPU is lost" in n for n in hw.notes)
+
+
+def test_without_driver_api_cuda_visible_devices_is_read(use, monkeypatch):
+    use([RTX_3060, RTX_A6000], cuda=None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a6000,0,7,1")  # CUDA stops at '7'
+    hw = probe()
+    assert [(d.name, d.index, d.nvml_index) for d in hw.devices] == [
+        ("NVIDIA RTX A6000", 0, 1), ("NVIDIA GeForce RTX 3060", 1, 0)]
+    assert any("CUDA_VISIBLE_DEVICES" in n for n in hw.notes)
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    hw = probe()
+    assert hw.backend == "cpu"
+    assert any("none is visible to CUDA" in n for n in hw.notes)
+
+
+def test_old_driver_without_v2_memory_uses_v1(use):
+    nv = use([RTX_4090], v2=False)
+    hw = probe()
+    assert hw.backend == "cuda"
+    assert hw.primary.free_bytes == (24564 - 1024) * MiB
+    assert ("memory", None) in nv.calls  # fell back to the v1 call
+
+
+def test_nvml_failing_to_initialise_gives_a_clean_cpu_report(use):
+    use([RTX_4090], init_error=pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+    hw = probe()
+    assert hw.backend == "cpu"
+    assert len(hw.devices) == 1 and hw.primary.total_bytes == hw.ram_total_bytes
+    assert any(n.startswith("NVML failed to initialise") and "Driver Not Loaded" in n
+               for n in hw.notes)
+    assert any(line.startswith("Note: NVML failed") for line in describe(hw))
+
+
+def test_nvidia_ml_py_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` fail
+    hw = probe()
+    assert hw.backend == "cpu"
+    assert any("nvidia-ml-py" in n for n in hw.notes)
+
+
+def test_m2_mac_32gb(monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 21_845 * MiB, raising=False)
+    monkeypatch.setattr(torch.mps, "current_allocated_memory", lambda: 1024 * MiB, raising=False)
+    monkeypatch.setattr(hardware.psutil, "virtual_memory",
+                        lambda: SimpleNamespace(total=32 * GiB, available=20 * GiB))
+    asked = []
+    monkeypatch.setattr(hardware, "_sysctl", lambda key: asked.append(key) or "Apple M2")
+    # NVML must not be consulted on a Mac.
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([RTX_4090]))
+    monkeypatch.setattr(hardware, "_cuda_driver_devices", lambda: pytest.fail("driver API"))
+
+    hw = probe()
+    assert hw.backend == "mps"
+    assert hw.chip == "Apple M2" and hw.primary.name == "Apple M2"
+    assert "machdep.cpu.brand_string" in asked
+    assert gb(hw.primary.total_bytes) == 32.0
+    assert gb(hw.primary.recommended_max_bytes) == 21.3
+    assert hw.primary.free_bytes == (21_845 - 1024) * MiB
+    assert hw.notes == []
+    text = "\n".join(describe(hw))
+    assert "Apple M2" in text and "32.0 GB unified memory" in text
+    assert "recommended working set 21.3 GB" in text
+
+
+def test_mac_chip_name_falls_back(monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 1 / 0, raising=False)
+    monkeypatch.setattr(hardware, "_sysctl", lambda key: None)
+    hw = probe()
+    assert hw.backend == "mps" and hw.chip == "Apple Silicon"
+    assert hw.primary.recommended_max_bytes is None
+    assert hw.primary.free_bytes == hw.primary.total_bytes
+
+
+def test_real_machine_is_cpu():
+    hw = probe()
+    assert hw.backend == "cpu"
+    assert hw.ram_total_bytes > 0 and hw.ram_available_bytes > 0 and hw.cpu_cores >= 1
+    assert hw.primary.total_bytes == hw.ram_total_bytes
+    assert "torch" in hw.versions and hw.versions["torch"] != "not installed"
+    assert hw.versions.keys() == {"torch", "transformers", "peft", "trl", "bitsandbytes"}
+    assert hw.cpu_name
+    live = sample_devices(hw)
+    assert len(live) == 1 and 0 < live[0].free_bytes <= live[0].total_bytes
+    assert describe(hw)[0].startswith("Backend: cpu")
+
+
+def test_describe_rtx_4090(use):
+    use([RTX_4090])
+    lines = describe(probe())
+    text = "\n".join(lines)
+    assert lines[0] == "Backend: cuda (NVIDIA, driver 550.54.14, CUDA 12.4)"
+    assert "GPU 0: NVIDIA GeForce RTX 4090, 24.0 GB total, 22.7 GB free" in lines
+    for fact in ("compute capability 8.9", "45 °C", "7% utilisation", "32 W of 450 W",
+                 "System RAM:", "CPU:", "torch "):
+        assert fact in text, fact
+
+
+def test_pci_bus_ids_compare_across_spellings():
+    assert hardware._pci_key("00000000:0A:00.0") == hardware._pci_key("0000:0a:00.0")
+    assert hardware._pci_key("00000000:0A:00.0") != hardware._pci_key("0000:0b:00.0")
+
+
+def test_sysctl_failure_is_none():
+    assert hardware._sysctl("no.such.key.localtune") is None
