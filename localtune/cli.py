@@ -1,0 +1,252 @@
+"""The `localtune` command: each subcommand is a plain function over the core modules.
+
+    localtune probe [--json]                      what this machine has
+    localtune profiles                            the shipped hardware profiles
+    localtune plan [--model M] [--set k=v ...]    the knobs that fit, and why
+
+A user's mistake (`UserError`) prints one line and exits 1. Anything else is a bug of ours:
+the traceback goes to stderr and to a log file whose path is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from typing import Any, Sequence
+
+from localtune import __version__
+from localtune.errors import UserError
+
+GiB = 1024**3
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line and exit code 1 like every other mistake."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# ---------------------------------------------------------------- probe
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from localtune.hardware import describe, probe
+    from localtune.profiles import match_profile
+
+    hw = probe()
+    profile = match_profile(hw)
+    if args.json:
+        _print_json({**hw.to_dict(), "profile": profile.name})
+        return 0
+    for line in describe(hw):
+        print(line)
+    print(f"Profile: {profile.name} ({profile.description})")
+    return 0
+
+
+# ---------------------------------------------------------------- profiles
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from localtune.profiles import load_profiles
+
+    profiles = load_profiles()
+    if args.json:
+        _print_json([{"name": p.name, "description": p.description, "backend": p.backend,
+                      "min_memory_gb": p.min_memory_gb, "max_memory_gb": p.max_memory_gb,
+                      "knobs": p.knobs.to_dict(), "path": str(p.path)} for p in profiles])
+        return 0
+    t = Table(box=None, pad_edge=False)
+    for col in ("profile", "memory", "r", "batch", "accum", "max_length", "4-bit", "ckpt", "optim"):
+        t.add_column(col)
+    for p in profiles:
+        k = p.knobs
+        t.add_row(p.name, p.range_text, str(k.r), str(k.per_device_train_batch_size),
+                  str(k.gradient_accumulation_steps), str(k.max_length), "yes" if k.load_in_4bit else "no",
+                  "yes" if k.gradient_checkpointing else "no", k.optim)
+    Console().print(t)
+    return 0
+
+
+# ---------------------------------------------------------------- plan
+
+
+def _pinned_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    from localtune.knobs import check_knob, parse_set_options
+
+    pinned = parse_set_options(args.set or [])
+    if args.max_seq_len is not None:
+        pinned["max_length"] = check_knob("max_length", args.max_seq_len, "--max-seq-len")
+    return pinned
+
+
+def build_plan(args: argparse.Namespace):
+    """The plan for `args` (shared by `plan` and, later, `train`)."""
+    from localtune.hardware import probe
+    from localtune.models import resolve_model
+    from localtune.plan import hypothetical_hardware, make_plan
+
+    pinned = _pinned_from_args(args)
+    if args.budget is not None or args.backend is not None:
+        if args.budget is None or args.backend is None:
+            raise UserError("--budget and --backend go together: e.g. --budget 24 --backend cuda")
+        hw = hypothetical_hardware(args.backend, args.budget)
+    else:
+        hw = probe()
+    model = resolve_model(args.model, trust_remote_code=args.trust_remote_code)
+    return make_plan(hw, model, profile=args.profile, pinned=pinned)
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return ",".join(v)
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def render_plan(plan) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from localtune.memory import PART_LABELS
+
+    con = Console(highlight=False)
+    hw, dev, shape = plan.hardware, plan.hardware.primary, plan.model.shape
+    con.print(f"[bold]Machine[/]  {hw.backend} · {dev.name} · {dev.total_bytes / GiB:.1f} GB total, "
+              f"{dev.free_bytes / GiB:.1f} GB free")
+    con.print(f"[bold]Profile[/]  {plan.profile.name}: {plan.profile.description}")
+    con.print(f"[bold]Model[/]    {plan.model.display_name} ({shape.model_type}, "
+              f"{plan.estimate.base_params / 1e9:.2f}B params, {shape.num_hidden_layers} layers, "
+              f"hidden {shape.hidden_size}, vocab {shape.vocab_size})")
+    if plan.adjustments:
+        con.print("\n[bold]Adjustments[/] (in the planner's order)")
+        for a in plan.adjustments:
+            con.print(f"  {a.knob}: {_fmt_value(a.old)} → {_fmt_value(a.new)}  [dim]{a.reason}[/]")
+    sources = plan.knob_sources()
+    t = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
+    t.add_column("knob", no_wrap=True)
+    t.add_column("value", overflow="fold")
+    t.add_column("from")
+    for k, v in plan.knobs.to_dict().items():
+        src = sources[k]
+        t.add_row(k, _fmt_value(v), "planner (above)" if src.startswith("planner") else src)
+    con.print()
+    con.print(t)
+    e = plan.estimate
+    con.print(f"\n[bold]Memory estimate[/] ({e.tokens_per_micro_batch} tokens per micro-batch)")
+    width = 30
+    scale = max(e.total_bytes, plan.budget_bytes, 1)
+    m = Table(box=None, pad_edge=False)
+    m.add_column("part")
+    m.add_column("GB", justify="right")
+    m.add_column("")
+    for name, b in e.parts():
+        m.add_row(PART_LABELS[name], f"{b / GiB:.2f}", "█" * max(0, round(width * b / scale)))
+    m.add_row("total", f"{e.total_bytes / GiB:.2f}", "")
+    m.add_row("budget", f"{plan.budget_bytes / GiB:.2f}",
+              f"[dim]free {plan.hardware.primary.free_bytes / GiB:.1f} GB − headroom {plan.headroom_bytes / GiB:.1f} GB[/]")
+    con.print(m)
+    if plan.fits:
+        con.print(Text(f"\nFits: {e.total_bytes / GiB:.1f} GB of {plan.budget_bytes / GiB:.1f} GB.", style="green"))
+    else:
+        con.print(Text(f"\nDoes not fit: the smallest configuration needs {e.total_bytes / GiB:.1f} GB, "
+                       f"the budget is {plan.budget_bytes / GiB:.1f} GB. What would fit:", style="red"))
+        for a in plan.advice:
+            con.print(f"  - {a}")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    plan = build_plan(args)
+    if args.json:
+        _print_json(plan.to_dict())
+    else:
+        render_plan(plan)
+    return 0 if plan.fits else 1
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def _add_plan_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="built-in name (default: smollm2-135m), a local folder, a .gguf file or a Hugging Face id")
+    p.add_argument("--max-seq-len", type=int, default=None, metavar="N", help="pin max_length to N tokens")
+    p.add_argument("--profile", default=None, help="a shipped profile name (see `localtune profiles`) or a .toml file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="pin a knob, e.g. --set r=8 --set load_in_4bit=true (repeatable)")
+    p.add_argument("--budget", type=float, default=None, metavar="GB",
+                   help="plan for a device with this much memory instead of this machine (with --backend)")
+    p.add_argument("--backend", choices=("cuda", "mps", "cpu"), default=None,
+                   help="the backend of that device (with --budget)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model whose architecture needs its own Python code")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="localtune", description="Fine-tune a language model with LoRA / QLoRA on this machine.")
+    parser.add_argument("--version", action="version", version=f"localtune {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("probe", help="show what this machine has and the profile it matches")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("profiles", help="list the shipped hardware profiles")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_profiles)
+
+    p = sub.add_parser("plan", help="pick the knobs that fit this machine and explain them")
+    _add_plan_options(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
+    return parser
+
+
+def _report_bug(exc: BaseException) -> None:
+    from localtune.paths import home
+
+    tb = "".join(traceback.format_exception(exc))
+    sys.stderr.write(tb)
+    try:
+        log_dir = home() / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log = log_dir / f"crash-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        log.write_text(f"localtune {__version__}\n{' '.join(sys.argv)}\n\n{tb}", encoding="utf-8")
+        where = f"; the traceback is saved in {log}"
+    except OSError:
+        where = ""
+    sys.stderr.write(f"localtune: internal error (a bug in localtune, not in your input){where}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0
+        return args.func(args)
+    except UserError as e:
+        print(f"localtune: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("localtune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - everything else is our bug: show it and where it is logged
+        _report_bug(e)
+        return 2

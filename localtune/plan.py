@@ -1,0 +1,236 @@
+"""The planner: the profile that matches the machine, stepped down until the run fits.
+
+`make_plan(hardware, model, ...)` takes the matching profile's knobs, lays the user's pinned
+knobs (`--set`, `--max-seq-len`) over them, estimates peak memory (`memory.estimate`) and, while
+the estimate exceeds the budget, applies the first step of this fixed list that can still
+move. The order puts first what costs only speed, then what costs a little accuracy, and last
+what changes what the model sees:
+
+1. gradient checkpointing on            recompute activations (~30% more compute)
+2. 4-bit base weights (NVIDIA)          only when the 16-bit weights take over half the
+                                        budget: then no batch size can make them fit
+3. 8-bit paged AdamW (NVIDIA)           optimizer state 8 -> ~2 bytes per LoRA parameter
+4. halve the micro-batch, double        the effective batch (micro-batch x accumulation) is
+   gradient accumulation                unchanged, so training is the same, only slower
+5. 4-bit base weights (any backend)     on Apple and the CPU bitsandbytes 4-bit is slower
+6. halve max_length (not below 256)     longer rows get truncated
+7. halve the LoRA rank (not below 4)    lora_alpha is halved with it, keeping the scale
+
+A pinned knob is never changed: its step is skipped (halving the micro-batch is also skipped
+when gradient accumulation is pinned, since the effective batch would change). If the
+smallest configuration still does not fit, the plan says so and what would: a smaller
+model, 4-bit, shorter sequences.
+
+The budget is the primary device's free memory minus a headroom of 5% of its total (other
+programs, the display, the allocator's own bookkeeping). `Plan` is the one value that
+training, the TUI and `localtune plan --json` share.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from localtune.errors import UserError
+from localtune.hardware import Device, GiB, Hardware
+from localtune.knobs import HARDWARE_KNOBS, KNOB_FIELDS, Knobs
+from localtune.memory import MemoryEstimate, estimate
+from localtune.models import ModelRef
+from localtune.profiles import Profile, get_profile, match_profile
+
+HEADROOM_FRAC = 0.05
+"""Share of the device's total memory kept free for everything else."""
+MIN_MAX_LENGTH = 256
+MIN_RANK = 4
+
+
+@dataclass
+class Adjustment:
+    """One change the planner made to a knob, and why."""
+
+    knob: str
+    old: Any
+    new: Any
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"knob": self.knob, "old": self.old, "new": self.new, "reason": self.reason}
+
+
+@dataclass
+class Plan:
+    """Knobs that fit this machine, the estimate behind them, and the reasons."""
+
+    model: ModelRef
+    hardware: Hardware
+    profile: Profile
+    knobs: Knobs
+    estimate: MemoryEstimate
+    budget_bytes: int
+    """Free memory on the primary device minus the headroom."""
+    headroom_bytes: int
+    pinned: dict[str, Any] = field(default_factory=dict)
+    """Knobs the user set; the planner never changes them."""
+    adjustments: list[Adjustment] = field(default_factory=list)
+    fits: bool = True
+    advice: list[str] = field(default_factory=list)
+    """When nothing fits: what would."""
+
+    @property
+    def backend(self) -> str:
+        return self.hardware.backend
+
+    def knob_sources(self) -> dict[str, str]:
+        """Where each knob's value came from, in words, for the TUI and `plan`."""
+        out = {k: f"profile {self.profile.name}" if k in HARDWARE_KNOBS else "default" for k in KNOB_FIELDS}
+        for k in self.pinned:
+            out[k] = "set by you"
+        for a in self.adjustments:
+            out[a.knob] = f"planner: {a.reason}"
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.to_dict(),
+            "hardware": self.hardware.to_dict(),
+            "profile": {"name": self.profile.name, "description": self.profile.description,
+                        "path": str(self.profile.path)},
+            "knobs": self.knobs.to_dict(),
+            "pinned": dict(self.pinned),
+            "estimate": self.estimate.to_dict(),
+            "budget_bytes": self.budget_bytes,
+            "headroom_bytes": self.headroom_bytes,
+            "fits": self.fits,
+            "adjustments": [a.to_dict() for a in self.adjustments],
+            "advice": list(self.advice),
+            "knob_sources": self.knob_sources(),
+        }
+
+
+def hypothetical_hardware(backend: str, budget_gb: float) -> Hardware:
+    """A machine that is not this one: one device of `budget_gb` GiB, all of it free."""
+    if backend not in ("cuda", "mps", "cpu"):
+        raise UserError(f"--backend must be cuda, mps or cpu, got {backend!r}")
+    if not budget_gb > 0:
+        raise UserError(f"--budget must be a positive number of GB, got {budget_gb:g}")
+    total = int(budget_gb * GiB)
+    name = {"cuda": "NVIDIA GPU", "mps": "Apple Silicon GPU", "cpu": "CPU RAM"}[backend]
+    device = Device(name=f"{name} ({budget_gb:g} GB, planned)", total_bytes=total, free_bytes=total,
+                    index=0 if backend == "cuda" else None)
+    return Hardware(backend=backend, devices=[device], ram_total_bytes=total, ram_available_bytes=total,
+                    cpu_cores=0, notes=[f"planning for a {backend} machine with {budget_gb:g} GB, not this one"])
+
+
+def _gb(n: float) -> str:
+    return f"{n / GiB:.2f} GB"
+
+
+def make_plan(hardware: Hardware, model: ModelRef, *, profile: str | Profile | None = None,
+              pinned: dict[str, Any] | None = None) -> Plan:
+    """Fit the run to the machine. Pure arithmetic on the model's shape: takes milliseconds."""
+    pinned = dict(pinned or {})
+    prof = profile if isinstance(profile, Profile) else (get_profile(profile) if profile else match_profile(hardware))
+    knobs = prof.knobs.replace(**pinned)
+    device = hardware.primary
+    headroom = int(device.total_bytes * HEADROOM_FRAC)
+    budget = max(0, device.free_bytes - headroom)
+    backend = hardware.backend
+    adjustments: list[Adjustment] = []
+
+    def est(k: Knobs) -> MemoryEstimate:
+        return estimate(model.shape, k, backend)
+
+    def change(knob: str, new: Any, reason: str, **also: Any) -> None:
+        nonlocal knobs
+        adjustments.append(Adjustment(knob, getattr(knobs, knob), new, reason))
+        for k, v in also.items():
+            adjustments.append(Adjustment(k, getattr(knobs, k), v, f"follows {knob}"))
+        knobs = knobs.replace(**{knob: new}, **also)
+
+    def free(knob: str) -> bool:
+        return knob not in pinned
+
+    current = est(knobs)
+    while current.total_bytes > budget:
+        over = f"estimate {_gb(current.total_bytes)} > budget {_gb(budget)}"
+        if free("gradient_checkpointing") and not knobs.gradient_checkpointing:
+            after = est(knobs.replace(gradient_checkpointing=True))
+            change("gradient_checkpointing", True,
+                   f"{over}: recomputing activations saves "
+                   f"{_gb(current.activations_bytes - after.activations_bytes)} for ~30% more compute")
+        elif (backend == "cuda" and free("load_in_4bit") and not knobs.load_in_4bit
+              and current.weights_bytes > budget / 2):
+            after = est(knobs.replace(load_in_4bit=True))
+            change("load_in_4bit", True,
+                   f"{over}: the 16-bit weights ({_gb(current.weights_bytes)}) take over half the budget; "
+                   f"4-bit NF4 holds them in {_gb(after.weights_bytes)}")
+        elif backend == "cuda" and free("optim") and "8bit" not in knobs.optim:
+            after = est(knobs.replace(optim="paged_adamw_8bit"))
+            change("optim", "paged_adamw_8bit",
+                   f"{over}: 8-bit paged AdamW saves {_gb(current.adapter_bytes - after.adapter_bytes)} "
+                   "of optimizer state")
+        elif (free("per_device_train_batch_size") and free("gradient_accumulation_steps")
+              and knobs.per_device_train_batch_size > 1):
+            mb = knobs.per_device_train_batch_size
+            new_mb = mb // 2
+            # keep the effective batch: round accumulation up so mb x ga never shrinks
+            new_ga = math.ceil(knobs.effective_batch_size / new_mb)
+            change("per_device_train_batch_size", new_mb,
+                   f"{over}: a smaller micro-batch needs fewer activations; accumulation doubles "
+                   f"so the effective batch stays {knobs.effective_batch_size}",
+                   gradient_accumulation_steps=new_ga)
+        elif free("load_in_4bit") and not knobs.load_in_4bit:
+            after = est(knobs.replace(load_in_4bit=True))
+            cost = "" if backend == "cuda" else f"; bitsandbytes 4-bit on {backend} is slower than 16-bit"
+            change("load_in_4bit", True,
+                   f"{over}: 4-bit NF4 weights take {_gb(after.weights_bytes)} instead of "
+                   f"{_gb(current.weights_bytes)}{cost}")
+        elif free("max_length") and knobs.max_length > MIN_MAX_LENGTH:
+            new_len = max(MIN_MAX_LENGTH, knobs.max_length // 2)
+            change("max_length", new_len,
+                   f"{over}: shorter sequences need fewer activations and a smaller logits spike; "
+                   f"rows longer than {new_len} tokens will be truncated")
+        elif free("r") and knobs.r > MIN_RANK:
+            new_r = max(MIN_RANK, knobs.r // 2)
+            extra = {}
+            if free("lora_alpha"):
+                extra["lora_alpha"] = knobs.lora_alpha * new_r / knobs.r
+            change("r", new_r, f"{over}: a smaller LoRA rank means fewer trainable parameters "
+                   "and less optimizer state", **extra)
+        else:
+            break
+        current = est(knobs)
+
+    plan = Plan(model=model, hardware=hardware, profile=prof, knobs=knobs, estimate=current,
+                budget_bytes=budget, headroom_bytes=headroom, pinned=pinned, adjustments=adjustments,
+                fits=current.total_bytes <= budget)
+    if not plan.fits:
+        plan.advice = _advice(plan)
+    return plan
+
+
+def _advice(plan: Plan) -> list[str]:
+    """What would make a plan that does not fit fit, most effective first."""
+    k, e, budget, backend = plan.knobs, plan.estimate, plan.budget_bytes, plan.backend
+    out: list[str] = []
+    fixed = e.weights_bytes + e.adapter_bytes + e.overhead_bytes
+    if fixed > budget:
+        share = budget / max(1, fixed)
+        params_b = e.base_params * share / 1e9
+        out.append(f"a smaller model: the weights alone need {_gb(e.weights_bytes)} of the {_gb(budget)} "
+                   f"budget; about {params_b:.1f}B parameters or fewer would leave room to train")
+    if not k.load_in_4bit:
+        q = estimate(plan.model.shape, k.replace(load_in_4bit=True), backend)
+        if q.total_bytes < e.total_bytes:
+            out.append(f"4-bit weights (--set load_in_4bit=true): the estimate drops to {_gb(q.total_bytes)}")
+    for n in (1024, 512, 256, 128, 64):
+        if n >= k.max_length:
+            continue
+        s = estimate(plan.model.shape, k.replace(max_length=n), backend)
+        if s.total_bytes <= budget:
+            out.append(f"shorter sequences (--max-seq-len {n}): the estimate drops to {_gb(s.total_bytes)}")
+            break
+    if not out:
+        out.append(f"a machine with at least {_gb(e.total_bytes + plan.headroom_bytes)} free")
+    return out
