@@ -128,15 +128,15 @@ def render_plan(plan) -> None:
     con = Console(highlight=False)
     hw, dev, shape = plan.hardware, plan.hardware.primary, plan.model.shape
     con.print(f"[bold]Machine[/]  {hw.backend} · {dev.name} · {dev.total_bytes / GiB:.1f} GB total, "
-              f"{dev.free_bytes / GiB:.1f} GB free")
-    con.print(f"[bold]Profile[/]  {plan.profile.name}: {plan.profile.description}")
+              f"{dev.free_bytes / GiB:.1f} GB free", soft_wrap=True)
+    con.print(f"[bold]Profile[/]  {plan.profile.name}: {plan.profile.description}", soft_wrap=True)
     con.print(f"[bold]Model[/]    {plan.model.display_name} ({shape.model_type}, "
               f"{plan.estimate.base_params / 1e9:.2f}B params, {shape.num_hidden_layers} layers, "
-              f"hidden {shape.hidden_size}, vocab {shape.vocab_size})")
+              f"hidden {shape.hidden_size}, vocab {shape.vocab_size})", soft_wrap=True)
     if plan.adjustments:
         con.print("\n[bold]Adjustments[/] (in the planner's order)")
         for a in plan.adjustments:
-            con.print(f"  {a.knob}: {_fmt_value(a.old)} → {_fmt_value(a.new)}  [dim]{a.reason}[/]")
+            con.print(f"  {a.knob}: {_fmt_value(a.old)} → {_fmt_value(a.new)}  [dim]{a.reason}[/]", soft_wrap=True)
     sources = plan.knob_sources()
     t = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
     t.add_column("knob", no_wrap=True)
@@ -167,7 +167,7 @@ def render_plan(plan) -> None:
         con.print(Text(f"\nDoes not fit: the smallest configuration needs {e.total_bytes / GiB:.1f} GB, "
                        f"the budget is {plan.budget_bytes / GiB:.1f} GB. What would fit:", style="red"))
         for a in plan.advice:
-            con.print(f"  - {a}")
+            con.print(f"  - {a}", soft_wrap=True)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -37,7 +37,9 @@ activations
     SDPA (flash / memory-efficient) kernels keep no seq x seq attention matrix.
     With gradient checkpointing only each block's input is kept (`a * h` per token per
     block) and one block's full activations live again while it is recomputed in the
-    backward pass. Plus the final norm's float32 input (4 h per token).
+    backward pass. Plus the final norm's float32 input (4 h per token). With 4-bit weights,
+    bitsandbytes dequantises one weight at a time to the compute dtype for the matmul: one
+    buffer the size of the largest linear layer in 16 bits (bitsandbytes `matmul_4bit`).
 logits
     The loss spike: `tokens * V * (a + 4 + 4)`: the lm_head output in the compute dtype, the
     float32 log-softmax that cross-entropy saves (transformers upcasts logits before the loss),
@@ -48,9 +50,10 @@ overhead
     (~0.5 GiB, not counted by `torch.cuda.max_memory_allocated`), ~0.25 GiB for Metal,
     ~1 GiB of process memory for Python + torch + transformers on the CPU.
 fragmentation
-    The caching allocator rarely packs perfectly: 10% of the tensor parts on CUDA, 5% on
-    Apple and the CPU. `torch.cuda.max_memory_reserved` exceeds `max_memory_allocated` by
-    about this much in practice.
+    The caching allocator rarely packs the tensors that come and go each step perfectly: 10%
+    of the adapter, activation and logits parts on CUDA, 5% on Apple and the CPU. The weights
+    are allocated once, at load, and do not fragment. This is the gap between
+    `torch.cuda.max_memory_reserved` and `max_memory_allocated`.
 
 `tokens` is micro-batch x max_length: the worst case, a batch of rows padded (or packed) to
 the full length. This module knows nothing about hardware or profiles; `plan.py` decides
@@ -218,18 +221,21 @@ def estimate(shape: ModelShape, knobs: Knobs, backend: str) -> MemoryEstimate:
     else:
         per_token = L * full_block + 4 * h
     activations = int(tokens * per_token)
+    dequant_buffer = max(i * o for i, o in shape.linear_layers().values()) * 2 if knobs.load_in_4bit else 0
+    activations += dequant_buffer
     logits = tokens * shape.vocab_size * (a + 4 + 4)
-    tensors = w_bytes + adapter + activations + logits
+    transient = adapter + activations + logits
     return MemoryEstimate(
         weights_bytes=w_bytes,
         adapter_bytes=adapter,
         activations_bytes=activations,
         logits_bytes=logits,
         overhead_bytes=OVERHEAD_BYTES[backend],
-        fragmentation_bytes=int(tensors * FRAGMENTATION_FRAC[backend]),
+        fragmentation_bytes=int(transient * FRAGMENTATION_FRAC[backend]),
         lora_params=lora,
         base_params=base_params,
         tokens_per_micro_batch=tokens,
         details={"compute_dtype_bytes": a, "quantised_params": quantised,
-                 "activation_bytes_per_token_per_block": full_block},
+                 "activation_bytes_per_token_per_block": full_block,
+                 "dequant_buffer_bytes": dequant_buffer},
     )

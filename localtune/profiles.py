@@ -138,6 +138,7 @@ def load_profile(path: str | Path) -> Profile:
                         f"or left out for no upper bound; got {hi!r}")
 
     where = f"{path}: [knobs]"
+    checked = knobs_from_mapping(knobs, where)  # wrong keys and values first: the likelier typo
     # Every machine-dependent knob must be stated, so a profile never silently inherits a
     # default that was chosen for some other machine.
     missing = [k for k in HARDWARE_KNOBS if k not in knobs]
@@ -147,7 +148,7 @@ def load_profile(path: str | Path) -> Profile:
     return Profile(
         name=name, description=description, backend=backend,
         min_memory_gb=float(lo), max_memory_gb=None if hi is None else float(hi),
-        knobs=knobs_from_mapping(knobs, where), path=path,
+        knobs=checked, path=path,
     )
 
 
