@@ -179,6 +179,90 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if plan.fits else 1
 
 
+# ---------------------------------------------------------------- data
+
+
+def _marked_example(text: str, spans: list[tuple[int, int]]):
+    """The rendered text with the trained parts in green between « and »."""
+    from rich.text import Text
+
+    out = Text()
+    pos = 0
+    for a, b in spans:
+        out.append(text[pos:a], style="dim")
+        out.append("«" + text[a:b] + "»", style="bold green")
+        pos = b
+    out.append(text[pos:], style="dim")
+    return out
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from localtune.data import chat_template_for, length_stats, load_data, render, tokenize
+    from localtune.hardware import probe
+    from localtune.models import load_tokenizer, resolve_model
+    from localtune.plan import make_plan
+
+    loaded = load_data(args.file, format=args.format, skip_bad_rows=True)
+    model = resolve_model(args.model, trust_remote_code=args.trust_remote_code)
+    max_length = args.max_seq_len or make_plan(probe(), model).knobs.max_length
+    tokenizer = load_tokenizer(model)
+    template = chat_template_for(tokenizer)
+    ds = tokenize(loaded.examples, tokenizer, template, train_on_inputs=args.train_on_inputs)
+    lengths = ds["length"]
+    stats = length_stats(lengths, max_length)
+    trained = sum(sum(m) for m in ds["assistant_masks"])
+    example = loaded.examples[0]
+    text, spans, _ = render(example, tokenizer, template, args.train_on_inputs)
+    bad = bool(loaded.skipped) and not args.skip_bad_rows
+    if args.json:
+        _print_json({**loaded.summary(), "forced_format": args.format is not None, "model": model.spec,
+                     "chat_template": template.to_dict(), "tokens": stats, "total_tokens": sum(lengths),
+                     "trained_tokens": trained,
+                     "example": {"where": example.where, "text": text, "trained_spans": spans}})
+        return 1 if bad else 0
+    con = Console(highlight=False)
+    how = "forced with --format" if args.format else "detected"
+    con.print(f"[bold]Data[/]      {loaded.source}", soft_wrap=True)
+    con.print(f"[bold]Format[/]    {loaded.format} ({how})")
+    con.print(f"[bold]Rows[/]      {loaded.total_rows} ({len(loaded.examples)} valid, {len(loaded.skipped)} bad)")
+    for p in loaded.skipped[:10]:
+        con.print(f"  [red]{p}[/]", soft_wrap=True)
+    if len(loaded.skipped) > 10:
+        con.print(f"  ... and {len(loaded.skipped) - 10} more")
+    for w in loaded.warnings:
+        if "left out" not in w:
+            con.print(f"[yellow]Warning[/]   {w}", soft_wrap=True)
+    tmpl = "the model's own" if template.source == "model" else "ChatML (the model has none; tokens added: " + (", ".join(template.added_tokens) or "none") + ")"
+    con.print(f"[bold]Model[/]     {model.display_name}; chat template: {tmpl}", soft_wrap=True)
+    con.print(f"[bold]Tokens[/]    min {stats['min']} · median {stats['median']:g} · p95 {stats['p95']} · max {stats['max']}"
+              f"  ({sum(lengths)} in all, {trained} trained on)")
+    if stats["rows_over_max_length"]:
+        con.print(f"[yellow]Too long[/]  {stats['rows_over_max_length']} rows exceed max_length {max_length} "
+                  f"by up to {stats['max_excess_tokens']} tokens (median {stats['median_excess_tokens']:g}); "
+                  "they will be truncated", soft_wrap=True)
+    else:
+        con.print(f"[bold]Length[/]    every row fits max_length {max_length}")
+    con.print(f"\n[bold]Example[/] ({example.where}); the trained part is between « and »:")
+    con.print(_marked_example(text, spans), soft_wrap=True)
+    if bad:
+        con.print(f"\n[red]Training would stop on the {len(loaded.skipped)} bad rows: fix them, "
+                  "or pass --skip-bad-rows to leave them out.[/]", soft_wrap=True)
+        return 1
+    return 0
+
+
+def cmd_data_formats(args: argparse.Namespace) -> int:
+    from localtune.formats import FORMATS
+
+    for f in FORMATS.values():
+        opt = f" (optional: {', '.join(f.optional)})" if f.optional else ""
+        print(f"{f.name:18} {f.description}; keys: {', '.join(f.required)}{opt}")
+        print(f"{'':18} {json.dumps(f.example)}")
+    return 0
+
+
 # ---------------------------------------------------------------- entry point
 
 
@@ -214,6 +298,22 @@ def make_parser() -> argparse.ArgumentParser:
     _add_plan_options(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
+
+    data = sub.add_parser("data", help="check and inspect a dataset")
+    dsub = data.add_subparsers(dest="data_command", parser_class=_Parser, required=True)
+    p = dsub.add_parser("inspect", help="format, rows, problems, token lengths and one rendered example")
+    p.add_argument("file", help="a .jsonl/.json/.csv/.parquet file, a save_to_disk folder, or a Hugging Face dataset id")
+    p.add_argument("--model", "-m", default=None, help="whose tokenizer and chat template to use (default: the built-in model)")
+    p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
+                   help="report rows longer than N tokens (default: the plan's max_length)")
+    p.add_argument("--format", default=None, help="force a format instead of detecting it (see `localtune data formats`)")
+    p.add_argument("--skip-bad-rows", action="store_true", help="bad rows are left out, not a failure")
+    p.add_argument("--train-on-inputs", action="store_true", help="train on every token, not only the answers")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a model that needs its own Python code")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_data_inspect)
+    p = dsub.add_parser("formats", help="the dataset formats localtune reads")
+    p.set_defaults(func=cmd_data_formats)
     return parser
 
 

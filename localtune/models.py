@@ -330,3 +330,26 @@ def resolve_model(spec: str | None, *, trust_remote_code: bool = False) -> Model
     cfg = _read_config_json(cfg_path)
     _check_remote_code(cfg, f"{spec} config.json", trust_remote_code)
     return ModelRef(spec, "hub", spec, shape_from_config(cfg, f"{spec} config.json"), trust_remote_code)
+
+
+def _note(message: str) -> None:
+    import sys
+
+    print(f"localtune: {message}", file=sys.stderr)
+
+
+def load_tokenizer(model: ModelRef) -> Any:
+    """The model's tokenizer (for the built-in model, from the converted folder; for a hub id,
+    the tokenizer files are fetched, since the user named the model)."""
+    from transformers import AutoTokenizer
+
+    kw: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
+    try:
+        if model.kind == "builtin":
+            return AutoTokenizer.from_pretrained(ensure_builtin_model(log=_note), **kw)
+        if model.kind == "gguf":
+            p = Path(model.location)
+            return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name, **kw)
+        return AutoTokenizer.from_pretrained(model.location, **kw)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model {model.spec}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None

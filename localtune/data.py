@@ -1,0 +1,607 @@
+"""Training data: read a file, check every row, render it with the model's chat template and
+mark which tokens are trained on.
+
+    load_data(source, format=None, skip_bad_rows=False) -> LoadedData     (validated rows)
+    chat_template_for(tokenizer) -> ChatTemplate                          (ChatML when none)
+    tokenize(examples, tokenizer, template, train_on_inputs=False)        -> datasets.Dataset
+    split_eval(examples, fraction, seed)                                  -> (train, eval)
+
+Sources: a `.jsonl`, `.json` (a list, or an object holding one), `.csv`, `.parquet` file, a
+folder written by `datasets`' `save_to_disk`, or a Hugging Face dataset id (when online or
+cached). The formats are defined in `localtune.formats`.
+
+Every row is checked before any training: malformed JSON, a missing field, a wrong type, an
+empty assistant turn, an unknown role, a conversation that does not alternate, non-UTF-8
+bytes, an empty file, several formats in one file. Each problem names the file and line (or
+row index). By default loading stops with the first 10 problems and the total; with
+`skip_bad_rows` the bad rows are left out and counted. Duplicate rows are a warning. The
+user's files are only ever read.
+
+The tokenized dataset has `input_ids` and `assistant_masks` (1 = trained on), the columns
+trl's SFTTrainer turns into labels. For a conversation the trained tokens are each assistant
+turn's content and the end-of-turn token that closes it (`<|im_end|>` for ChatML), so the model
+learns to stop. The mask comes from character spans in the rendered text mapped through the
+fast tokenizer's offsets, so it works with any chat template that writes the message text
+verbatim; trl's own `assistant_only_loss` needs templates with `{% generation %}` markers,
+which most models' templates (SmolLM2's included) do not have.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from localtune.errors import UserError
+from localtune.formats import CONVERSATION, FORMATS, PROMPT_COMPLETION, ROLES, SHAREGPT_ROLES, TEXT, detect
+
+MAX_PROBLEMS_SHOWN = 10
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+"""The template a model without one gets (the ChatML that SmolLM2, Qwen and others use)."""
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+@dataclass
+class Problem:
+    """Something wrong with one row (or the whole file)."""
+
+    where: str
+    """'data.jsonl:12', 'data.json: row 3', or the file alone."""
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+@dataclass
+class Example:
+    """One valid row in its canonical shape (see localtune.formats)."""
+
+    where: str
+    shape: str
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    text: str | None = None
+
+    def key(self) -> str:
+        """What two rows share when one duplicates the other."""
+        return json.dumps([self.messages, self.prompt, self.completion, self.text], sort_keys=True)
+
+
+@dataclass
+class LoadedData:
+    """Validated rows of one source, and what was left out or looked odd."""
+
+    source: str
+    format: str
+    examples: list[Example]
+    total_rows: int
+    skipped: list[Problem] = field(default_factory=list)
+    """Bad rows left out (only with skip_bad_rows)."""
+    warnings: list[str] = field(default_factory=list)
+    duplicates: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {"source": self.source, "format": self.format, "rows": self.total_rows,
+                "valid_rows": len(self.examples), "skipped_rows": len(self.skipped),
+                "skipped": [str(p) for p in self.skipped], "duplicates": self.duplicates,
+                "warnings": list(self.warnings)}
+
+
+class DataError(UserError):
+    """The data has problems; the message lists up to ten of them and the count."""
+
+    def __init__(self, source: str, problems: list[Problem], total_rows: int):
+        self.problems = problems
+        shown = "\n".join(f"  {p}" for p in problems[:MAX_PROBLEMS_SHOWN])
+        more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
+        n = len(problems)
+        super().__init__(
+            f"{source}: {n} problem{'s' * (n != 1)} in {total_rows} row{'s' * (total_rows != 1)}; "
+            f"fix them, or pass --skip-bad-rows to leave those rows out:\n{shown}{more}")
+
+
+# ---------------------------------------------------------------- reading rows
+
+
+def _utf8_problem(name: str, raw: bytes, err: UnicodeDecodeError, line: int | None = None) -> Problem:
+    if line is None:
+        line = raw.count(b"\n", 0, err.start) + 1
+    col = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+    return Problem(f"{name}:{line}", f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {col}); "
+                   "save the file as UTF-8")
+
+
+def _rows_jsonl(path: Path, name: str) -> Iterator[tuple[str, Any]]:
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{name}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, _utf8_problem(name, raw, e, lineno)
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, Problem(where, f"not valid JSON ({e.msg} at column {e.colno})")
+
+
+def _rows_json(path: Path, name: str) -> Iterator[tuple[str, Any]]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        yield name, _utf8_problem(name, raw, e)
+        return
+    if not text.strip():
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        yield name, Problem(f"{name}:{e.lineno}", f"not valid JSON ({e.msg} at column {e.colno})")
+        return
+    if isinstance(data, dict):
+        lists = [k for k, v in data.items() if isinstance(v, list)]
+        if detect(data) is not None:
+            data = [data]  # a single row
+        elif len(lists) == 1:
+            data = data[lists[0]]
+        else:
+            keys = ", ".join(lists) if lists else "none"
+            yield name, Problem(name, f"expected a list of rows, or an object holding one list; "
+                                f"lists found: {keys}")
+            return
+    if not isinstance(data, list):
+        yield name, Problem(name, f"expected a list of rows, got {type(data).__name__}")
+        return
+    for i, row in enumerate(data, 1):
+        yield f"{name}: row {i}", row
+
+
+def _rows_csv(path: Path, name: str) -> Iterator[tuple[str, Any]]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        yield name, _utf8_problem(name, raw, e)
+        return
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    line = 1
+    for row in reader:
+        where = f"{name}:{line + 1}"
+        line = reader.line_num
+        if None in row:
+            yield where, Problem(where, f"{len(row[None])} more value(s) than the header's {len(reader.fieldnames or [])} columns")
+            continue
+        # conversation columns hold JSON text in a CSV cell
+        for key in ("messages", "conversations"):
+            if isinstance(row.get(key), str):
+                try:
+                    row[key] = json.loads(row[key])
+                except json.JSONDecodeError as e:
+                    yield where, Problem(where, f"'{key}' is not valid JSON ({e.msg})")
+                    break
+        else:
+            yield where, row
+
+
+def _rows_table(rows: list[dict[str, Any]], name: str) -> Iterator[tuple[str, Any]]:
+    for i, row in enumerate(rows, 1):
+        yield f"{name}: row {i}", {k: v for k, v in row.items() if v is not None}
+
+
+def _rows_parquet(path: Path, name: str) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        yield name, Problem(name, f"not a readable Parquet file ({e})")
+        return
+    yield from _rows_table(table.to_pylist(), name)
+
+
+def _rows_saved_dataset(path: Path, name: str) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets raises FileNotFoundError / ValueError variants
+        yield name, Problem(name, f"not a folder written by datasets' save_to_disk ({e})")
+        return
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            yield name, Problem(name, f"the saved DatasetDict has no 'train' split (it has {', '.join(ds)})")
+            return
+        ds = ds["train"]
+    yield from _rows_table(ds.to_list(), name)
+
+
+def _rows_hub(dataset_id: str) -> Iterator[tuple[str, Any]]:
+    import datasets
+    from huggingface_hub import constants
+
+    try:
+        ds = datasets.load_dataset(dataset_id, split="train")
+    except Exception as e:  # noqa: BLE001 - datasets wraps network, cache and auth errors alike
+        offline = " (HF_HUB_OFFLINE is set and it is not cached)" if constants.HF_HUB_OFFLINE else ""
+        raise UserError(f"--data {dataset_id}: cannot load this Hugging Face dataset{offline}: "
+                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")) from None
+    yield from _rows_table(ds.to_list(), dataset_id)
+
+
+def read_rows(source: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """(where, row) for every row of `source`; a row that cannot even be read is a Problem."""
+    path = Path(source).expanduser()
+    name = str(source)
+    if path.is_dir():
+        return _rows_saved_dataset(path, name)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        readers = {".jsonl": _rows_jsonl, ".json": _rows_json, ".csv": _rows_csv, ".parquet": _rows_parquet}
+        if suffix not in readers:
+            raise UserError(f"{name}: unsupported file type '{suffix}'; use one of {', '.join(FILE_SUFFIXES)}, "
+                            "a save_to_disk folder or a Hugging Face dataset id")
+        return readers[suffix](path, name)
+    s = str(source)
+    if s.startswith((".", "/", "~")) or s.lower().endswith(FILE_SUFFIXES) or s.count("/") != 1:
+        raise UserError(f"{name}: no such file or folder")
+    return _rows_hub(s)
+
+
+# ---------------------------------------------------------------- checking rows
+
+
+def _text_field(row: dict[str, Any], key: str, *, allow_empty: bool = False, optional: bool = False) -> str | None:
+    if key not in row:
+        if optional:
+            return None
+        raise _RowError(f"missing '{key}'")
+    v = row[key]
+    if v is None and optional:
+        return None
+    if not isinstance(v, str):
+        raise _RowError(f"'{key}' must be a string, got {type(v).__name__}")
+    if not allow_empty and not v.strip():
+        raise _RowError(f"'{key}' is empty")
+    return v
+
+
+class _RowError(Exception):
+    pass
+
+
+def _check_turns(turns: list[tuple[str, str]], label: str) -> list[dict[str, str]]:
+    """Roles must be an optional system turn, then user/assistant alternating, ending with the
+    assistant (the part that is trained on); assistant turns must not be empty."""
+    if not turns:
+        raise _RowError(f"'{label}' is empty")
+    messages = [{"role": r, "content": c} for r, c in turns]
+    start = 1 if turns[0][0] == "system" else 0
+    if start == len(turns):
+        raise _RowError("the conversation has only a system message")
+    for i, (role, content) in enumerate(turns[start:], start):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if role != expected:
+            what = "a system message after the first turn" if role == "system" else f"a second '{role}' turn in a row"
+            raise _RowError(f"{label}[{i}] is {what}; turns must alternate user/assistant after an optional system message")
+        if role == "assistant" and not content.strip():
+            raise _RowError(f"{label}[{i}] (assistant) is empty")
+        if role == "user" and not content.strip():
+            raise _RowError(f"{label}[{i}] (user) is empty")
+    if turns[-1][0] != "assistant":
+        raise _RowError(f"the last turn is '{turns[-1][0]}'; a conversation must end with an assistant turn to train on")
+    return messages
+
+
+def _turns(row: dict[str, Any], key: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[tuple[str, str]]:
+    items = row[key]
+    if not isinstance(items, list):
+        raise _RowError(f"'{key}' must be a list of {{{role_key}, {text_key}}} objects, got {type(items).__name__}")
+    out = []
+    for i, m in enumerate(items):
+        if not isinstance(m, dict):
+            raise _RowError(f"{key}[{i}] must be an object with '{role_key}' and '{text_key}', got {type(m).__name__}")
+        for k in (role_key, text_key):
+            if k not in m:
+                raise _RowError(f"{key}[{i}] has no '{k}'")
+        role, content = m[role_key], m[text_key]
+        if not isinstance(role, str) or role not in roles:
+            raise _RowError(f"{key}[{i}] has {role_key} {role!r}; expected one of {', '.join(dict.fromkeys(roles))}")
+        if not isinstance(content, str):
+            raise _RowError(f"{key}[{i}].{text_key} must be a string, got {type(content).__name__}")
+        out.append((roles[role], content))
+    return out
+
+
+def to_example(row: Any, fmt: str, where: str) -> Example:
+    """Check one row against `fmt` and return it in canonical shape; raise _RowError if bad."""
+    if not isinstance(row, dict):
+        raise _RowError(f"a row must be a JSON object, got {type(row).__name__}")
+    spec = FORMATS[fmt]
+    missing = [k for k in spec.required if k not in row]
+    if missing:
+        raise _RowError(f"missing '{missing[0]}' ({fmt} rows need {' and '.join(spec.required)})")
+    if fmt == "messages":
+        turns = _turns(row, "messages", "role", "content", {r: r for r in ROLES})
+        return Example(where, CONVERSATION, messages=_check_turns(turns, "messages"))
+    if fmt == "sharegpt":
+        turns = _turns(row, "conversations", "from", "value", SHAREGPT_ROLES)
+        system = _text_field(row, "system", optional=True, allow_empty=True)
+        if system and (not turns or turns[0][0] != "system"):
+            turns = [("system", system), *turns]
+        return Example(where, CONVERSATION, messages=_check_turns(turns, "conversations"))
+    if fmt == "alpaca":
+        instruction = _text_field(row, "instruction")
+        extra = _text_field(row, "input", optional=True, allow_empty=True)
+        output = _text_field(row, "output")
+        system = _text_field(row, "system", optional=True, allow_empty=True)
+        user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+        turns = ([("system", system)] if system and system.strip() else []) + [("user", user), ("assistant", output)]
+        return Example(where, CONVERSATION, messages=_check_turns(turns, "alpaca"))
+    if fmt == "prompt_completion":
+        return Example(where, PROMPT_COMPLETION, prompt=_text_field(row, "prompt", allow_empty=True),
+                       completion=_text_field(row, "completion"))
+    return Example(where, TEXT, text=_text_field(row, "text"))
+
+
+def load_data(source: str | os.PathLike, *, format: str | None = None, skip_bad_rows: bool = False) -> LoadedData:
+    """Read and check every row of `source`. Raises DataError listing the problems unless
+    `skip_bad_rows`, in which case bad rows are left out and listed in `skipped`."""
+    name = str(source)
+    if format is not None and format not in FORMATS:
+        raise UserError(f"--format {format!r}: unknown format; use one of {', '.join(FORMATS)}")
+    rows = list(read_rows(source))
+    fatal = [r for _, r in rows if isinstance(r, Problem) and r.where == name]
+    if fatal:  # the file as a whole could not be read: nothing to skip around
+        raise UserError(str(fatal[0]))
+    if not rows:
+        raise UserError(f"{name}: the file is empty (no rows); see `localtune data formats` for what a row looks like")
+
+    chosen = format
+    detected: dict[str, list[str]] = {}
+    for where, row in rows:
+        if not isinstance(row, Problem):
+            f = detect(row)
+            if f is not None:
+                detected.setdefault(f, []).append(where)
+    if chosen is None:
+        if not detected:
+            keys = sorted(rows[0][1]) if isinstance(rows[0][1], dict) else []
+            raise UserError(f"{name}: no row is in a known format (first row's keys: {', '.join(keys) or 'none'}); "
+                            f"expected one of: " + "; ".join(f"{f.name} ({', '.join(f.required)})" for f in FORMATS.values()))
+        chosen = max(detected, key=lambda f: len(detected[f]))
+
+    problems: list[Problem] = []
+    if len(detected) > 1 and format is None:
+        others = ", ".join(f"{len(w)} {f} (first at {w[0]})" for f, w in detected.items() if f != chosen)
+        problems.append(Problem(name, f"rows in several formats: {len(detected[chosen])} {chosen}, {others}; "
+                                f"one file holds one format (or force one with --format)"))
+    examples: list[Example] = []
+    for where, row in rows:
+        if isinstance(row, Problem):
+            problems.append(row)
+            continue
+        f = detect(row)
+        if format is None and f is not None and f != chosen:
+            problems.append(Problem(where, f"this row is {f}, the file is {chosen}"))
+            continue
+        try:
+            examples.append(to_example(row, chosen, where))
+        except _RowError as e:
+            problems.append(Problem(where, str(e)))
+
+    total = len(rows)
+    if problems and not skip_bad_rows:
+        raise DataError(name, problems, total)
+    row_problems = [p for p in problems if p.where != name]
+    if not examples:
+        raise DataError(name, problems or [Problem(name, "no valid rows")], total)
+
+    seen: dict[str, str] = {}
+    duplicates = 0
+    first_dup = None
+    for ex in examples:
+        k = ex.key()
+        if k in seen:
+            duplicates += 1
+            first_dup = first_dup or f"{ex.where} repeats {seen[k]}"
+        else:
+            seen[k] = ex.where
+    warnings = []
+    if duplicates:
+        warnings.append(f"{duplicates} duplicate row{'s' * (duplicates != 1)} (first: {first_dup}); they are kept")
+    if row_problems:
+        warnings.append(f"{len(row_problems)} bad row{'s' * (len(row_problems) != 1)} left out (--skip-bad-rows)")
+    return LoadedData(name, chosen, examples, total, skipped=row_problems, warnings=warnings, duplicates=duplicates)
+
+
+def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out `fraction` of the rows for evaluation: the same rows for the same seed."""
+    if not 0 < fraction < 1:
+        raise UserError(f"--eval-split must be between 0 and 1 (e.g. 0.05), got {fraction:g}")
+    n_eval = max(1, round(len(examples) * fraction))
+    if n_eval >= len(examples):
+        raise UserError(f"--eval-split {fraction:g} leaves no training rows out of {len(examples)}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    return ([ex for i, ex in enumerate(examples) if i not in held],
+            [ex for i, ex in enumerate(examples) if i in held])
+
+
+# ---------------------------------------------------------------- chat template and tokens
+
+
+@dataclass
+class ChatTemplate:
+    """The chat template a run renders with, recorded so chat and export use the same one."""
+
+    template: str
+    source: str
+    """'model' (the tokenizer's own) or 'chatml' (added: the model had none)."""
+    end_of_turn: str
+    """The text that closes an assistant turn and is trained on with it ('<|im_end|>')."""
+    added_tokens: list[str] = field(default_factory=list)
+    """Special tokens added to the tokenizer for the template (the embeddings must grow)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def chat_template_for(tokenizer: Any) -> ChatTemplate:
+    """The tokenizer's chat template, or ChatML with its special tokens added (and the tokenizer
+    changed to match) when the model has none: a base model."""
+    added: list[str] = []
+    source = "model"
+    if not getattr(tokenizer, "chat_template", None):
+        vocab = tokenizer.get_vocab()
+        added = [t for t in CHATML_TOKENS if t not in vocab]
+        if added:
+            tokenizer.add_special_tokens({"additional_special_tokens": added}, replace_additional_special_tokens=False)
+        tokenizer.chat_template = CHATML_TEMPLATE
+        source = "chatml"
+    sentinel = "\u2063LOCALTUNE\u2063"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}], tokenize=False)
+    suffix = rendered[rendered.index(sentinel) + len(sentinel):]
+    specials = sorted({*tokenizer.all_special_tokens, *getattr(tokenizer, "added_tokens_encoder", {})}, key=len, reverse=True)
+    end = ""
+    hits = [(suffix.find(s), s) for s in specials if s and s in suffix]
+    if hits:
+        pos, tok = min(hits)
+        end = suffix[:pos + len(tok)]
+    elif suffix.strip():
+        end = suffix.rstrip()
+    return ChatTemplate(template=tokenizer.chat_template, source=source, end_of_turn=end, added_tokens=added)
+
+
+def _conversation_spans(messages: list[dict[str, str]], text: str, end_of_turn: str) -> list[tuple[int, int]] | None:
+    """Character spans of each assistant turn (content + end of turn) in the rendered text,
+    found by walking the messages in order; None if the template rewrote a message."""
+    spans = []
+    pos = 0
+    for m in messages:
+        content = m["content"]
+        at = text.find(content, pos)
+        if at < 0:
+            return None
+        end = at + len(content)
+        if m["role"] == "assistant":
+            if end_of_turn and text.startswith(end_of_turn, end):
+                end += len(end_of_turn)
+            spans.append((at, end))
+        pos = end
+    return spans
+
+
+def _prefix_spans(messages: list[dict[str, str]], tokenizer: Any, text: str) -> list[tuple[int, int]]:
+    """Slower fallback: render growing prefixes and diff them."""
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
+        spans.append((start, min(end, len(text))))
+    return spans
+
+
+def render(example: Example, tokenizer: Any, template: ChatTemplate, train_on_inputs: bool = False) -> tuple[str, list[tuple[int, int]], bool]:
+    """(text, trained character spans, add_special_tokens) for one example."""
+    if example.shape == CONVERSATION:
+        text = tokenizer.apply_chat_template(example.messages, tokenize=False)
+        spans = _conversation_spans(example.messages, text, template.end_of_turn)
+        if spans is None:
+            spans = _prefix_spans(example.messages, tokenizer, text)
+        return text, ([(0, len(text))] if train_on_inputs else spans), False
+    eos = tokenizer.eos_token or ""
+    if example.shape == PROMPT_COMPLETION:
+        text = example.prompt + example.completion + eos
+        start = 0 if train_on_inputs else len(example.prompt)
+        return text, [(start, len(text))], True
+    text = example.text + eos
+    return text, [(0, len(text))], True
+
+
+def _tokenize_batch(batch: dict[str, list], tokenizer: Any, template: ChatTemplate, train_on_inputs: bool) -> dict[str, list]:
+    texts, spans_all = [], []
+    add_special = False
+    for i in range(len(batch["shape"])):
+        ex = Example(where="", shape=batch["shape"][i], messages=batch["messages"][i], prompt=batch["prompt"][i],
+                     completion=batch["completion"][i], text=batch["text"][i])
+        text, spans, add_special = render(ex, tokenizer, template, train_on_inputs)
+        texts.append(text)
+        spans_all.append(spans)
+    enc = tokenizer(texts, add_special_tokens=add_special, return_offsets_mapping=True)
+    masks = []
+    for text, offsets, spans in zip(texts, enc["offset_mapping"], spans_all):
+        whole = spans == [(0, len(text))]
+        # a token with no text of its own (an added BOS) is trained only when all of the text is
+        masks.append([int(whole) if s == e else int(any(a <= s < b for a, b in spans)) for s, e in offsets])
+    return {"input_ids": enc["input_ids"], "assistant_masks": masks, "length": [len(x) for x in enc["input_ids"]]}
+
+
+def _as_columns(examples: list[Example]) -> dict[str, list]:
+    return {
+        "shape": [e.shape for e in examples],
+        "messages": [e.messages for e in examples],
+        "prompt": [e.prompt for e in examples],
+        "completion": [e.completion for e in examples],
+        "text": [e.text for e in examples],
+    }
+
+
+def tokenize(examples: list[Example], tokenizer: Any, template: ChatTemplate, *, train_on_inputs: bool = False,
+             num_proc: int | None = None, batch_size: int = 1000):
+    """Render and tokenize every example (batched, in parallel over the CPU cores for large
+    sets): a datasets.Dataset with input_ids, assistant_masks (1 = trained on) and length."""
+    import datasets
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError("this model's tokenizer has no fast (Rust) version, which localtune needs to map "
+                        "the trained text to tokens")
+    large = len(examples) >= 20_000  # below this, worker start-up costs more than it saves
+    ds = datasets.Dataset.from_dict(_as_columns(examples))
+    if num_proc is None:
+        num_proc = min(os.cpu_count() or 1, 8) if large else None
+    bars = datasets.is_progress_bar_enabled()
+    if not large:
+        datasets.disable_progress_bars()
+    try:
+        return ds.map(_tokenize_batch, batched=True, batch_size=batch_size, num_proc=num_proc,
+                      remove_columns=ds.column_names,
+                      fn_kwargs={"tokenizer": tokenizer, "template": template, "train_on_inputs": train_on_inputs},
+                      desc="Rendering and tokenizing")
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def length_stats(lengths: list[int], max_length: int) -> dict[str, Any]:
+    """min / median / p95 / max token lengths and how many rows exceed max_length, by how much."""
+    s = sorted(lengths)
+    over = [n - max_length for n in s if n > max_length]
+    return {
+        "min": s[0], "median": statistics.median(s), "p95": s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))],
+        "max": s[-1], "max_length": max_length, "rows_over_max_length": len(over),
+        "max_excess_tokens": max(over) if over else 0,
+        "median_excess_tokens": statistics.median(over) if over else 0,
+    }
