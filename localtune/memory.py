@@ -29,8 +29,8 @@ activations
     Saved tensors per token per decoder block, measured with autograd saved-tensor hooks on
     Llama-style blocks (transformers 5, peft 0.21, SDPA attention, LoRA on all seven
     projections; `benchmarks/activation_fit.py` prints the fit). In bytes per token per block:
-    float32 compute:  12 h + 12 q + 8 kv + 16 i      (+20 h +20 q + 4 i with LoRA dropout > 0)
-    bfloat16 compute: 18 h + 18 q + 4 kv + 10 i      (+12 h +12 q + 4 i with LoRA dropout > 0)
+    float32 compute:  16 h + 8 q + 8 kv + 16 i      (+32 h + 8 q + 4 i with LoRA dropout > 0)
+    bfloat16 compute: 28 h + 8 q + 4 kv + 10 i      (+20 h + 4 q + 4 i with LoRA dropout > 0)
     where q = heads * head_dim and kv = kv_heads * head_dim; plus 4 bytes * r per adapted
     module (the LoRA A outputs). The bf16 figures are higher per element than 2/4 of the
     float32 ones because RMSNorm and peft upcast copies to float32.
@@ -80,8 +80,8 @@ OVERHEAD_BYTES = {"cuda": int(0.5 * GiB), "mps": int(0.25 * GiB), "cpu": int(1.0
 FRAGMENTATION_FRAC = {"cuda": 0.10, "mps": 0.05, "cpu": 0.05}
 
 # bytes per token per block: (h, q, kv, i) coefficients, and the extra with LoRA dropout
-_ACT_COEF = {4: (12, 12, 8, 16), 2: (18, 18, 4, 10)}
-_ACT_DROPOUT_COEF = {4: (20, 20, 0, 4), 2: (12, 12, 0, 4)}
+_ACT_COEF = {4: (16, 8, 8, 16), 2: (28, 8, 4, 10)}
+_ACT_DROPOUT_COEF = {4: (32, 8, 0, 4), 2: (20, 4, 0, 4)}
 
 LINEAR_ALIASES = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),

@@ -24,7 +24,7 @@ def _read_config(folder: Path) -> dict:
 # ---------------------------------------------------------------- shapes
 
 
-@pytest.mark.parametrize("spec", [None, "", "default", "smollm2-135m"])
+@pytest.mark.parametrize("spec", [None, "default"])
 def test_default_model_is_the_builtin_smollm2(spec):
     ref = resolve_model(spec)
     assert ref.kind == "builtin"
@@ -91,11 +91,6 @@ def test_builtin_model_converts_to_a_plain_model_with_the_gguf_logits(builtin_mo
         b = direct(ids).logits
     assert a.shape == b.shape == (1, ids.shape[1], 49152)
     assert (a - b).abs().max().item() < 1e-4
-    # and the model is one a person can train: the weights take gradients
-    converted.train()
-    loss = converted(ids, labels=ids).loss
-    loss.backward()
-    assert converted.model.layers[0].self_attn.q_proj.weight.grad is not None
 
 
 @pytest.mark.slow
