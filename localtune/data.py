@@ -31,9 +31,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import operator
 import os
 import random
 import statistics
+from bisect import bisect_left
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -369,7 +371,9 @@ def load_data(source: str | os.PathLike, *, format: str | None = None, skip_bad_
     if format is not None and format not in FORMATS:
         raise UserError(f"--format {format!r}: unknown format; use one of {', '.join(FORMATS)}")
     rows = list(read_rows(source))
-    fatal = [r for _, r in rows if isinstance(r, Problem) and r.where == name]
+    # a reader yields the problem under the source's bare name when the file as a whole is
+    # unreadable (the Problem itself may still name a line: bad JSON or UTF-8 in a .json/.csv)
+    fatal = [r for where, r in rows if isinstance(r, Problem) and where == name]
     if fatal:  # the file as a whole could not be read: nothing to skip around
         raise UserError(str(fatal[0]))
     if not rows:
@@ -384,6 +388,8 @@ def load_data(source: str | os.PathLike, *, format: str | None = None, skip_bad_
                 detected.setdefault(f, []).append(where)
     if chosen is None:
         if not detected:
+            if all(isinstance(r, Problem) for _, r in rows):  # nothing readable: show why
+                raise DataError(name, [r for _, r in rows], len(rows))
             keys = sorted(rows[0][1]) if isinstance(rows[0][1], dict) else []
             raise UserError(f"{name}: no row is in a known format (first row's keys: {', '.join(keys) or 'none'}); "
                             f"expected one of: " + "; ".join(f"{f.name} ({', '.join(f.required)})" for f in FORMATS.values()))
@@ -461,6 +467,10 @@ class ChatTemplate:
     """The text that closes an assistant turn and is trained on with it ('<|im_end|>')."""
     added_tokens: list[str] = field(default_factory=list)
     """Special tokens added to the tokenizer for the template (the embeddings must grow)."""
+    assistant_prefix: str = ""
+    """What the template writes between a user turn's text and the reply that follows it
+    ('<|im_end|>\n<|im_start|>assistant\n' for ChatML). Each reply is searched for with this in
+    front, so a short reply ('a', 'end') is not mistaken for part of the template's own text."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -475,12 +485,15 @@ def chat_template_for(tokenizer: Any) -> ChatTemplate:
         vocab = tokenizer.get_vocab()
         added = [t for t in CHATML_TOKENS if t not in vocab]
         if added:
-            tokenizer.add_special_tokens({"additional_special_tokens": added}, replace_additional_special_tokens=False)
+            # transformers 5 names them extra_special_tokens (the v4 keyword is gone)
+            tokenizer.add_special_tokens({"extra_special_tokens": added}, replace_extra_special_tokens=False)
         tokenizer.chat_template = CHATML_TEMPLATE
         source = "chatml"
-    sentinel = "\u2063LOCALTUNE\u2063"
+    sentinel, user_sentinel = "\u2063LOCALTUNE\u2063", "\u2063USER\u2063"
     rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}], tokenize=False)
+        [{"role": "user", "content": user_sentinel}, {"role": "assistant", "content": sentinel}], tokenize=False)
+    user_end = rendered.find(user_sentinel) + len(user_sentinel)
+    prefix = rendered[user_end:rendered.index(sentinel)] if user_end >= len(user_sentinel) else ""
     suffix = rendered[rendered.index(sentinel) + len(sentinel):]
     specials = sorted({*tokenizer.all_special_tokens, *getattr(tokenizer, "added_tokens_encoder", {})}, key=len, reverse=True)
     end = ""
@@ -490,17 +503,27 @@ def chat_template_for(tokenizer: Any) -> ChatTemplate:
         end = suffix[:pos + len(tok)]
     elif suffix.strip():
         end = suffix.rstrip()
-    return ChatTemplate(template=tokenizer.chat_template, source=source, end_of_turn=end, added_tokens=added)
+    return ChatTemplate(template=tokenizer.chat_template, source=source, end_of_turn=end, added_tokens=added,
+                        assistant_prefix=prefix)
 
 
-def _conversation_spans(messages: list[dict[str, str]], text: str, end_of_turn: str) -> list[tuple[int, int]] | None:
+def _conversation_spans(messages: list[dict[str, str]], text: str, end_of_turn: str,
+                        assistant_prefix: str = "") -> list[tuple[int, int]] | None:
     """Character spans of each assistant turn (content + end of turn) in the rendered text,
     found by walking the messages in order; None if the template rewrote a message."""
     spans = []
     pos = 0
     for m in messages:
         content = m["content"]
-        at = text.find(content, pos)
+        if m["role"] == "assistant" and assistant_prefix:
+            # a reply always follows a user turn (checked when loading): anchor it on the
+            # template's text in between, which a bare find could match instead ('a' in 'assistant')
+            at = text.find(assistant_prefix + content, pos)
+            if at < 0:
+                return None
+            at += len(assistant_prefix)
+        else:
+            at = text.find(content, pos)
         if at < 0:
             return None
         end = at + len(content)
@@ -524,39 +547,87 @@ def _prefix_spans(messages: list[dict[str, str]], tokenizer: Any, text: str) -> 
     return spans
 
 
+def _conversation_trained(messages: list[dict[str, str]], text: str, tokenizer: Any, template: ChatTemplate,
+                          train_on_inputs: bool) -> list[tuple[int, int]]:
+    if train_on_inputs:
+        return [(0, len(text))]
+    spans = _conversation_spans(messages, text, template.end_of_turn, template.assistant_prefix)
+    return spans if spans is not None else _prefix_spans(messages, tokenizer, text)
+
+
+def _render_plain(shape: str, prompt: str | None, completion: str | None, text: str | None, eos: str,
+                  train_on_inputs: bool) -> tuple[str, list[tuple[int, int]]]:
+    """A prompt/completion or text row: (text, trained character spans)."""
+    if shape == PROMPT_COMPLETION:
+        out = prompt + completion + eos
+        return out, [(0 if train_on_inputs else len(prompt), len(out))]
+    out = text + eos
+    return out, [(0, len(out))]
+
+
 def render(example: Example, tokenizer: Any, template: ChatTemplate, train_on_inputs: bool = False) -> tuple[str, list[tuple[int, int]], bool]:
     """(text, trained character spans, add_special_tokens) for one example."""
     if example.shape == CONVERSATION:
         text = tokenizer.apply_chat_template(example.messages, tokenize=False)
-        spans = _conversation_spans(example.messages, text, template.end_of_turn)
-        if spans is None:
-            spans = _prefix_spans(example.messages, tokenizer, text)
-        return text, ([(0, len(text))] if train_on_inputs else spans), False
-    eos = tokenizer.eos_token or ""
-    if example.shape == PROMPT_COMPLETION:
-        text = example.prompt + example.completion + eos
-        start = 0 if train_on_inputs else len(example.prompt)
-        return text, [(start, len(text))], True
-    text = example.text + eos
-    return text, [(0, len(text))], True
+        return text, _conversation_trained(example.messages, text, tokenizer, template, train_on_inputs), False
+    text, spans = _render_plain(example.shape, example.prompt, example.completion, example.text,
+                                tokenizer.eos_token or "", train_on_inputs)
+    return text, spans, True
+
+
+def _trained_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]], whole: bool) -> list[int]:
+    """1 for each token whose text starts inside a trained span. A token with no text of its
+    own (an added BOS) is trained only when all of the text is."""
+    if whole:
+        return [1] * len(offsets)
+    if not offsets:
+        return []
+    starts, ends = zip(*offsets)
+    if any(map(operator.eq, starts, ends)) or not all(map(operator.le, starts, starts[1:])):
+        return [0 if s == e else int(any(a <= s < b for a, b in spans)) for s, e in offsets]
+    # the usual case (every token has text, in order): two binary searches per span instead of
+    # a Python test per token, which cost as much as the Rust tokenizer itself
+    mask = [0] * len(offsets)
+    for a, b in spans:
+        i, j = bisect_left(starts, a), bisect_left(starts, b)
+        mask[i:j] = [1] * (j - i)
+    return mask
+
+
+def _encode(texts: list[str], tokenizer: Any, add_special: bool) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """input_ids and character offsets of each text."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (backend is not None and backend.truncation is None and backend.padding is None
+            and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))):
+        # the Rust call that tokenizer(...) makes, without building a BatchEncoding (~15% of the time)
+        encodings = backend.encode_batch(texts, add_special_tokens=add_special)
+        return [e.ids for e in encodings], [e.offsets for e in encodings]
+    enc = tokenizer(texts, add_special_tokens=add_special, return_offsets_mapping=True)
+    return enc["input_ids"], enc["offset_mapping"]
 
 
 def _tokenize_batch(batch: dict[str, list], tokenizer: Any, template: ChatTemplate, train_on_inputs: bool) -> dict[str, list]:
-    texts, spans_all = [], []
-    add_special = False
-    for i in range(len(batch["shape"])):
-        ex = Example(where="", shape=batch["shape"][i], messages=batch["messages"][i], prompt=batch["prompt"][i],
-                     completion=batch["completion"][i], text=batch["text"][i])
-        text, spans, add_special = render(ex, tokenizer, template, train_on_inputs)
-        texts.append(text)
-        spans_all.append(spans)
-    enc = tokenizer(texts, add_special_tokens=add_special, return_offsets_mapping=True)
-    masks = []
-    for text, offsets, spans in zip(texts, enc["offset_mapping"], spans_all):
-        whole = spans == [(0, len(text))]
-        # a token with no text of its own (an added BOS) is trained only when all of the text is
-        masks.append([int(whole) if s == e else int(any(a <= s < b for a, b in spans)) for s, e in offsets])
-    return {"input_ids": enc["input_ids"], "assistant_masks": masks, "length": [len(x) for x in enc["input_ids"]]}
+    shapes = batch["shape"]
+    texts: list[str] = [""] * len(shapes)
+    spans_all: list[list[tuple[int, int]]] = [[]] * len(shapes)
+    conversations = [i for i, shape in enumerate(shapes) if shape == CONVERSATION]
+    if conversations:
+        # one call for the whole batch: the template's per-call set-up is paid once
+        rendered = tokenizer.apply_chat_template([batch["messages"][i] for i in conversations], tokenize=False)
+        for i, text in zip(conversations, rendered):
+            texts[i] = text
+            spans_all[i] = _conversation_trained(batch["messages"][i], text, tokenizer, template, train_on_inputs)
+    eos = tokenizer.eos_token or ""
+    for i, shape in enumerate(shapes):
+        if shape != CONVERSATION:
+            texts[i], spans_all[i] = _render_plain(shape, batch["prompt"][i], batch["completion"][i], batch["text"][i],
+                                                   eos, train_on_inputs)
+    # one file holds one format, so one setting serves the batch: a chat template writes its own
+    # special tokens, plain text gets the tokenizer's (a BOS, for Llama)
+    add_special = bool(shapes) and shapes[-1] != CONVERSATION
+    input_ids, offsets = _encode(texts, tokenizer, add_special)
+    masks = [_trained_mask(o, spans, spans == [(0, len(text))]) for text, o, spans in zip(texts, offsets, spans_all)]
+    return {"input_ids": input_ids, "assistant_masks": masks, "length": [len(x) for x in input_ids]}
 
 
 def _as_columns(examples: list[Example]) -> dict[str, list]:
