@@ -302,7 +302,9 @@ def make_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="check and inspect a dataset")
     dsub = data.add_subparsers(dest="data_command", parser_class=_Parser, required=True)
     p = dsub.add_parser("inspect", help="format, rows, problems, token lengths and one rendered example")
-    p.add_argument("file", help="a .jsonl/.json/.csv/.parquet file, a save_to_disk folder, or a Hugging Face dataset id")
+    p.add_argument("file", nargs="?", default="demo",
+                   help="a .jsonl/.json/.csv/.parquet file, a save_to_disk folder, a Hugging Face dataset id, "
+                        "or `demo` (the default: the demo set shipped with localtune)")
     p.add_argument("--model", "-m", default=None, help="whose tokenizer and chat template to use (default: the built-in model)")
     p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                    help="report rows longer than N tokens (default: the plan's max_length)")

@@ -44,6 +44,8 @@ from localtune.errors import UserError
 from localtune.formats import CONVERSATION, FORMATS, PROMPT_COMPLETION, ROLES, SHAREGPT_ROLES, TEXT, detect
 
 MAX_PROBLEMS_SHOWN = 10
+DEMO = "demo"
+"""The name that stands for the demo dataset shipped inside the package."""
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 CHATML_TEMPLATE = (
@@ -249,8 +251,19 @@ def _rows_hub(dataset_id: str) -> Iterator[tuple[str, Any]]:
     yield from _rows_table(ds.to_list(), dataset_id)
 
 
+def resolve_source(source: str | os.PathLike) -> str | os.PathLike:
+    """`demo` stands for the demo set shipped inside the package; anything else is itself."""
+    if str(source) == DEMO:
+        from localtune.demo import demo_dataset_path
+
+        return demo_dataset_path()
+    return source
+
+
 def read_rows(source: str | os.PathLike) -> Iterator[tuple[str, Any]]:
-    """(where, row) for every row of `source`; a row that cannot even be read is a Problem."""
+    """(where, row) for every row of `source`; a row that cannot even be read is a Problem.
+    `demo` names the demo set shipped with localtune."""
+    source = resolve_source(source)
     path = Path(source).expanduser()
     name = str(source)
     if path.is_dir():
@@ -367,6 +380,7 @@ def to_example(row: Any, fmt: str, where: str) -> Example:
 def load_data(source: str | os.PathLike, *, format: str | None = None, skip_bad_rows: bool = False) -> LoadedData:
     """Read and check every row of `source`. Raises DataError listing the problems unless
     `skip_bad_rows`, in which case bad rows are left out and listed in `skipped`."""
+    source = resolve_source(source)
     name = str(source)
     if format is not None and format not in FORMATS:
         raise UserError(f"--format {format!r}: unknown format; use one of {', '.join(FORMATS)}")
