@@ -147,12 +147,19 @@ def _rows_jsonl(path: Path, name: str) -> Iterator[tuple[str, Any]]:
                 yield where, Problem(where, f"not valid JSON ({e.msg} at column {e.colno})")
 
 
-def _rows_json(path: Path, name: str) -> Iterator[tuple[str, Any]]:
+def _read_text(path: Path, name: str) -> str | Problem:
+    """The whole file as text (a UTF-8 byte-order mark is allowed), or where it is not UTF-8."""
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        yield name, _utf8_problem(name, raw, e)
+        return _utf8_problem(name, raw, e)
+
+
+def _rows_json(path: Path, name: str) -> Iterator[tuple[str, Any]]:
+    text = _read_text(path, name)
+    if isinstance(text, Problem):
+        yield name, text
         return
     if not text.strip():
         return
@@ -180,11 +187,9 @@ def _rows_json(path: Path, name: str) -> Iterator[tuple[str, Any]]:
 
 
 def _rows_csv(path: Path, name: str) -> Iterator[tuple[str, Any]]:
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        yield name, _utf8_problem(name, raw, e)
+    text = _read_text(path, name)
+    if isinstance(text, Problem):
+        yield name, text
         return
     reader = csv.DictReader(io.StringIO(text, newline=""))
     line = 1

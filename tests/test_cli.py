@@ -14,22 +14,9 @@ import sys
 import pytest
 
 from localtune import cli
+from tests.helpers import one_line_error, run
 from localtune.hardware import GiB
 from tests.test_plan import LLAMA_8B
-
-
-def run(capsys, *argv):
-    rc = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_line_error(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    assert lines[0].startswith("localtune: error: ")
-    return lines[0]
 
 
 @pytest.fixture

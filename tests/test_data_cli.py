@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from localtune import cli
+from tests.helpers import one_line_error, run
 from localtune.formats import FORMATS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -32,20 +33,6 @@ BAD_LINES = [
 @pytest.fixture(autouse=True)
 def wide_screen(monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # rich wraps at the terminal width; keep each line whole
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    rc = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_line_error(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    assert lines[0].startswith("localtune: error: ")
-    return lines[0]
 
 
 @pytest.fixture
@@ -192,3 +179,15 @@ def test_readme_documents_every_format():
     for f in FORMATS.values():
         assert f"`{f.name}`" in readme, f.name
         assert json.dumps(f.example) in readme, f"README's example row for {f.name} differs from FORMATS"
+
+
+def test_inspect_without_a_file_shows_the_shipped_demo_set(capsys, builtin_model_dir):
+    from localtune.demo import demo_dataset_path
+
+    rc = cli.main(["data", "inspect", "--json"])
+    out = capsys.readouterr().out
+    data = json.loads(out)
+    assert rc == 0
+    assert data["source"] == str(demo_dataset_path())
+    assert data["format"] == "messages" and data["rows"] == data["valid_rows"] >= 100
+    assert data["example"]["text"][slice(*data["example"]["trained_spans"][0])].startswith("Ahoy! ")
