@@ -1,0 +1,123 @@
+"""The event log: the one contract between the training worker and every viewer.
+
+The worker appends one JSON object per line to `RUN_DIR/events.jsonl`; the headless progress
+view, the TUI dashboard and the tests all read the same file. Every event has `t` (unix time,
+seconds) and `kind`; the other fields per kind are listed in `EVENT_FIELDS`, the one place
+they are defined. A viewer must ignore fields and kinds it does not know.
+
+A line is written with one `write` call and flushed, so a reader sees whole lines; a reader
+that meets a partial last line (the worker is mid-write) leaves it for the next read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+EVENT_FIELDS: dict[str, dict[str, str]] = {
+    "started": {
+        "pid": "the worker's process id",
+        "resumed_from": "checkpoint folder name, or null for a fresh start",
+        "max_steps": "optimizer steps the run will take",
+        "device": "what the model trains on, e.g. 'cpu' or 'cuda:0'",
+    },
+    "step": {
+        "step": "optimizer steps done",
+        "max_steps": "optimizer steps in all",
+        "epoch": "epochs done (fractional)",
+        "loss": "training loss averaged since the last step event",
+        "learning_rate": "learning rate used",
+        "grad_norm": "gradient norm before clipping (may be null)",
+        "tokens_per_s": "non-padding tokens trained per second since the last step event",
+        "elapsed_s": "seconds of training in this run, resumes included",
+    },
+    "eval": {"step": "optimizer steps done", "eval_loss": "loss on the evaluation rows"},
+    "sample": {"step": "optimizer steps done", "prompt": "the fixed prompt", "text": "the greedy answer"},
+    "hardware": {
+        "memory_used_bytes": "memory in use on the training device (RSS on the CPU)",
+        "memory_total_bytes": "the device's memory",
+        "utilization_pct": "GPU utilisation, or null",
+        "temperature_c": "GPU temperature, or null",
+        "power_w": "GPU power draw, or null",
+        "cpu_pct": "CPU use of the machine",
+        "ram_used_bytes": "system RAM in use",
+    },
+    "checkpoint": {"step": "optimizer step of the checkpoint", "path": "its folder, complete"},
+    "oom_backoff": {
+        "step": "step the out-of-memory error hit",
+        "per_device_train_batch_size": "the new micro-batch",
+        "gradient_accumulation_steps": "the new accumulation (the effective batch is unchanged)",
+        "max_length": "the new maximum sequence length",
+        "resume_from": "checkpoint training goes back to",
+    },
+    "warning": {"message": "something a person should know"},
+    "stopping": {"reason": "why the worker is stopping (e.g. 'SIGTERM')"},
+    "finished": {"step": "optimizer steps done", "adapter": "folder of the final adapter",
+                 "train_loss": "mean training loss", "elapsed_s": "seconds of training"},
+    "stopped": {"step": "optimizer steps done", "checkpoint": "the checkpoint to resume from"},
+    "failed": {"error": "what went wrong, one line", "log": "the worker log with the traceback"},
+}
+"""Each event kind and its fields, besides `t` and `kind`."""
+
+KINDS = tuple(EVENT_FIELDS)
+
+
+def append_event(path: Path, kind: str, /, **fields: Any) -> dict[str, Any]:
+    """Append one event to the log at `path` and return it."""
+    if kind not in EVENT_FIELDS:
+        raise ValueError(f"unknown event kind {kind!r}")  # our bug, not the user's
+    event = {"t": round(time.time(), 3), "kind": kind, **fields}
+    line = json.dumps(event, default=str) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+    return event
+
+
+class EventReader:
+    """Reads the new whole lines of an events file since the last call (a `tail -f`)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._offset = 0
+
+    def read_new(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        end = chunk.rfind(b"\n") + 1  # leave a partial last line for the next read
+        self._offset += end
+        out = []
+        for line in chunk[:end].splitlines():
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a torn line after a crash; the next line is whole again
+        return out
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """Every whole event in the file."""
+    return EventReader(path).read_new()
+
+
+def iter_kind(events: list[dict[str, Any]], kind: str) -> Iterator[dict[str, Any]]:
+    return (e for e in events if e.get("kind") == kind)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Replace `path` with `data` as JSON so that readers see the old file or the new one,
+    never half of either."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

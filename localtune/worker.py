@@ -1,0 +1,317 @@
+"""The training worker: `python -m localtune.worker RUN_DIR`.
+
+It runs in its own process session (started by `localtune train` / `resume`), so it outlives
+the command or TUI that started it; it owns the accelerator. It reads `config.toml` and
+`plan.json` from the run directory, trains with trl's SFTTrainer and reports everything
+through `events.jsonl` and `status.json` (see localtune.events and localtune.runs).
+
+- Checkpoints are written under `checkpoints/.partial/` and renamed into `checkpoints/` only
+  when complete, so a crash or a full disk never leaves a half checkpoint that resume would
+  pick. Only the newest `save_total_limit` are kept.
+- SIGTERM (`localtune stop`) ends the current optimizer step, writes a checkpoint and sets
+  the state to `stopped`.
+- Resume continues from the newest complete checkpoint: the Trainer restores the adapter,
+  optimizer, scheduler and RNG state and skips the batches already seen, so the data order and
+  the loss curve match an uninterrupted run.
+
+Anything that escapes is written to the status (`failed`, with the reason) and the traceback
+to worker.log.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from localtune.errors import UserError
+from localtune.events import append_event
+from localtune.runs import RunDir
+
+SAMPLE_MAX_NEW_TOKENS = 32
+
+
+class _StopRequest:
+    """Set by SIGTERM; read between optimizer steps."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.reason = ""
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        self.reason = signal.Signals(signum).name
+
+
+def _device_of(backend: str, plan: dict[str, Any]) -> str:
+    if backend == "cuda":
+        index = plan["hardware"]["devices"][0].get("index") or 0
+        return f"cuda:{index}"
+    return backend
+
+
+def _load_model(path: str, knobs, backend: str, device: str, trust_remote_code: bool):
+    """The base model as the plan asks: NF4 + LoRA on CUDA (QLoRA), 16-bit LoRA otherwise;
+    float32 on the CPU; bf16 on Apple (float32 where bf16 is unsupported)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if backend == "cpu":
+        dtype = torch.float32
+    elif backend == "mps":
+        dtype = torch.bfloat16 if torch.backends.mps.is_macos_or_newer(14, 0) else torch.float32
+    else:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if knobs.load_in_4bit:
+        compute = getattr(torch, knobs.bnb_4bit_compute_dtype)
+        if backend == "cpu":
+            compute = torch.float32
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=knobs.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=knobs.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=compute)
+    if backend != "cpu":
+        kw["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    model.config.use_cache = False
+    return model, dtype
+
+
+def _sample(model, tokenizer, prompt: str) -> str:
+    import torch
+
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    ids = {k: v.to(model.device) for k, v in ids.items()}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=SAMPLE_MAX_NEW_TOKENS, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, use_cache=True)
+    if was_training:
+        model.train()
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def _hardware_event(run: RunDir, backend: str) -> None:
+    import psutil
+
+    vm = psutil.virtual_memory()
+    fields: dict[str, Any] = {"cpu_pct": psutil.cpu_percent(), "ram_used_bytes": vm.total - vm.available,
+                              "utilization_pct": None, "temperature_c": None, "power_w": None}
+    if backend == "cuda":
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        fields.update(memory_used_bytes=total - free, memory_total_bytes=total)
+        try:
+            from localtune.hardware import probe, sample_devices
+
+            d = sample_devices(probe())[0]
+            fields.update(utilization_pct=d.utilization_pct, temperature_c=d.temperature_c, power_w=d.power_w)
+        except Exception:  # noqa: BLE001 - live readings are optional
+            pass
+    else:
+        fields.update(memory_used_bytes=psutil.Process().memory_info().rss, memory_total_bytes=vm.total)
+    append_event(run.events_path, "hardware", **fields)
+
+
+def train(run: RunDir, stop: _StopRequest) -> None:
+    """Train the run to the end (or to a stop). Takes minutes to hours."""
+    import json
+
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from localtune.data import chat_template_for, load_data, split_eval, tokenize
+    from localtune.knobs import knobs_from_mapping
+    from localtune.models import ensure_builtin_model, load_tokenizer, resolve_model
+
+    cfg = run.read_config()
+    rcfg = cfg["run"]
+    plan = json.loads(run.plan_path.read_text())
+    knobs = knobs_from_mapping(cfg["knobs"], str(run.config_path))
+    backend = plan["hardware"]["backend"]
+    device = _device_of(backend, plan)
+    trust = bool(rcfg.get("trust_remote_code", False))
+
+    model_ref = resolve_model(rcfg["model"], trust_remote_code=trust)
+    model_path = str(ensure_builtin_model()) if model_ref.kind == "builtin" else model_ref.location
+    tokenizer = load_tokenizer(model_ref)
+    template = chat_template_for(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    loaded = load_data(rcfg["data"], format=rcfg.get("format") or None, skip_bad_rows=bool(rcfg.get("skip_bad_rows")))
+    train_rows, eval_rows = loaded.examples, []
+    if rcfg.get("eval_data"):
+        eval_rows = load_data(rcfg["eval_data"], format=rcfg.get("format") or None,
+                              skip_bad_rows=bool(rcfg.get("skip_bad_rows"))).examples
+    elif float(rcfg.get("eval_split", 0) or 0) > 0:
+        train_rows, eval_rows = split_eval(loaded.examples, float(rcfg["eval_split"]), knobs.seed)
+    train_on_inputs = bool(rcfg.get("train_on_inputs", False))
+    train_ds = tokenize(train_rows, tokenizer, template, train_on_inputs=train_on_inputs).remove_columns("length")
+    eval_ds = (tokenize(eval_rows, tokenizer, template, train_on_inputs=train_on_inputs).remove_columns("length")
+               if eval_rows else None)
+
+    model, dtype = _load_model(model_path, knobs, backend, device, trust)
+    if template.added_tokens:
+        model.resize_token_embeddings(len(tokenizer))
+
+    from peft import LoraConfig
+
+    targets = "all-linear" if "all-linear" in knobs.target_modules else list(knobs.target_modules)
+    peft_config = LoraConfig(r=knobs.r, lora_alpha=knobs.lora_alpha, lora_dropout=knobs.lora_dropout,
+                             target_modules=targets, task_type="CAUSAL_LM",
+                             modules_to_save=["embed_tokens", "lm_head"] if template.added_tokens else None)
+
+    partial = run.checkpoints_dir / ".partial"
+    shutil.rmtree(partial, ignore_errors=True)  # whatever a crash left there is incomplete
+    args = SFTConfig(
+        output_dir=str(partial),
+        per_device_train_batch_size=knobs.per_device_train_batch_size,
+        per_device_eval_batch_size=knobs.per_device_train_batch_size,
+        gradient_accumulation_steps=knobs.gradient_accumulation_steps,
+        learning_rate=knobs.learning_rate,
+        lr_scheduler_type=knobs.lr_scheduler_type,
+        warmup_steps=knobs.warmup_steps,
+        num_train_epochs=knobs.num_train_epochs,
+        max_steps=knobs.max_steps,
+        optim=knobs.optim,
+        activation_checkpointing=knobs.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if knobs.gradient_checkpointing else None,
+        max_length=knobs.max_length,
+        packing=knobs.packing,
+        logging_steps=knobs.logging_steps,
+        save_strategy="steps",
+        save_steps=knobs.save_steps,
+        save_total_limit=None,  # rotation happens in checkpoints/, after the rename
+        eval_strategy="steps" if eval_ds is not None else "no",
+        eval_steps=knobs.eval_steps,
+        seed=knobs.seed,
+        data_seed=knobs.seed,
+        bf16=dtype.is_floating_point and str(dtype) == "torch.bfloat16" and backend != "cpu",
+        fp16=str(dtype) == "torch.float16",
+        use_cpu=backend == "cpu",
+        report_to="none",
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        save_only_model=False,
+    )
+    sample_prompt = rcfg.get("sample_prompt") or "What is the capital of Italy?"
+    sample_steps = int(rcfg.get("sample_steps") or knobs.eval_steps)
+    final_dir = run.checkpoints_dir
+
+    class LocaltuneTrainer(SFTTrainer):
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            name = f"checkpoint-{self.state.global_step}"
+            src, dst = partial / name, final_dir / name
+            if dst.exists():
+                shutil.rmtree(dst)
+            os.replace(src, dst)  # complete: only now can resume see it
+            for old in run.complete_checkpoints()[:-knobs.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+            run.write_status(last_checkpoint=name, step=self.state.global_step)
+            append_event(run.events_path, "checkpoint", step=self.state.global_step, path=str(dst))
+
+    class Events(TrainerCallback):
+        def __init__(self) -> None:
+            self.t_last = time.time()
+            self.tokens_last = 0
+            self.elapsed_before = 0.0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t_last = time.time()
+            self.tokens_last = state.num_input_tokens_seen
+            run.write_status(state="running", pid=os.getpid(), max_steps=state.max_steps, step=state.global_step)
+            append_event(run.events_path, "started", pid=os.getpid(), resumed_from=resume.name if resume else None,
+                         max_steps=state.max_steps, device=device)
+
+        def on_step_end(self, args, state, control, **kw):
+            if stop.requested:
+                append_event(run.events_path, "stopping", reason=stop.reason)
+                run.write_status(state="stopping")
+                control.should_save = True
+                control.should_training_stop = True
+            elif sample_steps and state.global_step % sample_steps == 0:
+                append_event(run.events_path, "sample", step=state.global_step, prompt=sample_prompt,
+                             text=_sample(kw["model"], tokenizer, sample_prompt))
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            if "loss" in logs:
+                now = time.time()
+                tokens = state.num_input_tokens_seen
+                rate = (tokens - self.tokens_last) / max(now - self.t_last, 1e-9)
+                self.t_last, self.tokens_last = now, tokens
+                append_event(run.events_path, "step", step=state.global_step, max_steps=state.max_steps,
+                             epoch=state.epoch, loss=logs["loss"], learning_rate=logs.get("learning_rate"),
+                             grad_norm=logs.get("grad_norm"), tokens_per_s=round(rate, 1),
+                             elapsed_s=round(now - started_at, 1))
+                run.write_status(step=state.global_step, loss=logs["loss"])
+                _hardware_event(run, backend)
+            if "eval_loss" in logs:
+                append_event(run.events_path, "eval", step=state.global_step, eval_loss=logs["eval_loss"])
+
+    checkpoints = run.complete_checkpoints()
+    resume = checkpoints[-1] if checkpoints else None
+    trainer = LocaltuneTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                               processing_class=tokenizer, peft_config=peft_config, callbacks=[Events()])
+    started_at = time.time()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    step = trainer.state.global_step
+    if stop.requested:
+        last = run.complete_checkpoints()
+        run.write_status(state="stopped", step=step, pid=None)
+        append_event(run.events_path, "stopped", step=step, checkpoint=last[-1].name if last else None)
+        return
+    tmp = run.path / ".adapter.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if run.adapter_dir.exists():
+        shutil.rmtree(run.adapter_dir)
+    os.replace(tmp, run.adapter_dir)
+    elapsed = time.time() - started_at
+    run.write_status(state="completed", step=step, pid=None, adapter=str(run.adapter_dir))
+    append_event(run.events_path, "finished", step=step, adapter=str(run.adapter_dir),
+                 train_loss=getattr(result, "training_loss", None), elapsed_s=round(elapsed, 1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m localtune.worker RUN_DIR", file=sys.stderr)
+        return 2
+    run = RunDir(Path(argv[0]).resolve())
+    stop = _StopRequest()
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        run.acquire_lock()
+    except UserError as e:
+        print(f"localtune worker: {e}", file=sys.stderr)
+        return 1
+    try:
+        train(run, stop)
+        return 0
+    except BaseException as e:  # noqa: BLE001 - every failure must reach the status and the log
+        traceback.print_exc()
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not isinstance(e, UserError):
+            msg = f"{type(e).__name__}: {msg}"
+        run.write_status(state="failed", error=msg, pid=None)
+        append_event(run.events_path, "failed", error=msg, log=str(run.log_path))
+        return 1
+    finally:
+        run.release_lock()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
