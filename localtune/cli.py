@@ -263,6 +263,137 @@ def cmd_data_formats(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- train, runs, stop, resume
+
+
+def _run_config(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """([run] table, pinned knobs) from --config, then the command line over it."""
+    from localtune.launch import read_config_file
+
+    file_cfg = read_config_file(args.config) if args.config else {"run": {}, "knobs": {}}
+    run_cfg: dict[str, Any] = {"model": "smollm2-135m", "data": "demo", "eval_data": "", "eval_split": 0.0,
+                               "format": "", "train_on_inputs": False, "skip_bad_rows": False,
+                               "trust_remote_code": False, "sample_steps": 0}
+    run_cfg.update(file_cfg["run"])
+    for key in ("model", "data", "eval_data", "eval_split", "format", "profile"):
+        value = getattr(args, key, None)
+        if value is not None:
+            run_cfg[key] = value
+    for flag in ("train_on_inputs", "skip_bad_rows", "trust_remote_code"):
+        if getattr(args, flag, False):
+            run_cfg[flag] = True
+    pinned = {**file_cfg["knobs"], **_pinned_from_args(args)}
+    return run_cfg, pinned
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from localtune.data import load_data, split_eval
+    from localtune.hardware import probe
+    from localtune.headless import follow
+    from localtune.launch import DEMO_RECIPE, new_run, start_worker
+    from localtune.models import resolve_model
+    from localtune.plan import make_plan
+
+    run_cfg, pinned = _run_config(args)
+    if run_cfg["data"] == "demo":
+        pinned = {**DEMO_RECIPE, **pinned}
+    model = resolve_model(run_cfg["model"], trust_remote_code=bool(run_cfg["trust_remote_code"]))
+    plan = make_plan(probe(), model, profile=run_cfg.get("profile"), pinned=pinned)
+    if not plan.fits:
+        raise UserError(f"the run does not fit this machine (estimate {plan.estimate.total_bytes / GiB:.1f} GB, "
+                        f"budget {plan.budget_bytes / GiB:.1f} GB); try: {'; '.join(plan.advice)}. "
+                        "`localtune plan` shows the details")
+    # every row is checked before anything starts: a bad file stops here, not an hour in
+    loaded = load_data(run_cfg["data"], format=run_cfg["format"] or None, skip_bad_rows=run_cfg["skip_bad_rows"])
+    if run_cfg["eval_data"]:
+        load_data(run_cfg["eval_data"], format=run_cfg["format"] or None, skip_bad_rows=run_cfg["skip_bad_rows"])
+    elif run_cfg["eval_split"]:
+        split_eval(loaded.examples, float(run_cfg["eval_split"]), plan.knobs.seed)
+    run = new_run(run_cfg=run_cfg, plan=plan)
+    run.write_status(rows=len(loaded.examples), skipped_rows=len(loaded.skipped))
+    for w in loaded.warnings:
+        print(f"warning: {w}")
+    proc = start_worker(run)
+    print(f"run {run.id} started: {plan.model.display_name} on {run_cfg['data']}, worker pid {proc.pid}")
+    print(f"  folder: {run.path}")
+    if args.detach:
+        print(f"  it runs in the background: `localtune runs` lists it, `localtune stop {run.id}` stops it")
+        return 0
+    end = follow(run, worker_alive=lambda: proc.poll() is None)
+    return 1 if end and end["kind"] == "failed" else 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from localtune.headless import follow
+    from localtune.launch import check_resumable, start_worker
+    from localtune.runs import find_run
+
+    run = find_run(args.run)
+    check_resumable(run, force=args.force)
+    checkpoints = run.complete_checkpoints()
+    proc = start_worker(run)
+    where = f"from {checkpoints[-1].name}" if checkpoints else "from the start (no checkpoint yet)"
+    print(f"run {run.id} resumed {where}, worker pid {proc.pid}")
+    if args.detach:
+        return 0
+    end = follow(run, worker_alive=lambda: proc.poll() is None)
+    return 1 if end and end["kind"] == "failed" else 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    import os
+    import signal
+
+    from localtune.runs import find_run
+
+    run = find_run(args.run)
+    pid = run.live_worker_pid()
+    if pid is None:
+        raise UserError(f"run {run.id} has no live worker (state: {run.state()}); nothing to stop")
+    os.kill(pid, signal.SIGTERM)
+    print(f"stopping run {run.id} (worker pid {pid}): it finishes the current step, writes a checkpoint "
+          f"and stops; `localtune resume {run.id}` goes on from there")
+    if args.wait:
+        while run.live_worker_pid() is not None:
+            time.sleep(0.5)
+        print(f"run {run.id}: {run.state()}")
+    return 0
+
+
+def _age(t: float | None) -> str:
+    if not t:
+        return "-"
+    s = max(0, time.time() - t)
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{int(s // n)}{unit} ago"
+    return f"{int(s)}s ago"
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from localtune.runs import list_runs
+
+    runs = [r.summary() for r in list_runs()]
+    if args.json:
+        _print_json(runs)
+        return 0
+    if not runs:
+        print("no runs yet; `localtune train` starts one")
+        return 0
+    t = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("run", "state", "step", "loss", "model", "data", "updated"):
+        t.add_column(col, no_wrap=col in ("run", "state"))
+    for r in runs:
+        loss = f"{r['loss']:.4f}" if isinstance(r["loss"], (int, float)) else "-"
+        t.add_row(r["id"], r["state"], f"{r['step']}/{r['max_steps'] or '?'}", loss, str(r["model"]),
+                  str(r["data"]), _age(r["updated"]))
+    Console(highlight=False).print(t)
+    return 0
+
+
 # ---------------------------------------------------------------- entry point
 
 
@@ -273,10 +404,6 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=None, help="a shipped profile name (see `localtune profiles`) or a .toml file")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="pin a knob, e.g. --set r=8 --set load_in_4bit=true (repeatable)")
-    p.add_argument("--budget", type=float, default=None, metavar="GB",
-                   help="plan for a device with this much memory instead of this machine (with --backend)")
-    p.add_argument("--backend", choices=("cuda", "mps", "cpu"), default=None,
-                   help="the backend of that device (with --budget)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a model whose architecture needs its own Python code")
 
@@ -296,8 +423,43 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="pick the knobs that fit this machine and explain them")
     _add_plan_options(p)
+    p.add_argument("--budget", type=float, default=None, metavar="GB",
+                   help="plan for a device with this much memory instead of this machine (with --backend)")
+    p.add_argument("--backend", choices=("cuda", "mps", "cpu"), default=None,
+                   help="the backend of that device (with --budget)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("train", help="start a run and follow it (no arguments: the built-in model on the demo set)")
+    _add_plan_options(p)
+    p.add_argument("--data", "-d", default=None,
+                   help="training data: a file, a save_to_disk folder, a Hugging Face dataset id, or `demo` (default)")
+    p.add_argument("--eval-data", default=None, help="a separate evaluation file")
+    p.add_argument("--eval-split", type=float, default=None, metavar="FRACTION",
+                   help="hold out this fraction of the rows for evaluation, e.g. 0.05")
+    p.add_argument("--format", default=None, help="force a dataset format (see `localtune data formats`)")
+    p.add_argument("--train-on-inputs", action="store_true", help="train on every token, not only the answers")
+    p.add_argument("--skip-bad-rows", action="store_true", help="leave bad rows out instead of stopping")
+    p.add_argument("--config", default=None, help="a TOML file with [run] and [knobs] tables, as a run's config.toml")
+    p.add_argument("--headless", action="store_true", help="follow in this terminal (no TUI)")
+    p.add_argument("--detach", action="store_true", help="start the run and return at once")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("resume", help="continue a stopped or interrupted run from its newest checkpoint")
+    p.add_argument("run", help="run id (or a unique prefix, or `last`)")
+    p.add_argument("--force", action="store_true", help="resume even if the model or data changed")
+    p.add_argument("--headless", action="store_true", help="follow in this terminal (no TUI)")
+    p.add_argument("--detach", action="store_true", help="start the worker and return at once")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("stop", help="checkpoint and stop a running run")
+    p.add_argument("run", help="run id (or a unique prefix, or `last`)")
+    p.add_argument("--wait", action="store_true", help="return when the worker has stopped")
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("runs", help="list runs with state, progress, loss and age")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_runs)
 
     data = sub.add_parser("data", help="check and inspect a dataset")
     dsub = data.add_subparsers(dest="data_command", parser_class=_Parser, required=True)
