@@ -16,6 +16,11 @@ through `events.jsonl` and `status.json` (see localtune.events and localtune.run
 
 Anything that escapes is written to the status (`failed`, with the reason) and the traceback
 to worker.log.
+
+Test-only switch: with `LOCALTUNE_FAULT_KILL_IN_CHECKPOINT=N` in the environment the worker
+kills itself (`os._exit(137)`, like SIGKILL) while writing the checkpoint of step N: after the
+checkpoint's files are written under `checkpoints/.partial/`, before the rename. The tests use
+it to check that resume ignores a half-written checkpoint. Never set it otherwise.
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ from pathlib import Path
 from typing import Any
 
 from localtune.errors import UserError
-from localtune.events import append_event
+from localtune.events import append_event, read_events
 from localtune.runs import RunDir
 
 SAMPLE_MAX_NEW_TOKENS = 32
+FAULT_KILL_IN_CHECKPOINT_ENV = "LOCALTUNE_FAULT_KILL_IN_CHECKPOINT"
+"""Test-only: the step whose checkpoint writing the worker dies in (see the module docstring)."""
 
 
 class _StopRequest:
@@ -212,6 +219,8 @@ def train(run: RunDir, stop: _StopRequest) -> None:
         def _save_checkpoint(self, model, trial):
             super()._save_checkpoint(model, trial)
             name = f"checkpoint-{self.state.global_step}"
+            if os.environ.get(FAULT_KILL_IN_CHECKPOINT_ENV) == str(self.state.global_step):
+                os._exit(137)  # test-only: die with the checkpoint written but not yet renamed
             src, dst = partial / name, final_dir / name
             if dst.exists():
                 shutil.rmtree(dst)
@@ -225,12 +234,13 @@ def train(run: RunDir, stop: _StopRequest) -> None:
         def __init__(self) -> None:
             self.t_last = time.time()
             self.tokens_last = 0
-            self.elapsed_before = 0.0
+            self.elapsed_before = elapsed_before  # training time of the attempts before a resume
 
         def on_train_begin(self, args, state, control, **kw):
             self.t_last = time.time()
             self.tokens_last = state.num_input_tokens_seen
-            run.write_status(state="running", pid=os.getpid(), max_steps=state.max_steps, step=state.global_step)
+            run.write_status(state="running", pid=os.getpid(), max_steps=state.max_steps, step=state.global_step,
+                             error=None)
             append_event(run.events_path, "started", pid=os.getpid(), resumed_from=resume.name if resume else None,
                          max_steps=state.max_steps, device=device)
 
@@ -254,7 +264,7 @@ def train(run: RunDir, stop: _StopRequest) -> None:
                 append_event(run.events_path, "step", step=state.global_step, max_steps=state.max_steps,
                              epoch=state.epoch, loss=logs["loss"], learning_rate=logs.get("learning_rate"),
                              grad_norm=logs.get("grad_norm"), tokens_per_s=round(rate, 1),
-                             elapsed_s=round(now - started_at, 1))
+                             elapsed_s=round(self.elapsed_before + now - started_at, 1))
                 run.write_status(step=state.global_step, loss=logs["loss"])
                 _hardware_event(run, backend)
             if "eval_loss" in logs:
@@ -262,10 +272,16 @@ def train(run: RunDir, stop: _StopRequest) -> None:
 
     checkpoints = run.complete_checkpoints()
     resume = checkpoints[-1] if checkpoints else None
+    elapsed_before = 0.0
+    if resume is not None:  # `elapsed_s` counts the attempts before a resume too: it goes on
+        resume_step = int(resume.name.rsplit("-", 1)[1])  # from the last step the checkpoint holds
+        done = [e for e in read_events(run.events_path) if e.get("kind") == "step" and e.get("step", 0) <= resume_step]
+        elapsed_before = float(done[-1].get("elapsed_s") or 0.0) if done else 0.0
     trainer = LocaltuneTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                processing_class=tokenizer, peft_config=peft_config, callbacks=[Events()])
     started_at = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    shutil.rmtree(partial, ignore_errors=True)  # only trl's model card (README.md) is left there
     step = trainer.state.global_step
     if stop.requested:
         last = run.complete_checkpoints()
@@ -279,7 +295,7 @@ def train(run: RunDir, stop: _StopRequest) -> None:
     if run.adapter_dir.exists():
         shutil.rmtree(run.adapter_dir)
     os.replace(tmp, run.adapter_dir)
-    elapsed = time.time() - started_at
+    elapsed = elapsed_before + time.time() - started_at
     run.write_status(state="completed", step=step, pid=None, adapter=str(run.adapter_dir))
     append_event(run.events_path, "finished", step=step, adapter=str(run.adapter_dir),
                  train_loss=getattr(result, "training_loss", None), elapsed_s=round(elapsed, 1))

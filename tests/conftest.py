@@ -9,6 +9,8 @@
   at once there. Tests that do not ask for it see an empty cache.
 - `tiny_llama_dir`: a tiny random Llama model folder (config.json + model.safetensors), for
   tests that need real modules but not real weights.
+- `tiny_chat_model_dir` (session): a tiny random Llama with the built-in model's real tokenizer
+  and chat template, for tests that train or generate end to end in seconds.
 """
 
 from __future__ import annotations
@@ -66,6 +68,33 @@ def tiny_llama_dir(tmp_path: Path) -> Path:
                          intermediate_size=128, vocab_size=256, max_position_embeddings=2048,
                          tie_word_embeddings=False)
     folder = tmp_path / "tiny-llama"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(builtin_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (hidden 64, 2 layers, 4 heads, 2 kv heads, intermediate 128, tied
+    embeddings) with the built-in model's real tokenizer and chat template (vocabulary 49152):
+    data tokenizes as for the real model, and a worker trains it at a fraction of a second per
+    step. Session-wide: do not write into it."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-chat") / "tiny-chat-llama"
+    folder.mkdir()
+    for f in builtin_model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")) or f.name in ("vocab.json", "merges.txt"):
+            shutil.copy(f, folder / f.name)
+    tok = AutoTokenizer.from_pretrained(folder)
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=len(tok), max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
