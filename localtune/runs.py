@@ -4,6 +4,8 @@
         config.toml    the resolved configuration: model, data, every knob, the seed
         plan.json      the probe and the plan at launch (with the estimate's parts)
         status.json    state, pid, step, last checkpoint, error; replaced atomically
+        data.json      the data as loaded (format, rows, bad rows left out, warnings) and the
+                       chat template used, which chat and export must render with
         events.jsonl   append-only event log (localtune.events)
         worker.log     the worker's own stdout/stderr
         worker.lock    the live worker's pid; stops two workers from writing one run

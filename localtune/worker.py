@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from localtune.errors import UserError
-from localtune.events import append_event, read_events
+from localtune.events import append_event, atomic_write_json, read_events
 from localtune.runs import RunDir
 
 SAMPLE_MAX_NEW_TOKENS = 32
@@ -162,6 +162,10 @@ def train(run: RunDir, stop: _StopRequest) -> None:
     elif float(rcfg.get("eval_split", 0) or 0) > 0:
         train_rows, eval_rows = split_eval(loaded.examples, float(rcfg["eval_split"]), knobs.seed)
     train_on_inputs = bool(rcfg.get("train_on_inputs", False))
+    # what the data and the template were, so that chat and export render exactly as training did
+    atomic_write_json(run.path / "data.json", {**loaded.summary(), "train_rows": len(train_rows),
+                                               "eval_rows": len(eval_rows), "train_on_inputs": train_on_inputs,
+                                               "chat_template": template.to_dict()})
     train_ds = tokenize(train_rows, tokenizer, template, train_on_inputs=train_on_inputs).remove_columns("length")
     eval_ds = (tokenize(eval_rows, tokenizer, template, train_on_inputs=train_on_inputs).remove_columns("length")
                if eval_rows else None)

@@ -217,3 +217,22 @@ def test_invalid_config_json_is_refused(tmp_path):
     (folder / "config.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(UserError, match="not valid JSON"):
         resolve_model(str(folder))
+
+
+def test_hub_id_is_read_from_the_local_cache_while_offline(tmp_path, monkeypatch):
+    """A hub model downloaded once is planned offline from its cached config.json."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--someorg--tiny-llama" / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    (cache / "models--someorg--tiny-llama" / "refs").mkdir()
+    (cache / "models--someorg--tiny-llama" / "refs" / "main").write_text("0123abcd")
+    (snap / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8,
+        "num_key_value_heads": 2, "intermediate_size": 688, "vocab_size": 32000, "tie_word_embeddings": False}))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    ref = resolve_model("someorg/tiny-llama")
+    assert ref.kind == "hub" and ref.location == "someorg/tiny-llama"
+    assert (ref.shape.hidden_size, ref.shape.num_hidden_layers, ref.shape.vocab_size) == (256, 4, 32000)
+    assert ref.shape.num_key_value_heads == 2 and not ref.shape.tie_word_embeddings

@@ -244,6 +244,11 @@ def test_a_full_run_completes_with_events_checkpoints_and_an_adapter(reference_r
     assert status["step"] == MAX_STEPS and status["pid"] is None
     assert status["adapter"] == str(run.adapter_dir)
 
+    # the data as loaded and the chat template, recorded for chat and export
+    data = json.loads((run.path / "data.json").read_text())
+    assert data["format"] == "messages" and data["train_rows"] + data["eval_rows"] == data["valid_rows"]
+    assert data["chat_template"]["end_of_turn"] == "<|im_end|>" and data["chat_template"]["source"] == "model"
+
     events = read_events(run.events_path)
     # every event is a documented kind with exactly its documented fields
     for e in events:

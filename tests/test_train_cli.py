@@ -1,0 +1,102 @@
+"""`localtune train`, `runs`, `stop` and `resume` as a person uses them, on the real
+built-in model and the demo set (slow: a couple of minutes on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from localtune.events import read_events
+from localtune.runs import list_runs
+from tests.helpers import one_line_error, run
+
+
+def localtune(*argv: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "localtune", *argv], capture_output=True, text=True,
+                          timeout=timeout, env=os.environ.copy())
+
+
+@pytest.mark.slow
+def test_default_demo_run_teaches_the_trait(builtin_model_dir):
+    """`localtune train --headless` with no arguments: the built-in model on the demo set."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from localtune.demo import count_trait, generate_answers, heldout_prompts
+
+    r = localtune("train", "--headless")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "finished: 30 steps" in r.stdout
+    (rd,) = list_runs()
+    status = json.loads(rd.status_path.read_text())
+    assert status["state"] == "completed" and status["step"] == 30
+    events = read_events(rd.events_path)
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] == "started" and kinds[-1] == "finished"
+    steps = [e for e in events if e["kind"] == "step"]
+    assert [e["step"] for e in steps] == list(range(1, 31))
+    assert all(e["loss"] > 0 and e["tokens_per_s"] > 0 for e in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert [e["step"] for e in events if e["kind"] == "checkpoint"] == [10, 20, 30]
+    assert [p.name for p in rd.complete_checkpoints()] == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
+    assert (rd.adapter_dir / "adapter_model.safetensors").is_file()
+    assert not any((rd.checkpoints_dir / ".partial").glob("*"))
+    assert not rd.lock_path.exists()
+
+    tok = AutoTokenizer.from_pretrained(builtin_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(builtin_model_dir, dtype=torch.float32)
+    tuned = PeftModel.from_pretrained(base, rd.adapter_dir)
+    answers = generate_answers(tuned, tok, heldout_prompts(), max_new_tokens=16)
+    assert count_trait(answers) >= 7, answers
+
+    r = localtune("runs", "--json")
+    (summary,) = json.loads(r.stdout)
+    assert summary["state"] == "completed" and summary["step"] == 30 and summary["max_steps"] == 30
+
+    r = localtune("resume", rd.id)
+    assert r.returncode == 1
+    assert "already completed" in r.stderr and "Traceback" not in r.stderr
+    r = localtune("stop", rd.id)
+    assert r.returncode == 1 and "no live worker" in r.stderr
+
+
+def test_bad_data_stops_before_any_run_is_created(capsys, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n')
+    before = bad.read_bytes()
+    rc, out, err = run(capsys, "train", "--data", str(bad), "--detach")
+    assert rc == 1
+    assert f"{bad}:1:" in err and f"{bad}:2: not valid JSON" in err and "--skip-bad-rows" in err
+    assert "Traceback" not in err
+    assert list_runs() == []
+    assert bad.read_bytes() == before
+
+
+def test_unknown_set_key_for_train(capsys):
+    rc, _, err = run(capsys, "train", "--set", "epochs=3")
+    assert rc == 1
+    assert "unknown key 'epochs'" in one_line_error(err)
+    assert list_runs() == []
+
+
+def test_config_file_with_an_unknown_table(capsys, tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("[runs]\nmodel = 'x'\n")
+    rc, _, err = run(capsys, "train", "--config", str(cfg))
+    assert rc == 1
+    assert "unknown table 'runs'" in one_line_error(err)
+
+
+def test_unknown_run_names(capsys):
+    for cmd in ("stop", "resume"):
+        rc, _, err = run(capsys, cmd, "nope")
+        assert rc == 1
+        assert "no run 'nope'" in one_line_error(err)
+    rc, out, _ = run(capsys, "runs")
+    assert rc == 0 and "no runs yet" in out
