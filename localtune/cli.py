@@ -331,12 +331,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
     run = find_run(args.run)
     check_resumable(run, force=args.force)
     checkpoints = run.complete_checkpoints()
+    offset = run.events_path.stat().st_size  # follow this attempt, not the ones before it
     proc = start_worker(run)
     where = f"from {checkpoints[-1].name}" if checkpoints else "from the start (no checkpoint yet)"
     print(f"run {run.id} resumed {where}, worker pid {proc.pid}")
     if args.detach:
         return 0
-    end = follow(run, worker_alive=lambda: proc.poll() is None)
+    end = follow(run, worker_alive=lambda: proc.poll() is None, offset=offset)
     return 1 if end and end["kind"] == "failed" else 0
 
 
@@ -384,12 +385,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print("no runs yet; `localtune train` starts one")
         return 0
     t = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("run", "state", "step", "loss", "model", "data", "updated"):
-        t.add_column(col, no_wrap=col in ("run", "state"))
+    # the data is left to --json: with it the table no longer fits 80 columns
+    for col in ("run", "state", "step", "loss", "model", "updated"):
+        t.add_column(col, no_wrap=True)
     for r in runs:
         loss = f"{r['loss']:.4f}" if isinstance(r["loss"], (int, float)) else "-"
         t.add_row(r["id"], r["state"], f"{r['step']}/{r['max_steps'] or '?'}", loss, str(r["model"]),
-                  str(r["data"]), _age(r["updated"]))
+                  _age(r["updated"]))
     Console(highlight=False).print(t)
     return 0
 

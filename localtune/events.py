@@ -80,9 +80,10 @@ def append_event(path: Path, kind: str, /, **fields: Any) -> dict[str, Any]:
 class EventReader:
     """Reads the new whole lines of an events file since the last call (a `tail -f`)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, offset: int = 0):
+        """`offset`: where to start reading, in bytes (the file's size then: only what comes next)."""
         self.path = Path(path)
-        self._offset = 0
+        self._offset = offset
 
     def read_new(self) -> list[dict[str, Any]]:
         try:

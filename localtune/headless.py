@@ -18,6 +18,8 @@ from localtune.runs import RunDir
 
 END_KINDS = ("finished", "failed", "stopped")
 POLL_S = 0.5
+START_GRACE_S = 30.0
+"""How long a worker may take to start before its absence means it died."""
 
 
 def _fmt_s(s: float | None) -> str:
@@ -83,12 +85,12 @@ class _State:
             self.end = e
         return None
 
-    def line(self) -> str:
+    def line(self, sep: str = "  ") -> str:
         total = self.max_steps or "?"
         loss = f"{self.loss:.4f}" if isinstance(self.loss, (int, float)) else "-"
         lr = f"{self.lr:.2e}" if isinstance(self.lr, (int, float)) else "-"
         tps = f"{self.tokens_per_s:,.0f}" if isinstance(self.tokens_per_s, (int, float)) else "-"
-        return (f"step {self.step}/{total}  loss {loss}  lr {lr}  {tps} tok/s  "
+        return (f"step {self.step}/{total}  loss {loss}  lr {lr}  {tps} tok/s{sep}"
                 f"elapsed {_fmt_s(self.elapsed_s)}  eta {_fmt_s(self.eta_s())}  mem {self.memory}")
 
 
@@ -102,21 +104,22 @@ def _ask_detach_or_stop() -> str:
     return "s" if answer.startswith("s") else "d"
 
 
-def follow(run: RunDir, *, out=None, worker_alive=None) -> dict[str, Any] | None:
+def follow(run: RunDir, *, out=None, worker_alive=None, offset: int = 0) -> dict[str, Any] | None:
     """Show the run's progress until it ends; return the end event (None when detached).
 
     `worker_alive()` tells whether the worker still runs (default: the run's lock); a worker
-    that is gone without an end event ended by a crash or a kill."""
+    that is gone without an end event ended by a crash or a kill. `offset` skips the events
+    already in the log (a resumed run's earlier attempts, which end with `stopped`)."""
     from rich.console import Console
     from rich.live import Live
 
     console = Console(file=out or sys.stdout, highlight=False)
-    reader = EventReader(run.events_path)
+    reader = EventReader(run.events_path, offset=offset)
     st = _State()
     alive = worker_alive or (lambda: run.live_worker_pid() is not None)
     live = Live(console=console, auto_refresh=False, transient=True) if console.is_terminal else None
     last_printed_step = -1
-    grace_until = time.time() + 30  # the worker takes a moment to take its lock
+    grace_until = time.time() + START_GRACE_S  # the worker takes a moment to take its lock
     try:
         if live:
             live.start()
@@ -129,7 +132,7 @@ def follow(run: RunDir, *, out=None, worker_alive=None) -> dict[str, Any] | None
                     console.print(st.line(), soft_wrap=True)
                     last_printed_step = st.step
             if live:
-                live.update(st.line(), refresh=True)
+                live.update(st.line(sep="\n"), refresh=True)  # two lines fit an 80-column terminal
             if st.end:
                 break
             if not alive() and time.time() > grace_until:
