@@ -13,6 +13,14 @@ through `events.jsonl` and `status.json` (see localtune.events and localtune.run
 - Resume continues from the newest complete checkpoint: the Trainer restores the adapter,
   optimizer, scheduler and RNG state and skips the batches already seen, so the data order and
   the loss curve match an uninterrupted run.
+- Out of memory (`torch.OutOfMemoryError`, or MPS's "MPS backend out of memory") raised by
+  training backs off in the same process: the trainer and model are dropped and the memory
+  freed, the micro-batch is halved and the accumulation doubled (the effective batch, and so the
+  data order and the loss per optimizer step, stay the same), training goes back to the newest
+  complete checkpoint (or the start) and goes on. At a micro-batch of 1 it halves max_length
+  instead (not below 64); past that the run fails, saying what to change. Each back-off is an
+  `oom_backoff` event and a line in the status's `notes`, and the new knobs are written into
+  config.toml's [knobs], so a later resume keeps them.
 
 Anything that escapes is written to the status (`failed`, with the reason) and the traceback
 to worker.log.
@@ -21,10 +29,16 @@ Test-only switch: with `LOCALTUNE_FAULT_KILL_IN_CHECKPOINT=N` in the environment
 kills itself (`os._exit(137)`, like SIGKILL) while writing the checkpoint of step N: after the
 checkpoint's files are written under `checkpoints/.partial/`, before the rename. The tests use
 it to check that resume ignores a half-written checkpoint. Never set it otherwise.
+
+Test-only switch: with `LOCALTUNE_FAULT_OOM_AT_STEP=N` in the environment the worker raises
+`torch.cuda.OutOfMemoryError("CUDA out of memory (injected by LOCALTUNE_FAULT_OOM_AT_STEP)")`
+at the start of optimizer step N, once per process (it does not fire again after the back-off),
+on any backend. The tests use it to check the out-of-memory back-off. Never set it otherwise.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import shutil
@@ -42,6 +56,10 @@ from localtune.runs import RunDir
 SAMPLE_MAX_NEW_TOKENS = 32
 FAULT_KILL_IN_CHECKPOINT_ENV = "LOCALTUNE_FAULT_KILL_IN_CHECKPOINT"
 """Test-only: the step whose checkpoint writing the worker dies in (see the module docstring)."""
+FAULT_OOM_AT_STEP_ENV = "LOCALTUNE_FAULT_OOM_AT_STEP"
+"""Test-only: the optimizer step at whose start an out-of-memory error is injected, once."""
+MIN_BACKOFF_MAX_LENGTH = 64
+"""The out-of-memory back-off halves max_length down to this, and no further."""
 
 
 class _StopRequest:
@@ -104,6 +122,56 @@ def _sample(model, tokenizer, prompt: str) -> str:
     if was_training:
         model.train()
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def _is_oom(e: BaseException) -> bool:
+    """An out-of-memory error of the accelerator (CUDA, or Apple's MPS)."""
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "MPS backend out of memory" in str(e))
+
+
+def _backoff_knobs(knobs):
+    """The knobs to retry with after running out of memory: the micro-batch halved and the
+    accumulation doubled, so the effective batch is unchanged (an odd micro-batch goes to its
+    largest divisor at most half of it, and the accumulation grows by the same factor); at a
+    micro-batch of 1, max_length halved (not below MIN_BACKOFF_MAX_LENGTH). Raises UserError
+    when neither can go lower."""
+    mb = knobs.per_device_train_batch_size
+    if mb > 1:
+        new_mb = max(d for d in range(1, mb // 2 + 1) if mb % d == 0)
+        return knobs.replace(per_device_train_batch_size=new_mb,
+                             gradient_accumulation_steps=knobs.gradient_accumulation_steps * (mb // new_mb))
+    if knobs.max_length > MIN_BACKOFF_MAX_LENGTH:
+        return knobs.replace(max_length=max(MIN_BACKOFF_MAX_LENGTH, knobs.max_length // 2))
+    fixes = ["a smaller model"]
+    if not knobs.load_in_4bit:
+        fixes.append("4-bit loading (--set load_in_4bit=true)")
+    fixes.append(f"a shorter max_length (--set max_length=N, now {knobs.max_length})")
+    raise UserError(f"out of memory even with a micro-batch of 1 and max_length {knobs.max_length}: "
+                    f"train with {', or '.join(fixes)}")
+
+
+def _write_knobs(run: RunDir, knobs) -> None:
+    """Replace config.toml's [knobs] with `knobs` (atomically), so a later resume uses them."""
+    from localtune.runs import dump_toml
+
+    cfg = run.read_config()
+    cfg["knobs"] = knobs.to_dict()
+    tmp = run.config_path.with_name(f".{run.config_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(dump_toml(cfg), encoding="utf-8")
+    os.replace(tmp, run.config_path)
+
+
+def _free_memory(backend: str) -> None:
+    import torch
+
+    gc.collect()
+    if backend == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    elif backend == "mps" and hasattr(torch, "mps"):
+        torch.mps.empty_cache()
 
 
 def _hardware_event(run: RunDir, backend: str) -> None:
@@ -170,10 +238,6 @@ def train(run: RunDir, stop: _StopRequest) -> None:
     eval_ds = (tokenize(eval_rows, tokenizer, template, train_on_inputs=train_on_inputs).remove_columns("length")
                if eval_rows else None)
 
-    model, dtype = _load_model(model_path, knobs, backend, device, trust)
-    if template.added_tokens:
-        model.resize_token_embeddings(len(tokenizer))
-
     from peft import LoraConfig
 
     targets = "all-linear" if "all-linear" in knobs.target_modules else list(knobs.target_modules)
@@ -182,39 +246,40 @@ def train(run: RunDir, stop: _StopRequest) -> None:
                              modules_to_save=["embed_tokens", "lm_head"] if template.added_tokens else None)
 
     partial = run.checkpoints_dir / ".partial"
-    shutil.rmtree(partial, ignore_errors=True)  # whatever a crash left there is incomplete
-    args = SFTConfig(
-        output_dir=str(partial),
-        per_device_train_batch_size=knobs.per_device_train_batch_size,
-        per_device_eval_batch_size=knobs.per_device_train_batch_size,
-        gradient_accumulation_steps=knobs.gradient_accumulation_steps,
-        learning_rate=knobs.learning_rate,
-        lr_scheduler_type=knobs.lr_scheduler_type,
-        warmup_steps=knobs.warmup_steps,
-        num_train_epochs=knobs.num_train_epochs,
-        max_steps=knobs.max_steps,
-        optim=knobs.optim,
-        activation_checkpointing=knobs.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if knobs.gradient_checkpointing else None,
-        max_length=knobs.max_length,
-        packing=knobs.packing,
-        logging_steps=knobs.logging_steps,
-        save_strategy="steps",
-        save_steps=knobs.save_steps,
-        save_total_limit=None,  # rotation happens in checkpoints/, after the rename
-        eval_strategy="steps" if eval_ds is not None else "no",
-        eval_steps=knobs.eval_steps,
-        seed=knobs.seed,
-        data_seed=knobs.seed,
-        bf16=dtype.is_floating_point and str(dtype) == "torch.bfloat16" and backend != "cpu",
-        fp16=str(dtype) == "torch.float16",
-        use_cpu=backend == "cpu",
-        report_to="none",
-        include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        save_only_model=False,
-    )
+
+    def sft_config(knobs, dtype) -> SFTConfig:
+        return SFTConfig(
+            output_dir=str(partial),
+            per_device_train_batch_size=knobs.per_device_train_batch_size,
+            per_device_eval_batch_size=knobs.per_device_train_batch_size,
+            gradient_accumulation_steps=knobs.gradient_accumulation_steps,
+            learning_rate=knobs.learning_rate,
+            lr_scheduler_type=knobs.lr_scheduler_type,
+            warmup_steps=knobs.warmup_steps,
+            num_train_epochs=knobs.num_train_epochs,
+            max_steps=knobs.max_steps,
+            optim=knobs.optim,
+            activation_checkpointing=knobs.gradient_checkpointing,
+            activation_checkpointing_kwargs={"use_reentrant": False} if knobs.gradient_checkpointing else None,
+            max_length=knobs.max_length,
+            packing=knobs.packing,
+            logging_steps=knobs.logging_steps,
+            save_strategy="steps",
+            save_steps=knobs.save_steps,
+            save_total_limit=None,  # rotation happens in checkpoints/, after the rename
+            eval_strategy="steps" if eval_ds is not None else "no",
+            eval_steps=knobs.eval_steps,
+            seed=knobs.seed,
+            data_seed=knobs.seed,
+            bf16=dtype.is_floating_point and str(dtype) == "torch.bfloat16" and backend != "cpu",
+            fp16=str(dtype) == "torch.float16",
+            use_cpu=backend == "cpu",
+            report_to="none",
+            include_num_input_tokens_seen="non_padding",
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            save_only_model=False,
+        )
     sample_prompt = rcfg.get("sample_prompt") or "What is the capital of Italy?"
     sample_steps = int(rcfg.get("sample_steps") or knobs.eval_steps)
     final_dir = run.checkpoints_dir
@@ -274,17 +339,65 @@ def train(run: RunDir, stop: _StopRequest) -> None:
             if "eval_loss" in logs:
                 append_event(run.events_path, "eval", step=state.global_step, eval_loss=logs["eval_loss"])
 
-    checkpoints = run.complete_checkpoints()
-    resume = checkpoints[-1] if checkpoints else None
-    elapsed_before = 0.0
-    if resume is not None:  # `elapsed_s` counts the attempts before a resume too: it goes on
-        resume_step = int(resume.name.rsplit("-", 1)[1])  # from the last step the checkpoint holds
-        done = [e for e in read_events(run.events_path) if e.get("kind") == "step" and e.get("step", 0) <= resume_step]
-        elapsed_before = float(done[-1].get("elapsed_s") or 0.0) if done else 0.0
-    trainer = LocaltuneTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                               processing_class=tokenizer, peft_config=peft_config, callbacks=[Events()])
-    started_at = time.time()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    class InjectOom(TrainerCallback):
+        """Test-only (LOCALTUNE_FAULT_OOM_AT_STEP): out of memory at the start of step N, once."""
+
+        def __init__(self, at_step: int) -> None:
+            self.at_step, self.fired = at_step, False
+
+        def on_step_begin(self, args, state, control, **kw):
+            if not self.fired and state.global_step + 1 == self.at_step:
+                import torch
+
+                self.fired = True
+                raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected by {FAULT_OOM_AT_STEP_ENV})")
+
+    fault_oom = os.environ.get(FAULT_OOM_AT_STEP_ENV)
+    extra_callbacks = [InjectOom(int(fault_oom))] if fault_oom else []  # one instance: fires once per process
+
+    while True:  # one attempt per pass; running out of memory backs off and goes round again
+        shutil.rmtree(partial, ignore_errors=True)  # whatever a crash left there is incomplete
+        model, dtype = _load_model(model_path, knobs, backend, device, trust)
+        if template.added_tokens:
+            model.resize_token_embeddings(len(tokenizer))
+        checkpoints = run.complete_checkpoints()
+        resume = checkpoints[-1] if checkpoints else None
+        elapsed_before = 0.0
+        if resume is not None:  # `elapsed_s` counts the attempts before a resume too: it goes on
+            resume_step = int(resume.name.rsplit("-", 1)[1])  # from the last step the checkpoint holds
+            done = [e for e in read_events(run.events_path)
+                    if e.get("kind") == "step" and e.get("step", 0) <= resume_step]
+            elapsed_before = float(done[-1].get("elapsed_s") or 0.0) if done else 0.0
+        trainer = LocaltuneTrainer(model=model, args=sft_config(knobs, dtype), train_dataset=train_ds,
+                                   eval_dataset=eval_ds, processing_class=tokenizer, peft_config=peft_config,
+                                   callbacks=[Events(), *extra_callbacks])
+        started_at = time.time()
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            break
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is handled; the rest goes on up
+            if not _is_oom(e):
+                raise
+            oom_step = trainer.state.global_step + 1  # the optimizer step under way
+        # out of the except block, so the traceback (which holds the training frames) is gone too
+        trainer.accelerator.free_memory()
+        trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
+        del trainer, model
+        _free_memory(backend)
+        before, knobs = knobs, _backoff_knobs(knobs)  # UserError when nothing is left to shrink
+        _write_knobs(run, knobs)
+        newest = run.complete_checkpoints()
+        back_to = newest[-1].name if newest else None
+        append_event(run.events_path, "oom_backoff", step=oom_step,
+                     per_device_train_batch_size=knobs.per_device_train_batch_size,
+                     gradient_accumulation_steps=knobs.gradient_accumulation_steps,
+                     max_length=knobs.max_length, resume_from=back_to)
+        note = (f"out of memory at step {oom_step}: micro-batch {before.per_device_train_batch_size} x "
+                f"{before.gradient_accumulation_steps} -> {knobs.per_device_train_batch_size} x "
+                f"{knobs.gradient_accumulation_steps}, max_length {before.max_length} -> {knobs.max_length}; "
+                f"going back to {back_to or 'the start'}")
+        print(f"localtune worker: {note}", file=sys.stderr, flush=True)
+        run.write_status(notes=[*run.read_status().get("notes", []), note])
     shutil.rmtree(partial, ignore_errors=True)  # only trl's model card (README.md) is left there
     step = trainer.state.global_step
     if stop.requested:

@@ -409,3 +409,63 @@ def test_the_lock_refuses_a_second_worker_while_one_is_alive(new_run) -> None:
     assert run.live_worker_pid() is None
     run.acquire_lock()
     run.release_lock()
+
+
+OOM_AT_STEP = 4  # after checkpoint-2: the back-off goes back to it and trains step 3 again
+OOM_LOSS_TOL = 1e-3
+"""Loss per step after the back-off vs the reference. Micro-batch 1 x 4 sums the same rows per
+optimizer step as 2 x 2 (the loss is normalised by the step's token count either way); what
+differs is the LoRA dropout: it draws its masks for tensors of other shapes ([1, L1] and [1, L2]
+instead of [2, max(L1, L2)]), so other elements are dropped. Measured on this run (CPU,
+single-threaded, so the same on every try): at most 6.9e-4 (step 8), 1e-4..4e-4 at the others;
+with lora_dropout = 0 at most 2e-6 (only the padding and the summation order differ). The loss
+itself is ~10.8 here and moves by 2e-3 to 4e-2 (median 1.7e-2) from step to step, so rows in
+another order would fail this."""
+
+
+@pytest.mark.slow
+def test_out_of_memory_backs_off_to_a_smaller_micro_batch_with_the_same_effective_batch(
+        reference_run: RunDir, new_run) -> None:
+    import tomllib
+
+    run = new_run()
+    proc = start_worker(run, LOCALTUNE_FAULT_OOM_AT_STEP=str(OOM_AT_STEP))
+    assert wait_worker(proc, run) == 0, log_tail(run)
+
+    assert run.read_status()["state"] == "completed", log_tail(run)
+    for e in read_events(run.events_path):
+        assert set(e) - {"t", "kind"} == set(EVENT_FIELDS[e["kind"]]), e
+    assert not events_of(run, "failed")
+    backoffs = [{k: v for k, v in e.items() if k not in ("t", "kind")} for e in events_of(run, "oom_backoff")]
+    assert backoffs == [{"step": OOM_AT_STEP, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4,
+                         "max_length": KNOBS["max_length"], "resume_from": "checkpoint-2"}]
+    # the same process trained on: a second start, from the checkpoint before the error
+    starts = events_of(run, "started")
+    assert [s["resumed_from"] for s in starts] == [None, "checkpoint-2"]
+    assert len({s["pid"] for s in starts}) == 1
+    notes = run.read_status()["notes"]
+    assert len(notes) == 1 and "out of memory at step 4" in notes[0] and "2 x 2 -> 1 x 4" in notes[0]
+
+    # config.toml keeps the new knobs (a later resume uses them); the effective batch is unchanged
+    with run.config_path.open("rb") as f:
+        knobs = tomllib.load(f)["knobs"]
+    assert (knobs["per_device_train_batch_size"], knobs["gradient_accumulation_steps"]) == (1, 4)
+    assert knobs["per_device_train_batch_size"] * knobs["gradient_accumulation_steps"] == (
+        KNOBS["per_device_train_batch_size"] * KNOBS["gradient_accumulation_steps"])
+    assert {k: v for k, v in knobs.items() if k not in ("per_device_train_batch_size",
+                                                        "gradient_accumulation_steps")} == {
+        k: v for k, v in RunDir(reference_run.path).read_config()["knobs"].items()
+        if k not in ("per_device_train_batch_size", "gradient_accumulation_steps")}
+
+    # the same rows in the same order: the loss per optimizer step matches the uninterrupted run
+    got, want = step_losses(run), step_losses(reference_run)
+    assert sorted(got) == list(range(1, MAX_STEPS + 1))
+    assert events_of(run, "finished")[-1]["step"] == MAX_STEPS
+    diffs = {step: abs(got[step] - want[step]) for step in got}
+    for step in (1, 2):  # before the error: the very same run
+        assert diffs[step] <= LOSS_TOL, (step, got[step], want[step])
+    for step in range(3, MAX_STEPS + 1):
+        assert diffs[step] <= OOM_LOSS_TOL, (
+            f"step {step}: {got[step]!r} after the back-off != {want[step]!r}; all differences: {diffs}")
+    assert partial_leftovers(run) == []
+    assert not run.lock_path.exists()
