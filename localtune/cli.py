@@ -443,14 +443,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-on-inputs", action="store_true", help="train on every token, not only the answers")
     p.add_argument("--skip-bad-rows", action="store_true", help="leave bad rows out instead of stopping")
     p.add_argument("--config", default=None, help="a TOML file with [run] and [knobs] tables, as a run's config.toml")
-    p.add_argument("--headless", action="store_true", help="follow in this terminal (no TUI)")
+    p.add_argument("--headless", action="store_true",
+                   help="follow in this terminal without the TUI (for now the only way: the TUI is not built yet)")
     p.add_argument("--detach", action="store_true", help="start the run and return at once")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("resume", help="continue a stopped or interrupted run from its newest checkpoint")
     p.add_argument("run", help="run id (or a unique prefix, or `last`)")
     p.add_argument("--force", action="store_true", help="resume even if the model or data changed")
-    p.add_argument("--headless", action="store_true", help="follow in this terminal (no TUI)")
+    p.add_argument("--headless", action="store_true",
+                   help="follow in this terminal without the TUI (for now the only way: the TUI is not built yet)")
     p.add_argument("--detach", action="store_true", help="start the worker and return at once")
     p.set_defaults(func=cmd_resume)
 

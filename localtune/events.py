@@ -113,12 +113,17 @@ def iter_kind(events: list[dict[str, Any]], kind: str) -> Iterator[dict[str, Any
     return (e for e in events if e.get("kind") == kind)
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Replace `path` with `data` as JSON so that readers see the old file or the new one,
-    never half of either."""
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that readers see the old file or the new one, never
+    half of either (written to a temporary name, synced, renamed)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, default=str)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """`atomic_write_text` of `data` as JSON."""
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))

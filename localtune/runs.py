@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from localtune.errors import UserError
-from localtune.events import atomic_write_json, read_events
+from localtune.events import atomic_write_json, atomic_write_text, read_events
 from localtune.paths import runs_dir
 
 STATES = ("created", "running", "stopping", "stopped", "failed", "completed")
@@ -103,6 +103,10 @@ class RunDir:
     def read_config(self) -> dict[str, Any]:
         with self.config_path.open("rb") as f:
             return tomllib.load(f)
+
+    def write_config(self, config: dict[str, dict[str, Any]]) -> None:
+        """Replace config.toml (atomically: a crash leaves the old one or the new one)."""
+        atomic_write_text(self.config_path, dump_toml(config))
 
     # ------------------------------------------------------------ the lock
 
@@ -182,7 +186,7 @@ def create_run(config: dict[str, dict[str, Any]], plan: dict[str, Any], run_id: 
     """Write a new run directory: config.toml, plan.json, status.json (created)."""
     run = RunDir(runs_dir() / run_id)
     run.path.mkdir(parents=True, exist_ok=False)
-    run.config_path.write_text(dump_toml(config), encoding="utf-8")
+    run.write_config(config)
     atomic_write_json(run.plan_path, plan)
     run.write_status(state="created", created=time.time(), step=0)
     run.events_path.touch()

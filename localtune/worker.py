@@ -39,7 +39,6 @@ on any backend. The tests use it to check the out-of-memory back-off. Never set 
 from __future__ import annotations
 
 import gc
-import math
 import os
 import shutil
 import signal
@@ -154,14 +153,10 @@ def _backoff_knobs(knobs):
 
 
 def _write_knobs(run: RunDir, knobs) -> None:
-    """Replace config.toml's [knobs] with `knobs` (atomically), so a later resume uses them."""
-    from localtune.runs import dump_toml
-
+    """Replace config.toml's [knobs] with `knobs`, so a later resume uses them."""
     cfg = run.read_config()
     cfg["knobs"] = knobs.to_dict()
-    tmp = run.config_path.with_name(f".{run.config_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(dump_toml(cfg), encoding="utf-8")
-    os.replace(tmp, run.config_path)
+    run.write_config(cfg)
 
 
 def _free_memory(backend: str) -> None:
@@ -174,7 +169,9 @@ def _free_memory(backend: str) -> None:
         torch.mps.empty_cache()
 
 
-def _hardware_event(run: RunDir, backend: str) -> None:
+def _hardware_event(run: RunDir, backend: str, hw) -> None:
+    """Memory, utilisation, temperature and power now. `hw` is the launch probe: sampling
+    re-reads only the live fields (a full probe per logged step would be work on the hot path)."""
     import psutil
 
     vm = psutil.virtual_memory()
@@ -186,9 +183,9 @@ def _hardware_event(run: RunDir, backend: str) -> None:
         free, total = torch.cuda.mem_get_info()
         fields.update(memory_used_bytes=total - free, memory_total_bytes=total)
         try:
-            from localtune.hardware import probe, sample_devices
+            from localtune.hardware import sample_devices
 
-            d = sample_devices(probe())[0]
+            d = sample_devices(hw)[0]
             fields.update(utilization_pct=d.utilization_pct, temperature_c=d.temperature_c, power_w=d.power_w)
         except Exception:  # noqa: BLE001 - live readings are optional
             pass
@@ -213,6 +210,9 @@ def train(run: RunDir, stop: _StopRequest) -> None:
     plan = json.loads(run.plan_path.read_text())
     knobs = knobs_from_mapping(cfg["knobs"], str(run.config_path))
     backend = plan["hardware"]["backend"]
+    from localtune.hardware import Hardware
+
+    hardware = Hardware.from_dict(plan["hardware"])  # what the launch probe found
     device = _device_of(backend, plan)
     trust = bool(rcfg.get("trust_remote_code", False))
 
@@ -335,7 +335,7 @@ def train(run: RunDir, stop: _StopRequest) -> None:
                              grad_norm=logs.get("grad_norm"), tokens_per_s=round(rate, 1),
                              elapsed_s=round(self.elapsed_before + now - started_at, 1))
                 run.write_status(step=state.global_step, loss=logs["loss"])
-                _hardware_event(run, backend)
+                _hardware_event(run, backend, hardware)
             if "eval_loss" in logs:
                 append_event(run.events_path, "eval", step=state.global_step, eval_loss=logs["eval_loss"])
 

@@ -5,8 +5,6 @@ so `except pynvml.NVMLError` behaves as it will on a real machine."""
 from __future__ import annotations
 
 import sys
-import types
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pynvml
@@ -14,7 +12,7 @@ import pytest
 
 from localtune import hardware
 from localtune.hardware import GiB, describe, probe, sample_devices
-from tests.fakes import (RTX_3060, RTX_4090, RTX_A6000, FakeGPU, MiB, cuda_bus_id, fake_nvml,
+from tests.fakes import (RTX_3060, RTX_4090, RTX_A6000, MiB, cuda_bus_id, fake_nvml,
                          install_gpus)
 
 

@@ -11,8 +11,7 @@ import json
 import pytest
 
 from localtune.errors import UserError
-from localtune.hardware import GiB, probe
-from localtune.knobs import Knobs
+from localtune.hardware import probe
 from localtune.memory import estimate
 from localtune.models import resolve_model
 from localtune.plan import hypothetical_hardware, make_plan
