@@ -23,6 +23,9 @@ EVENT_FIELDS: dict[str, dict[str, str]] = {
         "resumed_from": "checkpoint folder name, or null for a fresh start",
         "max_steps": "optimizer steps the run will take",
         "device": "what the model trains on, e.g. 'cpu' or 'cuda:0'",
+        "precision": "what it computes in, e.g. 'bfloat16', 'float32', 'bfloat16 autocast' (over float32 "
+                     "weights, on CPUs with native bf16), 'nf4 weights, bfloat16 compute'",
+        "padding_free": "whether batches are laid end to end without padding (or packed)",
     },
     "step": {
         "step": "optimizer steps done",
@@ -54,9 +57,15 @@ EVENT_FIELDS: dict[str, dict[str, str]] = {
         "resume_from": "checkpoint training goes back to",
     },
     "warning": {"message": "something a person should know"},
+    "thermal_pause": {"step": "optimizer steps done", "temperature_c": "the GPU's temperature",
+                      "max_gpu_temp_c": "the limit it is over (--max-gpu-temp)"},
+    "thermal_resume": {"step": "optimizer steps done", "temperature_c": "the GPU's temperature now",
+                       "paused_s": "seconds the run waited"},
     "stopping": {"reason": "why the worker is stopping (e.g. 'SIGTERM')"},
     "finished": {"step": "optimizer steps done", "adapter": "folder of the final adapter",
-                 "train_loss": "mean training loss", "elapsed_s": "seconds of training"},
+                 "train_loss": "mean training loss", "elapsed_s": "seconds of training",
+                 "peak_memory_bytes": "peak memory of this attempt: the worker's peak RSS on the CPU and Apple, "
+                                      "torch.cuda.max_memory_allocated on CUDA"},
     "stopped": {"step": "optimizer steps done", "checkpoint": "the checkpoint to resume from"},
     "failed": {"error": "what went wrong, one line", "log": "the worker log with the traceback"},
 }

@@ -496,3 +496,18 @@ def describe(hw: Hardware) -> list[str]:
     lines.append("Libraries: " + ", ".join(f"{k} {v}" for k, v in hw.versions.items()))
     lines.extend(f"Note: {n}" for n in hw.notes)
     return lines
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (x86 AVX512-BF16 or AMX-BF16, read from
+    /proc/cpuinfo on Linux): there bf16 autocast trains about twice as fast as float32, where
+    elsewhere it is emulated and slower."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    except OSError:
+        pass
+    return False

@@ -59,7 +59,9 @@ class _State:
         if k == "started":
             self.max_steps = e.get("max_steps")
             src = f"resumed from {e['resumed_from']}" if e.get("resumed_from") else "from the start"
-            return f"started on {e.get('device')} ({src}), {self.max_steps} steps"
+            how = f" in {e['precision']}" if e.get("precision") else ""
+            how += ", padding-free" if e.get("padding_free") else ""
+            return f"started on {e.get('device')}{how} ({src}), {self.max_steps} steps"
         if k == "step":
             self.step, self.max_steps = e["step"], e.get("max_steps", self.max_steps)
             self.loss, self.lr = e.get("loss"), e.get("learning_rate")
@@ -77,6 +79,11 @@ class _State:
             return f"step {e['step']}: sample: {self.sample[:100]}"
         elif k == "checkpoint":
             return f"step {e['step']}: checkpoint saved"
+        elif k == "thermal_pause":
+            return (f"step {e['step']}: paused: the GPU is at {e.get('temperature_c')} C, over the "
+                    f"{e.get('max_gpu_temp_c')} C limit; waiting for it to cool")
+        elif k == "thermal_resume":
+            return f"step {e['step']}: going on after {e.get('paused_s')} s (GPU at {e.get('temperature_c')} C)"
         elif k in ("warning", "oom_backoff"):
             msg = e.get("message") or f"out of memory: micro-batch now {e.get('per_device_train_batch_size')}"
             self.notes.append(msg)
@@ -104,8 +111,10 @@ def _ask_detach_or_stop() -> str:
     return "s" if answer.startswith("s") else "d"
 
 
-def follow(run: RunDir, *, out=None, worker_alive=None, offset: int = 0) -> dict[str, Any] | None:
+def follow(run: RunDir, *, out=None, worker_alive=None, offset: int = 0,
+           bell: bool = False) -> dict[str, Any] | None:
     """Show the run's progress until it ends; return the end event (None when detached).
+    With `bell` (`--notify`) the terminal bell rings when the run finishes, stops or fails.
 
     `worker_alive()` tells whether the worker still runs (default: the run's lock); a worker
     that is gone without an end event ended by a crash or a kill. `offset` skips the events
@@ -162,6 +171,9 @@ def follow(run: RunDir, *, out=None, worker_alive=None, offset: int = 0) -> dict
         if live and live.is_started:
             live.stop()
     e = st.end
+    if bell:
+        console.file.write("\a")
+        console.file.flush()
     if e["kind"] == "finished":
         console.print(st.line(), soft_wrap=True)
         console.print(f"[green]finished[/]: {e['step']} steps, mean loss {e.get('train_loss') or 0:.4f}; "

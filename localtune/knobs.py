@@ -4,8 +4,9 @@ Every knob is named as the library that consumes it names it, so a user of trans
 or peft reads them without a glossary: `r`, `lora_alpha`, `lora_dropout`, `target_modules`
 (peft `LoraConfig`); `per_device_train_batch_size`, `gradient_accumulation_steps`,
 `learning_rate`, `lr_scheduler_type`, `warmup_steps`, `optim`, `gradient_checkpointing`,
-`max_steps`, `num_train_epochs`, `save_steps`, `eval_steps`, `logging_steps`, `seed`
-(transformers `TrainingArguments`); `max_length`, `packing` (trl `SFTConfig`);
+`max_steps`, `num_train_epochs`, `bf16`, `save_steps`, `eval_steps`, `logging_steps`, `seed`
+(transformers `TrainingArguments`); `save_minutes` (localtune's own: a checkpoint by the clock,
+for long steps that `save_steps` alone would leave unguarded for hours); `max_length`, `packing` (trl `SFTConfig`);
 `load_in_4bit`, `bnb_4bit_quant_type`, `bnb_4bit_use_double_quant`, `bnb_4bit_compute_dtype`
 (transformers `BitsAndBytesConfig`).
 
@@ -70,6 +71,9 @@ class Knobs:
     bnb_4bit_use_double_quant: bool = _knob(True, "Quantise the 4-bit block constants too (saves ~0.37 bit/param).")
     bnb_4bit_compute_dtype: str = _knob("bfloat16", "dtype the 4-bit weights are dequantised to for matmuls.", choices=DTYPES)
     # --- memory and optimisation (TrainingArguments) ---
+    bf16: bool = _knob(True, "Compute in bfloat16 where the hardware does it natively: CUDA GPUs with bf16, Apple "
+                       "on macOS 14+, CPUs with AVX512-BF16 or AMX (autocast over float32 weights, about 2x "
+                       "float32's speed). false: float32 on the CPU and Apple, float16 on CUDA.")
     gradient_checkpointing: bool = _knob(True, "Recompute each layer in the backward pass instead of storing its activations.")
     optim: str = _knob("adamw_torch", "Optimizer (transformers name).", choices=OPTIMIZERS)
     learning_rate: float = _knob(2e-4, "Peak learning rate.", lo=1e-9, hi=1.0)
@@ -79,6 +83,8 @@ class Knobs:
     num_train_epochs: float = _knob(1.0, "Passes over the training data (ignored when max_steps > 0).", lo=1e-6, hi=1e6)
     max_steps: int = _knob(-1, "Optimizer steps to run; -1 means run num_train_epochs.", lo=-1, hi=1e12)
     save_steps: int = _knob(50, "Write a checkpoint every N optimizer steps.", lo=1, hi=1e12)
+    save_minutes: float = _knob(30.0, "Also write a checkpoint when this many minutes passed since the last one "
+                                "(0: by steps only).", lo=0, hi=1e9)
     save_total_limit: int = _knob(3, "Keep only the newest N checkpoints.", lo=1, hi=1e6)
     eval_steps: int = _knob(50, "Evaluate every N optimizer steps.", lo=1, hi=1e12)
     logging_steps: int = _knob(1, "Report loss every N optimizer steps.", lo=1, hi=1e12)

@@ -38,7 +38,7 @@ DEMO_RECIPE: dict[str, Any] = {
 """Knobs of the default demo run (the built-in model on the demo set)."""
 
 RUN_KEYS = ("model", "data", "eval_data", "eval_split", "format", "train_on_inputs", "skip_bad_rows",
-            "profile", "trust_remote_code", "sample_prompt", "sample_steps")
+            "profile", "trust_remote_code", "sample_prompt", "sample_steps", "max_gpu_temp", "notify")
 """Keys of the [run] table of config.toml (the [knobs] table holds localtune.knobs.Knobs)."""
 
 
@@ -58,8 +58,23 @@ def read_config_file(path: str) -> dict[str, dict[str, Any]]:
     for key in data.get("run", {}):
         if key not in RUN_KEYS:
             raise UserError(f"{path}: [run]: unknown key '{key}'; known keys: {', '.join(RUN_KEYS)}")
+    if "max_gpu_temp" in data.get("run", {}):
+        check_max_gpu_temp(data["run"]["max_gpu_temp"], f"{path}: [run] max_gpu_temp")
     knobs = {k: check_knob(k, v, f"{path}: [knobs]") for k, v in data.get("knobs", {}).items()}
     return {"run": dict(data.get("run", {})), "knobs": knobs}
+
+
+MAX_GPU_TEMP_RANGE = (40, 105)
+"""Limits `--max-gpu-temp` accepts, in degrees C (GPUs throttle themselves in the 80s-90s)."""
+
+
+def check_max_gpu_temp(value, where: str = "--max-gpu-temp") -> float:
+    """A GPU temperature limit in degrees C, or UserError naming `where`."""
+    lo, hi = MAX_GPU_TEMP_RANGE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise UserError(f"{where}: {value!r} is not a GPU temperature limit; give degrees C from {lo} to {hi}, "
+                        "e.g. 83")
+    return float(value)
 
 
 def fingerprint(source: str) -> str | None:

@@ -22,6 +22,20 @@ through `events.jsonl` and `status.json` (see localtune.events and localtune.run
   `oom_backoff` event and a line in the status's `notes`, and the new knobs are written into
   config.toml's [knobs], so a later resume keeps them.
 
+- Checkpoints are also written by the clock: every `save_minutes` minutes since the last one,
+  whatever `save_steps` says, so a run of slow steps is never hours away from a checkpoint.
+- A newest checkpoint that cannot be read (a file missing, truncated or corrupt, as a crash of
+  the machine or a bad disk can leave it) is moved aside to `checkpoint-N.corrupt` (kept, not
+  deleted) with a `warning` event, and training resumes from the one before.
+- A full disk while writing a checkpoint (ENOSPC) removes the half-written copy, leaves the
+  checkpoints before it as they were, and fails the run with a status that says so: free
+  space, then `localtune resume`.
+- `max_gpu_temp` ([run] in config.toml, `--max-gpu-temp`): between optimizer steps, while the
+  NVIDIA GPU is hotter than the limit, the worker waits (a `thermal_pause` event), polling every
+  THERMAL_POLL_S, until it has cooled THERMAL_HYSTERESIS_C below it (`thermal_resume`).
+- `notify` ([run], `--notify`): a desktop notification when the run finishes or fails
+  (localtune.notify).
+
 Anything that escapes is written to the status (`failed`, with the reason) and the traceback
 to worker.log.
 
@@ -29,6 +43,10 @@ Test-only switch: with `LOCALTUNE_FAULT_KILL_IN_CHECKPOINT=N` in the environment
 kills itself (`os._exit(137)`, like SIGKILL) while writing the checkpoint of step N: after the
 checkpoint's files are written under `checkpoints/.partial/`, before the rename. The tests use
 it to check that resume ignores a half-written checkpoint. Never set it otherwise.
+
+Test-only switch: with `LOCALTUNE_FAULT_ENOSPC_IN_CHECKPOINT=N` in the environment, writing the
+checkpoint of step N fails as a full disk does (`OSError(ENOSPC)`), after part of it is written
+under `checkpoints/.partial/`. Never set it otherwise.
 
 Test-only switch: with `LOCALTUNE_FAULT_OOM_AT_STEP=N` in the environment the worker raises
 `torch.cuda.OutOfMemoryError("CUDA out of memory (injected by LOCALTUNE_FAULT_OOM_AT_STEP)")`
@@ -38,7 +56,9 @@ on any backend. The tests use it to check the out-of-memory back-off. Never set 
 
 from __future__ import annotations
 
+import errno
 import gc
+import json
 import os
 import shutil
 import signal
@@ -48,8 +68,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
 from localtune.errors import UserError
 from localtune.events import append_event, atomic_write_json, read_events
+from localtune.notify import desktop_notify
 from localtune.runs import RunDir
 
 SAMPLE_MAX_NEW_TOKENS = 32
@@ -57,8 +80,14 @@ FAULT_KILL_IN_CHECKPOINT_ENV = "LOCALTUNE_FAULT_KILL_IN_CHECKPOINT"
 """Test-only: the step whose checkpoint writing the worker dies in (see the module docstring)."""
 FAULT_OOM_AT_STEP_ENV = "LOCALTUNE_FAULT_OOM_AT_STEP"
 """Test-only: the optimizer step at whose start an out-of-memory error is injected, once."""
+FAULT_ENOSPC_IN_CHECKPOINT_ENV = "LOCALTUNE_FAULT_ENOSPC_IN_CHECKPOINT"
+"""Test-only: the step whose checkpoint meets a full disk (see the module docstring)."""
 MIN_BACKOFF_MAX_LENGTH = 64
 """The out-of-memory back-off halves max_length down to this, and no further."""
+THERMAL_POLL_S = 10.0
+"""How often a run paused for heat reads the GPU's temperature."""
+THERMAL_HYSTERESIS_C = 3
+"""A run paused for heat goes on once the GPU is this many degrees below the limit."""
 
 
 class _StopRequest:
@@ -88,11 +117,11 @@ def _load_model(path: str, knobs, backend: str, device: str, trust_remote_code: 
 
     kw: dict[str, Any] = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
     if backend == "cpu":
-        dtype = torch.float32
+        dtype = torch.float32  # bf16, where native, is autocast over these (see train())
     elif backend == "mps":
-        dtype = torch.bfloat16 if torch.backends.mps.is_macos_or_newer(14, 0) else torch.float32
+        dtype = torch.bfloat16 if knobs.bf16 and torch.backends.mps.is_macos_or_newer(14, 0) else torch.float32
     else:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        dtype = torch.bfloat16 if knobs.bf16 and torch.cuda.is_bf16_supported() else torch.float16
     if knobs.load_in_4bit:
         compute = getattr(torch, knobs.bnb_4bit_compute_dtype)
         if backend == "cpu":
@@ -102,9 +131,30 @@ def _load_model(path: str, knobs, backend: str, device: str, trust_remote_code: 
             bnb_4bit_use_double_quant=knobs.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=compute)
     if backend != "cpu":
         kw["device_map"] = {"": device}
+    if backend == "cuda" and _padding_free(backend):
+        kw["attn_implementation"] = "flash_attention_2"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    # no KV cache in training; padding-free batches need this too: transformers finds the row
+    # boundaries in position_ids only when there is no cache
     model.config.use_cache = False
     return model, dtype
+
+
+def _padding_free(backend: str) -> bool:
+    """Whether batches go padding-free: each micro-batch's rows laid end to end in one row,
+    with position_ids restarting at every row, so no compute goes to padding (on
+    `shared/bench/varied_lengths.jsonl`, padded batches of 4 hold 1.66 tokens per real one).
+    On the CPU transformers' sdpa attention sees the row boundaries in the position_ids and
+    masks across them (a block-diagonal mask). On CUDA only with flash-attention 2 installed:
+    sdpa would compute attention over the whole joined row through a mask, which costs the
+    square of the joined length. Apple: padded (not measured there)."""
+    if backend == "cpu":
+        return True
+    if backend == "cuda":
+        import importlib.util
+
+        return importlib.util.find_spec("flash_attn") is not None
+    return False
 
 
 def _sample(model, tokenizer, prompt: str) -> str:
@@ -150,6 +200,134 @@ def _backoff_knobs(knobs):
     fixes.append(f"a shorter max_length (--set max_length=N, now {knobs.max_length})")
     raise UserError(f"out of memory even with a micro-batch of 1 and max_length {knobs.max_length}: "
                     f"train with {', or '.join(fixes)}")
+
+
+class DiskFull(UserError):
+    """The disk filled up while the worker wrote a checkpoint or the adapter."""
+
+
+def checkpoint_problem(ck: Path) -> str | None:
+    """What makes checkpoint folder `ck` unusable for resume (a file missing, truncated or
+    corrupt), or None when every file reads back. The torch files are zip archives, checked
+    member by member against their CRCs; the adapter's tensors are read in full."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    try:
+        state = json.loads((ck / "trainer_state.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "trainer_state.json is missing"
+    except (ValueError, UnicodeDecodeError):
+        return "trainer_state.json is not valid JSON"
+    if not isinstance(state, dict) or "global_step" not in state:
+        return "trainer_state.json has no global_step"
+    weights = ck / "adapter_model.safetensors"
+    if not weights.is_file():
+        return "adapter_model.safetensors is missing"
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+        return f"adapter_model.safetensors is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        p = ck / name
+        if not p.is_file():
+            return f"{name} is missing"
+        try:
+            with zipfile.ZipFile(p) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError):
+            return f"{name} is truncated or corrupt"
+        if bad is not None:
+            return f"{name} is corrupt (member {bad})"
+    return None
+
+
+def newest_usable_checkpoint(run: RunDir) -> Path | None:
+    """The newest complete checkpoint that reads back. Each newer one that does not is moved
+    aside to `checkpoint-N.corrupt` (kept for a person to look at, never picked again) with a
+    `warning` event."""
+    for ck in reversed(run.complete_checkpoints()):
+        problem = checkpoint_problem(ck)
+        if problem is None:
+            return ck
+        aside = ck.with_name(f"{ck.name}.corrupt")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = ck.with_name(f"{ck.name}.corrupt{n}")
+        os.replace(ck, aside)
+        before = [c.name for c in run.complete_checkpoints()]
+        msg = (f"{ck.name} cannot be read ({problem}); moved it to checkpoints/{aside.name} and "
+               f"resuming from {before[-1] if before else 'the start'}")
+        print(f"localtune worker: {msg}", file=sys.stderr, flush=True)
+        append_event(run.events_path, "warning", message=msg)
+    return None
+
+
+class ThermalGuard(TrainerCallback):
+    """Between optimizer steps, wait while the GPU is hotter than `limit_c`: a `thermal_pause`
+    event, a reading every `poll_s`, and a `thermal_resume` event once it is
+    THERMAL_HYSTERESIS_C below the limit (or a stop is requested). `read_temp` returns degrees
+    C, or None where it cannot tell (then training goes on)."""
+
+    def __init__(self, limit_c: float, read_temp, events_path: Path, stop: _StopRequest, *,
+                 sleep=time.sleep, poll_s: float = THERMAL_POLL_S) -> None:
+        self.limit_c, self.read_temp, self.events_path, self.stop = limit_c, read_temp, events_path, stop
+        self.sleep, self.poll_s = sleep, poll_s
+        self.paused_total_s = 0.0
+
+    def on_step_end(self, args, state, control, **kw):
+        self.wait(state.global_step)
+
+    def wait(self, step: int) -> float:
+        """Pause while hot; return the seconds paused."""
+        temp = self.read_temp()
+        if temp is None or temp <= self.limit_c:
+            return 0.0
+        append_event(self.events_path, "thermal_pause", step=step, temperature_c=temp, max_gpu_temp_c=self.limit_c)
+        start = time.monotonic()
+        while not self.stop.requested:
+            self.sleep(self.poll_s)
+            temp = self.read_temp()
+            if temp is None or temp <= self.limit_c - THERMAL_HYSTERESIS_C:
+                break
+        paused = time.monotonic() - start
+        self.paused_total_s += paused
+        append_event(self.events_path, "thermal_resume", step=step, temperature_c=temp, paused_s=round(paused, 1))
+        return paused
+
+
+class SaveByClock(TrainerCallback):
+    """Ask for a checkpoint when `minutes` have passed since the last one (0: never)."""
+
+    def __init__(self, minutes: float, clock=time.monotonic) -> None:
+        self.every_s, self.clock = minutes * 60.0, clock
+        self.last = clock()
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.last = self.clock()
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.every_s > 0 and self.clock() - self.last >= self.every_s:
+            control.should_save = True
+
+    def on_save(self, args, state, control, **kw):
+        self.last = self.clock()
+
+
+def _peak_memory_bytes(backend: str) -> int:
+    """torch.cuda.max_memory_allocated on CUDA; this process's peak RSS elsewhere."""
+    import resource
+
+    if backend == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 def _write_knobs(run: RunDir, knobs) -> None:
@@ -198,7 +376,6 @@ def train(run: RunDir, stop: _StopRequest) -> None:
     """Train the run to the end (or to a stop). Takes minutes to hours."""
     import json
 
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from localtune.data import chat_template_for, load_data, split_eval, tokenize
@@ -234,9 +411,17 @@ def train(run: RunDir, stop: _StopRequest) -> None:
     atomic_write_json(run.path / "data.json", {**loaded.summary(), "train_rows": len(train_rows),
                                                "eval_rows": len(eval_rows), "train_on_inputs": train_on_inputs,
                                                "chat_template": template.to_dict()})
-    train_ds = tokenize(train_rows, tokenizer, template, train_on_inputs=train_on_inputs).remove_columns("length")
-    eval_ds = (tokenize(eval_rows, tokenizer, template, train_on_inputs=train_on_inputs).remove_columns("length")
-               if eval_rows else None)
+    padding_free = _padding_free(backend) and not knobs.packing
+    full_train = tokenize(train_rows, tokenizer, template, train_on_inputs=train_on_inputs).remove_columns("length")
+    full_eval = (tokenize(eval_rows, tokenizer, template, train_on_inputs=train_on_inputs).remove_columns("length")
+                 if eval_rows else None)
+
+    def truncated(ds, n: int):
+        """Padding-free, trl leaves truncation to us (rows left with nothing to learn it drops)."""
+        if ds is None or not padding_free:
+            return ds
+        return ds.map(lambda b: {k: [v[:n] for v in b[k]] for k in ("input_ids", "assistant_masks")},
+                      batched=True, desc="Truncating")
 
     from peft import LoraConfig
 
@@ -246,6 +431,11 @@ def train(run: RunDir, stop: _StopRequest) -> None:
                              modules_to_save=["embed_tokens", "lm_head"] if template.added_tokens else None)
 
     partial = run.checkpoints_dir / ".partial"
+    import torch
+
+    from localtune.hardware import cpu_has_native_bf16
+
+    cpu_bf16 = backend == "cpu" and knobs.bf16 and cpu_has_native_bf16()  # autocast over the float32 weights
 
     def sft_config(knobs, dtype) -> SFTConfig:
         return SFTConfig(
@@ -261,17 +451,18 @@ def train(run: RunDir, stop: _StopRequest) -> None:
             optim=knobs.optim,
             activation_checkpointing=knobs.gradient_checkpointing,
             activation_checkpointing_kwargs={"use_reentrant": False} if knobs.gradient_checkpointing else None,
-            max_length=knobs.max_length,
+            max_length=None if padding_free else knobs.max_length,  # padding-free: truncated above
             packing=knobs.packing,
+            padding_free=padding_free,
             logging_steps=knobs.logging_steps,
             save_strategy="steps",
             save_steps=knobs.save_steps,
             save_total_limit=None,  # rotation happens in checkpoints/, after the rename
-            eval_strategy="steps" if eval_ds is not None else "no",
+            eval_strategy="steps" if full_eval is not None else "no",
             eval_steps=knobs.eval_steps,
             seed=knobs.seed,
             data_seed=knobs.seed,
-            bf16=dtype.is_floating_point and str(dtype) == "torch.bfloat16" and backend != "cpu",
+            bf16=(dtype == torch.bfloat16 and backend != "cpu") or cpu_bf16,
             fp16=str(dtype) == "torch.float16",
             use_cpu=backend == "cpu",
             report_to="none",
@@ -286,8 +477,20 @@ def train(run: RunDir, stop: _StopRequest) -> None:
 
     class LocaltuneTrainer(SFTTrainer):
         def _save_checkpoint(self, model, trial):
-            super()._save_checkpoint(model, trial)
             name = f"checkpoint-{self.state.global_step}"
+            try:
+                super()._save_checkpoint(model, trial)
+                if os.environ.get(FAULT_ENOSPC_IN_CHECKPOINT_ENV) == str(self.state.global_step):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial / name / "optimizer.pt"))
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                shutil.rmtree(partial, ignore_errors=True)  # no half checkpoint; and the space back
+                last = run.complete_checkpoints()
+                raise DiskFull(
+                    f"the disk is full: writing {name} failed ({e.filename or final_dir}); "
+                    f"{'the checkpoints before it are intact (newest: ' + last[-1].name + ')' if last else 'no checkpoint was lost'}; "
+                    f"free some space, then `localtune resume {run.id}`") from e
             if os.environ.get(FAULT_KILL_IN_CHECKPOINT_ENV) == str(self.state.global_step):
                 os._exit(137)  # test-only: die with the checkpoint written but not yet renamed
             src, dst = partial / name, final_dir / name
@@ -303,6 +506,7 @@ def train(run: RunDir, stop: _StopRequest) -> None:
         def __init__(self) -> None:
             self.t_last = time.time()
             self.tokens_last = 0
+            self.paused_last = sum(getattr(c, "paused_total_s", 0.0) for c in extra_callbacks)
             self.elapsed_before = elapsed_before  # training time of the attempts before a resume
 
         def on_train_begin(self, args, state, control, **kw):
@@ -311,7 +515,8 @@ def train(run: RunDir, stop: _StopRequest) -> None:
             run.write_status(state="running", pid=os.getpid(), max_steps=state.max_steps, step=state.global_step,
                              error=None)
             append_event(run.events_path, "started", pid=os.getpid(), resumed_from=resume.name if resume else None,
-                         max_steps=state.max_steps, device=device)
+                         max_steps=state.max_steps, device=device, precision=precision,
+                         padding_free=padding_free or knobs.packing)
 
         def on_step_end(self, args, state, control, **kw):
             if stop.requested:
@@ -328,8 +533,9 @@ def train(run: RunDir, stop: _StopRequest) -> None:
             if "loss" in logs:
                 now = time.time()
                 tokens = state.num_input_tokens_seen
-                rate = (tokens - self.tokens_last) / max(now - self.t_last, 1e-9)
-                self.t_last, self.tokens_last = now, tokens
+                paused = sum(getattr(c, "paused_total_s", 0.0) for c in extra_callbacks)  # a thermal pause
+                rate = (tokens - self.tokens_last) / max(now - self.t_last - (paused - self.paused_last), 1e-9)
+                self.t_last, self.tokens_last, self.paused_last = now, tokens, paused
                 append_event(run.events_path, "step", step=state.global_step, max_steps=state.max_steps,
                              epoch=state.epoch, loss=logs["loss"], learning_rate=logs.get("learning_rate"),
                              grad_norm=logs.get("grad_norm"), tokens_per_s=round(rate, 1),
@@ -353,24 +559,42 @@ def train(run: RunDir, stop: _StopRequest) -> None:
                 raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected by {FAULT_OOM_AT_STEP_ENV})")
 
     fault_oom = os.environ.get(FAULT_OOM_AT_STEP_ENV)
-    extra_callbacks = [InjectOom(int(fault_oom))] if fault_oom else []  # one instance: fires once per process
+    extra_callbacks: list[TrainerCallback] = [SaveByClock(knobs.save_minutes)]
+    if fault_oom:
+        extra_callbacks.append(InjectOom(int(fault_oom)))  # one instance: fires once per process
+    max_temp = rcfg.get("max_gpu_temp")
+    if max_temp and backend == "cuda":
+        from localtune.hardware import sample_devices
+
+        def read_temp() -> float | None:
+            try:
+                return sample_devices(hardware)[0].temperature_c
+            except Exception:  # noqa: BLE001 - a failed reading must not stop training
+                return None
+
+        # first in the list: a stop asked for during a pause is seen at the end of the same step
+        extra_callbacks.insert(0, ThermalGuard(float(max_temp), read_temp, run.events_path, stop))
 
     while True:  # one attempt per pass; running out of memory backs off and goes round again
         shutil.rmtree(partial, ignore_errors=True)  # whatever a crash left there is incomplete
         model, dtype = _load_model(model_path, knobs, backend, device, trust)
+        precision = "bfloat16 autocast" if cpu_bf16 else str(dtype).removeprefix("torch.")
+        if knobs.load_in_4bit:
+            precision = f"nf4 weights, {precision} compute"
         if template.added_tokens:
             model.resize_token_embeddings(len(tokenizer))
-        checkpoints = run.complete_checkpoints()
-        resume = checkpoints[-1] if checkpoints else None
+        resume = newest_usable_checkpoint(run)
         elapsed_before = 0.0
         if resume is not None:  # `elapsed_s` counts the attempts before a resume too: it goes on
             resume_step = int(resume.name.rsplit("-", 1)[1])  # from the last step the checkpoint holds
             done = [e for e in read_events(run.events_path)
                     if e.get("kind") == "step" and e.get("step", 0) <= resume_step]
             elapsed_before = float(done[-1].get("elapsed_s") or 0.0) if done else 0.0
-        trainer = LocaltuneTrainer(model=model, args=sft_config(knobs, dtype), train_dataset=train_ds,
-                                   eval_dataset=eval_ds, processing_class=tokenizer, peft_config=peft_config,
-                                   callbacks=[Events(), *extra_callbacks])
+        trainer = LocaltuneTrainer(model=model, args=sft_config(knobs, dtype),
+                                   train_dataset=truncated(full_train, knobs.max_length),
+                                   eval_dataset=truncated(full_eval, knobs.max_length),
+                                   processing_class=tokenizer, peft_config=peft_config,
+                                   callbacks=[*extra_callbacks, Events()])
         started_at = time.time()
         try:
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -415,7 +639,8 @@ def train(run: RunDir, stop: _StopRequest) -> None:
     elapsed = elapsed_before + time.time() - started_at
     run.write_status(state="completed", step=step, pid=None, adapter=str(run.adapter_dir))
     append_event(run.events_path, "finished", step=step, adapter=str(run.adapter_dir),
-                 train_loss=getattr(result, "training_loss", None), elapsed_s=round(elapsed, 1))
+                 train_loss=getattr(result, "training_loss", None), elapsed_s=round(elapsed, 1),
+                 peak_memory_bytes=_peak_memory_bytes(backend))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -432,15 +657,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"localtune worker: {e}", file=sys.stderr)
         return 1
     try:
+        notify = bool(run.read_config()["run"].get("notify"))
+    except Exception:  # noqa: BLE001 - a broken config fails in train(), with its message
+        notify = False
+    try:
         train(run, stop)
+        if notify and run.read_status().get("state") == "completed":
+            status = run.read_status()
+            loss = status.get("loss")
+            desktop_notify(f"localtune: run {run.id} finished",
+                           f"{status.get('step')} steps" + (f", loss {loss:.4g}" if isinstance(loss, float) else "")
+                           + f"; adapter in {run.adapter_dir}")
         return 0
     except BaseException as e:  # noqa: BLE001 - every failure must reach the status and the log
         traceback.print_exc()
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if not isinstance(e, UserError):
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            msg = (f"the disk is full ({e.filename or run.path}); free some space, then "
+                   f"`localtune resume {run.id}`")
+        elif not isinstance(e, UserError):
             msg = f"{type(e).__name__}: {msg}"
         run.write_status(state="failed", error=msg, pid=None)
         append_event(run.events_path, "failed", error=msg, log=str(run.log_path))
+        if notify:
+            desktop_notify(f"localtune: run {run.id} failed", msg)
         return 1
     finally:
         run.release_lock()
