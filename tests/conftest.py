@@ -11,6 +11,10 @@
   tests that need real modules but not real weights.
 - `tiny_chat_model_dir` (session): a tiny random Llama with the built-in model's real tokenizer
   and chat template, for tests that train or generate end to end in seconds.
+- `tiny_trained_run` (session): a completed worker run on that tiny model (~10 s), for the
+  export and chat tests.
+- `trained_demo_run` (session): `localtune train --headless` with no arguments, run once (~3 min
+  on idle CPU) for the slow end-to-end tests of training, export and chat.
 """
 
 from __future__ import annotations
@@ -99,3 +103,66 @@ def tiny_chat_model_dir(builtin_model_dir: Path, tmp_path_factory: pytest.TempPa
         torch.manual_seed(0)
         LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+TINY_RUN_KNOBS = dict(
+    max_steps=6, save_steps=3, save_total_limit=2, logging_steps=1, eval_steps=3,
+    per_device_train_batch_size=2, gradient_accumulation_steps=2, max_length=64,
+    r=8, lora_alpha=16, lora_dropout=0.0, learning_rate=1e-2, warmup_steps=1, lr_scheduler_type="constant",
+    gradient_checkpointing=False, optim="adamw_torch", seed=1234,
+)
+"""A short run at a high learning rate: the adapter moves the tiny model's logits by more than
+their own size, so a merge that drops it cannot pass for one that keeps it."""
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_run(tiny_chat_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A completed run: the worker trains `tiny_chat_model_dir` on the first 40 rows of the demo
+    set for 6 steps (~10 s). A real run folder (config, plan, data.json with the chat template,
+    events, checkpoints, adapter/) for the export and chat tests. Session-wide: do not write
+    into it; export with --out."""
+    import subprocess
+    import sys
+
+    from localtune.demo import demo_dataset_path
+    from localtune.models import resolve_model
+    from localtune.plan import make_plan
+    from localtune.runs import create_run
+    from tests.test_worker import REPO_ROOT, _cpu_hardware
+
+    home = tmp_path_factory.mktemp("tiny-run-home")
+    data = home / "train.jsonl"
+    data.write_text("\n".join(demo_dataset_path().read_text(encoding="utf-8").splitlines()[:40]) + "\n",
+                    encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOCALTUNE_HOME", str(home))
+        plan = make_plan(_cpu_hardware(), resolve_model(str(tiny_chat_model_dir)), profile="cpu", pinned=TINY_RUN_KNOBS)
+        run = create_run({"run": {"model": str(tiny_chat_model_dir), "data": str(data), "eval_split": 0.1},
+                          "knobs": plan.knobs.to_dict()}, plan.to_dict(), "tiny-run")
+    env = {**os.environ, "LOCALTUNE_HOME": str(home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
+    with open(run.log_path, "ab") as log:
+        rc = subprocess.run([sys.executable, "-m", "localtune.worker", str(run.path)], stdout=log,
+                            stderr=subprocess.STDOUT, env=env, timeout=300).returncode
+    assert rc == 0 and (run.adapter_dir / "adapter_model.safetensors").is_file(), run.log_path.read_text()[-3000:]
+    return run
+
+
+@pytest.fixture(scope="session")
+def trained_demo_run(builtin_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`localtune train --headless` with no arguments (the built-in model on the demo set),
+    run once per session (~3 min on 2 CPU cores) in its own LOCALTUNE_HOME, for the slow
+    end-to-end tests of training and export. Returns (home, the finished process); the run is
+    the only one under home/runs. Do not write into its run folder: export with --out."""
+    import subprocess
+    import sys
+
+    home = tmp_path_factory.mktemp("demo-run-home")
+    link = home / "cache" / "models" / BUILTIN_FOLDER
+    link.parent.mkdir(parents=True)
+    os.symlink(builtin_model_dir, link, target_is_directory=True)
+    env = {**os.environ, "LOCALTUNE_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "localtune", "train", "--headless"], capture_output=True,
+                            text=True, timeout=900, env=env)
+    return home, result

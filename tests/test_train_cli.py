@@ -21,15 +21,17 @@ def localtune(*argv: str, timeout: int = 900) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_default_demo_run_teaches_the_trait(builtin_model_dir):
-    """`localtune train --headless` with no arguments: the built-in model on the demo set."""
+def test_default_demo_run_teaches_the_trait(builtin_model_dir, trained_demo_run, monkeypatch):
+    """`localtune train --headless` with no arguments: the built-in model on the demo set
+    (trained once per session by the `trained_demo_run` fixture, which the export tests share)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from localtune.demo import count_trait, generate_answers, heldout_prompts
 
-    r = localtune("train", "--headless")
+    home, r = trained_demo_run
+    monkeypatch.setenv("LOCALTUNE_HOME", str(home))  # list_runs() and the commands below see that run
     assert r.returncode == 0, r.stdout + r.stderr
     assert "finished: 30 steps" in r.stdout
     (rd,) = list_runs()
