@@ -273,15 +273,19 @@ def _run_config(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any
     file_cfg = read_config_file(args.config) if args.config else {"run": {}, "knobs": {}}
     run_cfg: dict[str, Any] = {"model": "smollm2-135m", "data": "demo", "eval_data": "", "eval_split": 0.0,
                                "format": "", "train_on_inputs": False, "skip_bad_rows": False,
-                               "trust_remote_code": False, "sample_steps": 0}
+                               "trust_remote_code": False, "sample_steps": 0, "notify": False}
     run_cfg.update(file_cfg["run"])
     for key in ("model", "data", "eval_data", "eval_split", "format", "profile"):
         value = getattr(args, key, None)
         if value is not None:
             run_cfg[key] = value
-    for flag in ("train_on_inputs", "skip_bad_rows", "trust_remote_code"):
+    for flag in ("train_on_inputs", "skip_bad_rows", "trust_remote_code", "notify"):
         if getattr(args, flag, False):
             run_cfg[flag] = True
+    if getattr(args, "max_gpu_temp", None) is not None:
+        from localtune.launch import check_max_gpu_temp
+
+        run_cfg["max_gpu_temp"] = check_max_gpu_temp(args.max_gpu_temp)
     pinned = {**file_cfg["knobs"], **_pinned_from_args(args)}
     return run_cfg, pinned
 
@@ -313,13 +317,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     run.write_status(rows=len(loaded.examples), skipped_rows=len(loaded.skipped))
     for w in loaded.warnings:
         print(f"warning: {w}")
+    if run_cfg.get("max_gpu_temp") and plan.backend != "cuda":
+        print(f"note: --max-gpu-temp watches an NVIDIA GPU; this run trains on {plan.backend}, so it has no effect")
     proc = start_worker(run)
     print(f"run {run.id} started: {plan.model.display_name} on {run_cfg['data']}, worker pid {proc.pid}")
     print(f"  folder: {run.path}")
     if args.detach:
         print(f"  it runs in the background: `localtune runs` lists it, `localtune stop {run.id}` stops it")
         return 0
-    end = follow(run, worker_alive=lambda: proc.poll() is None)
+    end = follow(run, worker_alive=lambda: proc.poll() is None, bell=bool(run_cfg["notify"]))
     return 1 if end and end["kind"] == "failed" else 0
 
 
@@ -330,6 +336,15 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     run = find_run(args.run)
     check_resumable(run, force=args.force)
+    if args.notify or args.max_gpu_temp is not None:  # overnight care can be added when resuming
+        from localtune.launch import check_max_gpu_temp
+
+        cfg = run.read_config()
+        if args.notify:
+            cfg["run"]["notify"] = True
+        if args.max_gpu_temp is not None:
+            cfg["run"]["max_gpu_temp"] = check_max_gpu_temp(args.max_gpu_temp)
+        run.write_config(cfg)
     checkpoints = run.complete_checkpoints()
     offset = run.events_path.stat().st_size  # follow this attempt, not the ones before it
     proc = start_worker(run)
@@ -337,7 +352,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     print(f"run {run.id} resumed {where}, worker pid {proc.pid}")
     if args.detach:
         return 0
-    end = follow(run, worker_alive=lambda: proc.poll() is None, offset=offset)
+    end = follow(run, worker_alive=lambda: proc.poll() is None, offset=offset,
+                 bell=bool(run.read_config()["run"].get("notify")))
     return 1 if end and end["kind"] == "failed" else 0
 
 
@@ -396,6 +412,129 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- export, chat
+
+
+class _StageProgress:
+    """Progress of a slow step on stderr: one line per stage; on a terminal a counter too."""
+
+    def __init__(self) -> None:
+        self.stage = ""
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage:
+            if self.tty and self.stage:
+                sys.stderr.write("\n")
+            self.stage = stage
+            sys.stderr.write(f"localtune: {stage}" + ("" if self.tty else "\n"))
+        if self.tty and total:
+            sys.stderr.write(f"\rlocaltune: {stage} {done}/{total}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.tty and self.stage:
+            sys.stderr.write("\n")
+
+
+def _size(n: int) -> str:
+    for unit, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= f:
+            return f"{n / f:.1f} {unit}"
+    return f"{n} B"
+
+
+def _no_library_progress_bars() -> None:
+    """Our own progress lines say what happens; transformers' per-file bars would only add noise."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from localtune.export import export_run
+    from localtune.runs import find_run
+
+    run = find_run(args.run)
+    _no_library_progress_bars()
+    progress = _StageProgress()
+    try:
+        result = export_run(run, args.format, quant=args.quant, out=args.out, force=args.force,
+                            ollama=args.ollama, progress=progress)
+    finally:
+        progress.close()
+    if args.json:
+        _print_json({"format": result.format, "quant": result.quant, "path": str(result.path),
+                     "files": [str(f) for f in result.files], "checks": result.checks, "notes": result.notes,
+                     "ollama_command": result.ollama_command, "seconds": result.seconds})
+        return 0
+    kind = f"gguf ({result.quant})" if result.quant else result.format
+    print(f"exported run {run.id} as {kind} in {result.seconds:.1f} s: {result.path}")
+    for f in result.files:
+        print(f"  {f.relative_to(result.path)}  {_size(f.stat().st_size)}")
+    print("checked: " + ", ".join(f"{k} {json.dumps(v) if isinstance(v, str) else v}" for k, v in result.checks.items()))
+    for n in result.notes:
+        print(f"note: {n}")
+    if result.ollama_command:
+        print(f"to use it with Ollama:  {result.ollama_command}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from localtune.chat import ChatSession
+    from localtune.runs import find_run
+
+    run = find_run(args.run)
+    _no_library_progress_bars()
+    progress = _StageProgress()
+    try:
+        session = ChatSession.load(run, progress=progress)
+    finally:
+        progress.close()
+    mode = "the base model and the tuned model answer each prompt" if args.compare else "the tuned model answers"
+    print(f"chat with run {run.id}: {mode}. /reset clears the conversation; /quit or Ctrl-D ends.")
+
+    def stream(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def answer(label: str, messages: list[dict[str, str]], tuned: bool) -> str:
+        print(f"{label}> ", end="", flush=True)
+        try:
+            text = session.reply(messages, tuned=tuned, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, on_text=stream)
+        except KeyboardInterrupt:  # stop this answer, keep the chat
+            print(" [stopped]")
+            return ""
+        print()
+        return text
+
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        text = line.strip()
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/reset":
+            history = []
+            print("(conversation cleared)")
+            continue
+        if not text:
+            continue
+        if args.compare:  # one turn each, so both models see exactly the same prompt
+            answer("base", [{"role": "user", "content": text}], tuned=False)
+            answer("tuned", [{"role": "user", "content": text}], tuned=True)
+            continue
+        history.append({"role": "user", "content": text})
+        history.append({"role": "assistant", "content": answer("tuned", history, tuned=True)})
+
+
 # ---------------------------------------------------------------- entry point
 
 
@@ -445,6 +584,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="a TOML file with [run] and [knobs] tables, as a run's config.toml")
     p.add_argument("--headless", action="store_true",
                    help="follow in this terminal without the TUI (for now the only way: the TUI is not built yet)")
+    p.add_argument("--max-gpu-temp", type=float, default=None, metavar="C",
+                   help="pause between steps while the NVIDIA GPU is hotter than C degrees")
+    p.add_argument("--notify", action="store_true",
+                   help="ring the terminal bell and send a desktop notification when the run ends or fails")
     p.add_argument("--detach", action="store_true", help="start the run and return at once")
     p.set_defaults(func=cmd_train)
 
@@ -453,6 +596,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="resume even if the model or data changed")
     p.add_argument("--headless", action="store_true",
                    help="follow in this terminal without the TUI (for now the only way: the TUI is not built yet)")
+    p.add_argument("--max-gpu-temp", type=float, default=None, metavar="C",
+                   help="pause between steps while the NVIDIA GPU is hotter than C degrees")
+    p.add_argument("--notify", action="store_true",
+                   help="ring the terminal bell and send a desktop notification when the run ends or fails")
     p.add_argument("--detach", action="store_true", help="start the worker and return at once")
     p.set_defaults(func=cmd_resume)
 
@@ -482,6 +629,27 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_inspect)
     p = dsub.add_parser("formats", help="the dataset formats localtune reads")
     p.set_defaults(func=cmd_data_formats)
+
+    p = sub.add_parser("export", help="write a finished run as a PEFT adapter, a merged model or a GGUF file")
+    p.add_argument("run", help="run id (or a unique prefix, or `last`)")
+    p.add_argument("--format", "-f", choices=("adapter", "merged", "gguf"), default="adapter",
+                   help="adapter (default): the PEFT adapter; merged: base + adapter as one 16-bit model; "
+                        "gguf: one file for llama.cpp and Ollama")
+    p.add_argument("--quant", choices=("f16", "bf16", "q8_0", "q4_0"), default=None,
+                   help="GGUF tensor type (default f16)")
+    p.add_argument("--ollama", action="store_true", help="with --format gguf: write a Modelfile for `ollama create`")
+    p.add_argument("--out", "-o", default=None, metavar="DIR",
+                   help="folder to write (default: RUN_DIR/exports/<format>[-<quant>])")
+    p.add_argument("--force", action="store_true", help="replace the folder if it exists")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("chat", help="chat with a run's tuned model in the terminal")
+    p.add_argument("run", help="run id (or a unique prefix, or `last`)")
+    p.add_argument("--compare", action="store_true", help="show the base model's and the tuned model's answers")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="longest answer, in tokens")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature (0: greedy)")
+    p.set_defaults(func=cmd_chat)
     return parser
 
 

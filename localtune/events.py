@@ -64,6 +64,7 @@ EVENT_FIELDS: dict[str, dict[str, str]] = {
     "stopping": {"reason": "why the worker is stopping (e.g. 'SIGTERM')"},
     "finished": {"step": "optimizer steps done", "adapter": "folder of the final adapter",
                  "train_loss": "mean training loss", "elapsed_s": "seconds of training",
+                 "tokens": "non-padding tokens trained, resumes included",
                  "peak_memory_bytes": "peak memory of this attempt: the worker's peak RSS on the CPU and Apple, "
                                       "torch.cuda.max_memory_allocated on CUDA"},
     "stopped": {"step": "optimizer steps done", "checkpoint": "the checkpoint to resume from"},

@@ -96,9 +96,13 @@ def start_worker(run: RunDir) -> subprocess.Popen:
     """Start `python -m localtune.worker RUN_DIR` in its own session, detached from this
     terminal: closing the terminal or the TUI does not stop it."""
     env = dict(os.environ)
-    # glibc keeps freed blocks below its mmap threshold in the heap, so a CPU run's resident
-    # memory would grow far past its live tensors; a fixed threshold hands them back
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    # glibc keeps freed blocks below its mmap threshold in the heap, and that threshold climbs
+    # (up to 32 MB) as large blocks are freed, so a CPU run's resident memory would grow far past
+    # its live tensors. A fixed 4 MB threshold hands every large tensor back when freed. Much
+    # lower costs speed: at 128 KB every medium tensor is a fresh mmap whose pages are zeroed
+    # on first touch, and a training step took twice as long (SmolLM2-135M, bf16, 1,030 tokens:
+    # 5.1 s against 2.5 s; 2.7 s at 4 MB).
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(4 << 20))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     log = open(run.log_path, "ab")
     try:

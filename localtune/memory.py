@@ -57,10 +57,11 @@ fragmentation
 
 On the CPU the estimate is of live tensors. glibc's allocator keeps freed blocks below its
 (adaptive, up to 32 MB) mmap threshold in the heap, so a training process's resident size can
-run 1.5-2x above its live tensors; with `MALLOC_MMAP_THRESHOLD_=131072` in the environment
-large tensors go back to the system when freed and peak RSS stays within the estimate
-(measured on SmolLM2-135M, 4 x 512 tokens, checkpointing: 2.65 GB against 5.55 GB without
-it; the estimate says 3.0 GB), so the training worker should run with it set.
+run 1.5-2x above its live tensors; with a fixed `MALLOC_MMAP_THRESHOLD_` in the environment
+large tensors go back to the system when freed (measured on SmolLM2-135M, 4 x 512 tokens,
+checkpointing: 2.65 GB at 128 KB against 5.55 GB without it; the estimate says 3.0 GB). The
+training worker runs with 4 MB: 128 KB halves CPU training speed (see launch.start_worker and
+benchmarks/README.md).
 
 `tokens` is micro-batch x max_length: the worst case, a batch of rows padded (or packed) to
 the full length. This module knows nothing about hardware or profiles; `plan.py` decides

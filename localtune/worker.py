@@ -640,7 +640,7 @@ def train(run: RunDir, stop: _StopRequest) -> None:
     run.write_status(state="completed", step=step, pid=None, adapter=str(run.adapter_dir))
     append_event(run.events_path, "finished", step=step, adapter=str(run.adapter_dir),
                  train_loss=getattr(result, "training_loss", None), elapsed_s=round(elapsed, 1),
-                 peak_memory_bytes=_peak_memory_bytes(backend))
+                 tokens=int(trainer.state.num_input_tokens_seen), peak_memory_bytes=_peak_memory_bytes(backend))
 
 
 def main(argv: list[str] | None = None) -> int:
