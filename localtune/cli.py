@@ -15,6 +15,7 @@ import json
 import sys
 import time
 import traceback
+import warnings
 from typing import Any, Sequence
 
 from localtune import __version__
@@ -451,6 +452,8 @@ def _no_library_progress_bars() -> None:
 
     disable_progress_bars()
     hf_logging.disable_progress_bar()
+    # the libraries' deprecation notices to each other (e.g. transformers to peft) are not the user's to act on
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

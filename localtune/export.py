@@ -12,8 +12,9 @@
   for a float32 base; never the 4-bit weights QLoRA trained on), the adapter merged in, saved
   as safetensors with the tokenizer, the run's chat template and a model card. Check: on
   `CHECK_PROMPTS` held-out prompts the saved model's logits (reloaded from disk) match the
-  base + adapter (unmerged) within `MERGE_TOLERANCE`, and agree on the top-1 token at every
-  position, or the export fails and says so. Memory: the check runs in float32, 4 bytes per
+  base + adapter (unmerged) within `MERGE_TOLERANCE`, or the export fails and says so. How
+  often the top-1 token agrees is reported, not required: 16-bit rounding flips near-ties
+  (106/110 positions on one demo run, 110/110 on another). Memory: the check runs in float32, 4 bytes per
   parameter of RAM (8B: 32 GB).
 - gguf: the merged model (built in a temporary folder) converted by `localtune.gguf_export`
   with the gguf package, then read back with gguf's reader. Where `llama-cpp-python` is
