@@ -552,6 +552,16 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
                    help="allow a model whose architecture needs its own Python code")
 
 
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """How a started or resumed run is followed and looked after (train and resume)."""
+    p.add_argument("--headless", action="store_true",
+                   help="follow in this terminal without the TUI (for now the only way: the TUI is not built yet)")
+    p.add_argument("--max-gpu-temp", type=float, default=None, metavar="C",
+                   help="pause between steps while the NVIDIA GPU is hotter than C degrees")
+    p.add_argument("--notify", action="store_true",
+                   help="ring the terminal bell and send a desktop notification when the run ends or fails")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="localtune", description="Fine-tune a language model with LoRA / QLoRA on this machine.")
     parser.add_argument("--version", action="version", version=f"localtune {__version__}")
@@ -585,24 +595,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-on-inputs", action="store_true", help="train on every token, not only the answers")
     p.add_argument("--skip-bad-rows", action="store_true", help="leave bad rows out instead of stopping")
     p.add_argument("--config", default=None, help="a TOML file with [run] and [knobs] tables, as a run's config.toml")
-    p.add_argument("--headless", action="store_true",
-                   help="follow in this terminal without the TUI (for now the only way: the TUI is not built yet)")
-    p.add_argument("--max-gpu-temp", type=float, default=None, metavar="C",
-                   help="pause between steps while the NVIDIA GPU is hotter than C degrees")
-    p.add_argument("--notify", action="store_true",
-                   help="ring the terminal bell and send a desktop notification when the run ends or fails")
+    _add_run_options(p)
     p.add_argument("--detach", action="store_true", help="start the run and return at once")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("resume", help="continue a stopped or interrupted run from its newest checkpoint")
     p.add_argument("run", help="run id (or a unique prefix, or `last`)")
     p.add_argument("--force", action="store_true", help="resume even if the model or data changed")
-    p.add_argument("--headless", action="store_true",
-                   help="follow in this terminal without the TUI (for now the only way: the TUI is not built yet)")
-    p.add_argument("--max-gpu-temp", type=float, default=None, metavar="C",
-                   help="pause between steps while the NVIDIA GPU is hotter than C degrees")
-    p.add_argument("--notify", action="store_true",
-                   help="ring the terminal bell and send a desktop notification when the run ends or fails")
+    _add_run_options(p)
     p.add_argument("--detach", action="store_true", help="start the worker and return at once")
     p.set_defaults(func=cmd_resume)
 
