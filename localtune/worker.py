@@ -300,6 +300,23 @@ class ThermalGuard(TrainerCallback):
         return paused
 
 
+def thermal_guard_for(max_gpu_temp: float | None, backend: str, hardware, events_path: Path,
+                      stop: _StopRequest) -> ThermalGuard | None:
+    """The ThermalGuard for a run's `max_gpu_temp`, reading the training GPU (the plan's first
+    device) through NVML; None without a limit or off CUDA (nothing to read there)."""
+    if not max_gpu_temp or backend != "cuda":
+        return None
+    from localtune.hardware import sample_devices
+
+    def read_temp() -> float | None:
+        try:
+            return sample_devices(hardware)[0].temperature_c
+        except Exception:  # noqa: BLE001 - a failed reading must not stop training
+            return None
+
+    return ThermalGuard(float(max_gpu_temp), read_temp, events_path, stop)
+
+
 class SaveByClock(TrainerCallback):
     """Ask for a checkpoint when `minutes` have passed since the last one (0: never)."""
 
@@ -562,18 +579,9 @@ def train(run: RunDir, stop: _StopRequest) -> None:
     extra_callbacks: list[TrainerCallback] = [SaveByClock(knobs.save_minutes)]
     if fault_oom:
         extra_callbacks.append(InjectOom(int(fault_oom)))  # one instance: fires once per process
-    max_temp = rcfg.get("max_gpu_temp")
-    if max_temp and backend == "cuda":
-        from localtune.hardware import sample_devices
-
-        def read_temp() -> float | None:
-            try:
-                return sample_devices(hardware)[0].temperature_c
-            except Exception:  # noqa: BLE001 - a failed reading must not stop training
-                return None
-
-        # first in the list: a stop asked for during a pause is seen at the end of the same step
-        extra_callbacks.insert(0, ThermalGuard(float(max_temp), read_temp, run.events_path, stop))
+    guard = thermal_guard_for(rcfg.get("max_gpu_temp"), backend, hardware, run.events_path, stop)
+    if guard is not None:  # first in the list: a stop asked for during a pause is seen at the end of that step
+        extra_callbacks.insert(0, guard)
 
     while True:  # one attempt per pass; running out of memory backs off and goes round again
         shutil.rmtree(partial, ignore_errors=True)  # whatever a crash left there is incomplete

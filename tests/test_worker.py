@@ -700,3 +700,30 @@ def test_padding_free_batches_give_the_loss_of_padded_ones(tiny_chat_model_dir: 
     (padded, g_padded), (joined, g_joined) = out[False], out[True]
     assert joined == pytest.approx(padded, abs=1e-5)
     assert (g_joined - g_padded).abs().max().item() <= 1e-5 * max(1.0, g_padded.abs().max().item())
+
+
+def test_the_thermal_guard_reads_the_training_gpu_through_nvml(monkeypatch, tmp_path: Path) -> None:
+    """The worker's wiring: with a limit on CUDA the guard reads the plan's GPU (a faked NVML
+    here: an RTX 4090 at 45 C); without a limit, or off CUDA, there is no guard."""
+    from localtune.hardware import probe
+    from localtune.worker import ThermalGuard, _StopRequest, thermal_guard_for
+    from tests.fakes import RTX_4090, install_gpus
+
+    install_gpus(monkeypatch, [RTX_4090])
+    hw = probe()
+    assert hw.backend == "cuda"
+    guard = thermal_guard_for(83, "cuda", hw, tmp_path / "events.jsonl", _StopRequest())
+    assert isinstance(guard, ThermalGuard) and guard.limit_c == 83.0
+    assert guard.read_temp() == 45
+    assert guard.wait(step=1) == 0.0  # 45 C is under 83: no pause
+    import localtune.hardware
+
+    def broken(hw):
+        raise RuntimeError("NVML went away")
+
+    monkeypatch.setattr(localtune.hardware, "sample_devices", broken)
+    blind = thermal_guard_for(83, "cuda", hw, tmp_path / "e.jsonl", _StopRequest())
+    assert blind.read_temp() is None  # a failed reading never stops training...
+    assert blind.wait(step=1) == 0.0 and not (tmp_path / "e.jsonl").exists()  # ...nor pauses it
+    assert thermal_guard_for(None, "cuda", hw, tmp_path / "e.jsonl", _StopRequest()) is None
+    assert thermal_guard_for(83, "cpu", hw, tmp_path / "e.jsonl", _StopRequest()) is None
