@@ -269,12 +269,10 @@ def cmd_data_formats(args: argparse.Namespace) -> int:
 
 def _run_config(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     """([run] table, pinned knobs) from --config, then the command line over it."""
-    from localtune.launch import read_config_file
+    from localtune.launch import default_run_config, read_config_file
 
     file_cfg = read_config_file(args.config) if args.config else {"run": {}, "knobs": {}}
-    run_cfg: dict[str, Any] = {"model": "smollm2-135m", "data": "demo", "eval_data": "", "eval_split": 0.0,
-                               "format": "", "train_on_inputs": False, "skip_bad_rows": False,
-                               "trust_remote_code": False, "sample_steps": 0, "notify": False}
+    run_cfg = default_run_config()
     run_cfg.update(file_cfg["run"])
     for key in ("model", "data", "eval_data", "eval_split", "format", "profile"):
         value = getattr(args, key, None)
@@ -292,10 +290,9 @@ def _run_config(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from localtune.data import load_data, split_eval
     from localtune.hardware import probe
     from localtune.headless import follow
-    from localtune.launch import DEMO_RECIPE, new_run, start_worker
+    from localtune.launch import DEMO_RECIPE, prepare_run, start_worker
     from localtune.models import resolve_model
     from localtune.plan import make_plan
 
@@ -308,18 +305,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError(f"the run does not fit this machine (estimate {plan.estimate.total_bytes / GiB:.1f} GB, "
                         f"budget {plan.budget_bytes / GiB:.1f} GB); try: {'; '.join(plan.advice)}. "
                         "`localtune plan` shows the details")
-    # every row is checked before anything starts: a bad file stops here, not an hour in
-    loaded = load_data(run_cfg["data"], format=run_cfg["format"] or None, skip_bad_rows=run_cfg["skip_bad_rows"])
-    if run_cfg["eval_data"]:
-        load_data(run_cfg["eval_data"], format=run_cfg["format"] or None, skip_bad_rows=run_cfg["skip_bad_rows"])
-    elif run_cfg["eval_split"]:
-        split_eval(loaded.examples, float(run_cfg["eval_split"]), plan.knobs.seed)
-    run = new_run(run_cfg=run_cfg, plan=plan)
-    run.write_status(rows=len(loaded.examples), skipped_rows=len(loaded.skipped))
-    for w in loaded.warnings:
-        print(f"warning: {w}")
-    if run_cfg.get("max_gpu_temp") and plan.backend != "cuda":
-        print(f"note: --max-gpu-temp watches an NVIDIA GPU; this run trains on {plan.backend}, so it has no effect")
+    run, warnings = prepare_run(run_cfg, plan)
+    for w in warnings:
+        print(f"{'note' if 'max-gpu-temp' in w else 'warning'}: {w}")
     proc = start_worker(run)
     print(f"run {run.id} started: {plan.model.display_name} on {run_cfg['data']}, worker pid {proc.pid}")
     print(f"  folder: {run.path}")
@@ -332,7 +320,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from localtune.headless import follow
-    from localtune.launch import check_resumable, start_worker
+    from localtune.launch import check_resumable, resume_run
     from localtune.runs import find_run
 
     run = find_run(args.run)
@@ -346,10 +334,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
         if args.max_gpu_temp is not None:
             cfg["run"]["max_gpu_temp"] = check_max_gpu_temp(args.max_gpu_temp)
         run.write_config(cfg)
-    checkpoints = run.complete_checkpoints()
     offset = run.events_path.stat().st_size  # follow this attempt, not the ones before it
-    proc = start_worker(run)
-    where = f"from {checkpoints[-1].name}" if checkpoints else "from the start (no checkpoint yet)"
+    proc, where = resume_run(run, force=args.force)
     print(f"run {run.id} resumed {where}, worker pid {proc.pid}")
     if args.detach:
         return 0
@@ -359,16 +345,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    import os
-    import signal
-
+    from localtune.launch import request_stop
     from localtune.runs import find_run
 
     run = find_run(args.run)
-    pid = run.live_worker_pid()
-    if pid is None:
-        raise UserError(f"run {run.id} has no live worker (state: {run.state()}); nothing to stop")
-    os.kill(pid, signal.SIGTERM)
+    pid = request_stop(run)
     print(f"stopping run {run.id} (worker pid {pid}): it finishes the current step, writes a checkpoint "
           f"and stops; `localtune resume {run.id}` goes on from there")
     if args.wait:
@@ -677,8 +658,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
-            parser.print_help()
-            return 0
+            if not (sys.stdin.isatty() and sys.stdout.isatty()):
+                parser.print_help()
+                print("\n`localtune` with no command opens the terminal UI; it needs a terminal.")
+                return 0
+            from localtune.tui import run_tui
+
+            return run_tui()
         return args.func(args)
     except UserError as e:
         print(f"localtune: error: {e}", file=sys.stderr)

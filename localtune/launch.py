@@ -123,6 +123,71 @@ def new_run(*, run_cfg: dict[str, Any], plan, run_id: str | None = None) -> RunD
     return create_run(cfg, plan.to_dict(), run_id or new_run_id(plan.model.spec))
 
 
+DEFAULT_RUN_CONFIG: dict[str, Any] = {
+    "model": "smollm2-135m", "data": "demo", "eval_data": "", "eval_split": 0.0, "format": "",
+    "train_on_inputs": False, "skip_bad_rows": False, "trust_remote_code": False, "sample_steps": 0,
+    "notify": False,
+}
+"""The [run] table of a run nobody configured: the built-in model on the demo set."""
+
+
+def default_run_config(**changes: Any) -> dict[str, Any]:
+    return {**DEFAULT_RUN_CONFIG, **changes}
+
+
+def prepare_run(run_cfg: dict[str, Any], plan) -> tuple[RunDir, list[str]]:
+    """Check every row of the data (and the evaluation data), then write the run directory.
+    Returns the run and the warnings a person should see. A bad file raises UserError here,
+    before anything starts, not an hour into training."""
+    from localtune.data import load_data, split_eval
+
+    fmt = run_cfg.get("format") or None
+    skip = bool(run_cfg.get("skip_bad_rows"))
+    loaded = load_data(run_cfg["data"], format=fmt, skip_bad_rows=skip)
+    if run_cfg.get("eval_data"):
+        load_data(run_cfg["eval_data"], format=fmt, skip_bad_rows=skip)
+    elif run_cfg.get("eval_split"):
+        split_eval(loaded.examples, float(run_cfg["eval_split"]), plan.knobs.seed)
+    run = new_run(run_cfg=run_cfg, plan=plan)
+    run.write_status(rows=len(loaded.examples), skipped_rows=len(loaded.skipped))
+    warnings = list(loaded.warnings)
+    if run_cfg.get("max_gpu_temp") and plan.backend != "cuda":
+        warnings.append(f"--max-gpu-temp watches an NVIDIA GPU; this run trains on {plan.backend}, "
+                        "so it has no effect")
+    return run, warnings
+
+
+def resume_run(run: RunDir, *, force: bool = False) -> tuple[subprocess.Popen, str]:
+    """Start a worker that goes on from the newest complete checkpoint; returns it and where
+    it starts from, in words."""
+    check_resumable(run, force=force)
+    checkpoints = run.complete_checkpoints()
+    proc = start_worker(run)
+    return proc, (f"from {checkpoints[-1].name}" if checkpoints else "from the start (no checkpoint yet)")
+
+
+def request_stop(run: RunDir) -> int:
+    """Ask the run's worker to stop: it finishes the step, writes a checkpoint and exits.
+    Returns its pid; UserError when no worker is alive."""
+    import signal
+
+    pid = run.live_worker_pid()
+    if pid is None:
+        raise UserError(f"run {run.id} has no live worker (state: {run.state()}); nothing to stop")
+    os.kill(pid, signal.SIGTERM)
+    return pid
+
+
+def delete_run(run: RunDir) -> None:
+    """Remove a run's folder (checkpoints, adapter, exports and all); refused while it trains."""
+    import shutil
+
+    pid = run.live_worker_pid()
+    if pid is not None:
+        raise UserError(f"run {run.id} is being trained by worker pid {pid}; stop it before deleting it")
+    shutil.rmtree(run.path)
+
+
 def check_resumable(run: RunDir, force: bool = False) -> None:
     """Refuse to resume a completed run, a run with a live worker, or one whose model or data
     changed since it began (unless `force`)."""
