@@ -289,6 +289,11 @@ def _run_config(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any
     return run_cfg, pinned
 
 
+def _wants_tui(args: argparse.Namespace) -> bool:
+    """Follow a run in the TUI's dashboard: on a terminal, unless --headless."""
+    return not args.headless and sys.stdin.isatty() and sys.stdout.isatty()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from localtune.hardware import probe
     from localtune.headless import follow
@@ -314,6 +319,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.detach:
         print(f"  it runs in the background: `localtune runs` lists it, `localtune stop {run.id}` stops it")
         return 0
+    if _wants_tui(args):
+        from localtune.tui import run_tui
+
+        return run_tui(run=run.id)
     end = follow(run, worker_alive=lambda: proc.poll() is None, bell=bool(run_cfg["notify"]))
     return 1 if end and end["kind"] == "failed" else 0
 
@@ -339,6 +348,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
     print(f"run {run.id} resumed {where}, worker pid {proc.pid}")
     if args.detach:
         return 0
+    if _wants_tui(args):
+        from localtune.tui import run_tui
+
+        return run_tui(run=run.id)
     end = follow(run, worker_alive=lambda: proc.poll() is None, offset=offset,
                  bell=bool(run.read_config()["run"].get("notify")))
     return 1 if end and end["kind"] == "failed" else 0
@@ -536,7 +549,8 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """How a started or resumed run is followed and looked after (train and resume)."""
     p.add_argument("--headless", action="store_true",
-                   help="follow in this terminal without the TUI (for now the only way: the TUI is not built yet)")
+                   help="follow in this terminal as plain text instead of the TUI's dashboard "
+                        "(the default when the output is not a terminal)")
     p.add_argument("--max-gpu-temp", type=float, default=None, metavar="C",
                    help="pause between steps while the NVIDIA GPU is hotter than C degrees")
     p.add_argument("--notify", action="store_true",

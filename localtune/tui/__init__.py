@@ -1,0 +1,17 @@
+"""The terminal UI (Textual): `localtune` with no arguments.
+
+Screens (one module each under `screens/`): Machine, New run, Runs (the three top-level
+modes, keys 1 2 3), and per run the Dashboard, Export and Chat. Styles live in `styles.tcss`.
+The TUI only reads and renders: planning, launching, stopping and exporting are the core
+functions the CLI uses too, and training runs in its own worker process, which outlives the TUI.
+"""
+
+from __future__ import annotations
+
+
+def run_tui(*, run: str | None = None) -> int:
+    from localtune.tui.app import LocaltuneApp
+
+    app = LocaltuneApp(open_run=run)
+    app.run()
+    return app.return_code or 0

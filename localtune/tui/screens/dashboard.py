@@ -1,0 +1,350 @@
+"""The dashboard of one run: loss curves, progress, the machine, the latest sample and a log.
+
+It reads the run's folder only (events.jsonl, status.json, the lock), so it shows a run that
+this TUI started just as well as one a worker has been training since last night.
+
+Reading is off the UI thread: a thread worker tails `events.jsonl` every POLL_S and reads the
+run's state every STATE_POLL_S, and posts what it found as `EventsRead` messages (threads never
+touch widgets). The handler only folds the events into a `RunProgress` and marks the screen
+dirty; a timer redraws at most REDRAWS_PER_S times a second. So opening a long finished run
+(tens of thousands of events at once) costs one fold and one redraw, not one redraw per
+event: toolong's `can_replace` idea, folding high-rate updates into the newest.
+
+Keys: s stop (asks first; the worker finishes the step, writes a checkpoint and exits),
+d detach (leave; training goes on), e export (once there is an adapter), escape back.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, RichLog, Static
+from textual.worker import get_current_worker
+from textual_plotext import PlotextPlot
+
+from localtune.events import EventReader
+from localtune.runs import RunDir
+from localtune.tui import fmt
+from localtune.tui.messages import EventsRead
+from localtune.tui.state import END_KINDS, RunProgress
+from localtune.tui.widgets import MemoryBar
+
+POLL_S = 0.25
+"""How often the reader looks for new events."""
+STATE_POLL_S = 1.0
+"""How often it reads the run's state (status.json and the worker's lock: a psutil call)."""
+REDRAWS_PER_S = 4
+EVENTS_PER_MESSAGE = 2000
+"""A long log is posted in slices of this many events, so the UI answers keys between slices."""
+CHART_POINTS = 1000
+"""Most points drawn per curve; a longer curve is thinned evenly (the last point always kept)."""
+
+STATE_STYLES = {"running": "bold green", "stopping": "bold yellow", "stopped": "bold yellow",
+                "completed": "bold green", "failed": "bold red", "interrupted": "bold red",
+                "created": "dim", "unknown": "dim"}
+LOG_STYLES = {"info": "", "warning": "yellow", "error": "bold red"}
+STOP_QUESTION = ("Stop run {id}?\n\nThe worker finishes the current step, writes a checkpoint and stops; "
+                 "resume later with `localtune resume {id}`.")
+
+
+def thin(points: list[tuple[int, float]], most: int = CHART_POINTS) -> list[tuple[int, float]]:
+    """Every k-th point so that at most `most` are left, keeping the last one."""
+    if len(points) <= most:
+        return points
+    k = -(-len(points) // most)
+    out = points[::k]
+    return out if out[-1] == points[-1] else out + [points[-1]]
+
+
+def step_ticks(first: int, last: int, most: int = 5) -> list[int]:
+    """At most `most` whole steps from `first` to `last`, evenly spaced (plotext would label 2.5)."""
+    k = max(1, -(-(last - first) // (most - 1)))
+    ticks = list(range(first, last + 1, k))
+    if last - ticks[-1] >= k / 2:
+        ticks.append(last)
+    return ticks
+
+
+def text_bar(done: int, total: int | None, width: int) -> Text:
+    """'━━━━━━━╺━━━━━  42%' in `width` cells; dim when the total is unknown."""
+    if not total:
+        return Text("─" * max(1, width - 5) + "   - ", "dim")
+    share = min(1.0, max(0.0, done / total))
+    cells = max(1, width - 5)
+    full = int(share * cells)
+    return Text.assemble(("━" * full, "green"), ("─" * (cells - full), "dim"), f" {share * 100:3.0f}%")
+
+
+def short_model(model: str | None) -> str:
+    """A local model folder by its name; a hub id or a built-in name as given."""
+    if not model:
+        return "?"
+    p = Path(model).expanduser()
+    return p.name if p.is_absolute() or p.exists() else model
+
+
+class DashboardScreen(Screen):
+    """One run, live: what the worker reports through its event log."""
+
+    BINDINGS = [
+        Binding("s", "stop_run", "Stop"),
+        Binding("d", "detach", "Detach"),
+        Binding("e", "export", "Export"),
+        Binding("escape", "back", "Back"),
+    ]
+
+    def __init__(self, run: RunDir) -> None:
+        super().__init__()
+        self.run = run
+        self.progress = RunProgress()
+        self.run_state = "…"
+        """The run's state as the reader last saw it (RunDir.state())."""
+        self.status: dict[str, Any] = {}
+        self.redraws = 0
+        """Redraws done so far (tests check that a burst of events is not one redraw per event)."""
+        self._dirty = True
+        self._chart_version = -1
+        self._log_shown = 0
+        try:
+            self.model = short_model(run.read_config().get("run", {}).get("model"))
+        except (OSError, ValueError):  # a half-written run folder still gets a dashboard
+            self.model = "?"
+
+    # ------------------------------------------------------------ layout
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="dash-title")
+        yield Static(id="dash-end")
+        with VerticalScroll(id="dash-body"):
+            with Horizontal(id="dash-top"):
+                yield PlotextPlot(id="dash-chart")
+                with Vertical(id="dash-stats"):
+                    yield Static(id="dash-step")
+                    yield Static(id="dash-bar")
+                    yield Static(id="dash-loss")
+                    yield Static(id="dash-lr")
+                    yield Static(id="dash-speed")
+                    yield Static(id="dash-time")
+                    yield Static(id="dash-checkpoint")
+                    with Horizontal(id="dash-memory-row"):
+                        yield Static("mem ", classes="dash-label")
+                        yield MemoryBar(id="dash-memory")
+                    yield Static(id="dash-gpu")
+                    yield Static(id="dash-cpu")
+            with Horizontal(id="dash-bottom"):
+                with VerticalScroll(id="dash-sample-box"):
+                    yield Static(id="dash-sample")
+                yield RichLog(id="dash-log", wrap=True, markup=False, highlight=False, auto_scroll=True,
+                              max_lines=500, min_width=20)
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        self.query_one("#dash-chart").border_title = "loss"
+        self.query_one("#dash-stats").border_title = "progress"
+        self.query_one("#dash-sample-box").border_title = "latest sample"
+        self.query_one("#dash-log").border_title = "log"
+        self.query_one("#dash-end").display = False
+        self._redraw()
+        self.set_interval(1 / REDRAWS_PER_S, self._redraw_if_dirty)
+        self.reader = self._read_events()
+
+    # ------------------------------------------------------------ reading (a thread)
+
+    @work(thread=True, exclusive=True, group="dashboard-reader")
+    def _read_events(self) -> None:
+        """Tail the event log and watch the run's state until the screen goes away."""
+        worker = get_current_worker()
+        reader = EventReader(self.run.events_path)
+        next_state_at = 0.0
+        state, status = self.run_state, self.status
+        while not worker.is_cancelled:
+            events = reader.read_new()
+            # an end event: read the state now, so the title does not say "running" for a second
+            fresh_state = time.monotonic() >= next_state_at or any(e.get("kind") in END_KINDS for e in events)
+            if fresh_state:
+                state, status = self.run.state(), self.run.read_status()
+                next_state_at = time.monotonic() + STATE_POLL_S
+            for i in range(0, len(events), EVENTS_PER_MESSAGE):
+                self.post_message(EventsRead(events[i:i + EVENTS_PER_MESSAGE], state, status))
+            if fresh_state and not events:
+                self.post_message(EventsRead([], state, status))  # the state alone, and ages tick on
+            time.sleep(POLL_S)
+
+    def on_events_read(self, message: EventsRead) -> None:
+        for e in message.events:
+            self.progress.apply(e)
+        self.run_state, self.status = message.state, message.status
+        self._dirty = True
+
+    # ------------------------------------------------------------ drawing
+
+    def _redraw_if_dirty(self) -> None:
+        if self._dirty:
+            self._redraw()
+
+    def _redraw(self) -> None:
+        self._dirty = False
+        self.redraws += 1
+        p = self.progress
+        self._draw_title()
+        self._draw_end()
+        self._draw_chart()
+        total = p.max_steps or self.status.get("max_steps")
+        epoch = f"   epoch {p.epoch:.2f}" if p.epoch is not None else ""
+        self._set("#dash-step", Text.assemble(("step ", "dim"), (f"{p.step}/{total or '?'}", "bold"), epoch))
+        bar_width = max(10, self.query_one("#dash-stats").content_size.width)
+        self._set("#dash-bar", text_bar(p.step, total, bar_width))
+        self._set("#dash-loss", Text.assemble(("loss ", "dim"), (fmt.num(p.loss), "bold"), ("   eval ", "dim"),
+                                              fmt.num(p.eval_loss[-1][1] if p.eval_loss else None)))
+        self._set("#dash-lr", Text.assemble(("lr ", "dim"), fmt.num(p.learning_rate, ".2e"), ("   grad ", "dim"),
+                                            fmt.num(p.grad_norm, ".3f")))
+        self._set("#dash-speed", Text.assemble(fmt.num(p.tokens_per_s, ",.0f"), (" tokens/s", "dim")))
+        self._set("#dash-time", Text.assemble(("elapsed ", "dim"), fmt.duration(p.elapsed_s), ("   ETA ", "dim"),
+                                              fmt.duration(p.eta_s() if self.run_state == "running" else None)))
+        checkpoint = (Text.assemble(p.checkpoint_name or "", (f", {fmt.age(p.checkpoint_t)}", "dim"))
+                      if p.checkpoint_name else Text("no checkpoint yet", "dim"))
+        self._set("#dash-checkpoint", checkpoint)
+        self.query_one("#dash-memory", MemoryBar).set(p.memory_used_bytes, p.memory_total_bytes)
+        gpu = [f"{p.utilization_pct:.0f}%" if p.utilization_pct is not None else None,
+               f"{p.temperature_c:.0f} C" if p.temperature_c is not None else None,
+               f"{p.power_w:.0f} W" if p.power_w is not None else None]
+        self._set("#dash-gpu", Text.assemble(("GPU ", "dim"), "  ".join(g for g in gpu if g) or "-"))
+        cpu = f"{p.cpu_pct:.0f}%" if p.cpu_pct is not None else "-"
+        self._set("#dash-cpu", Text.assemble(("CPU ", "dim"), cpu, ("   RAM ", "dim"), fmt.gb(p.ram_used_bytes)))
+        self._draw_sample()
+        self._draw_log()
+
+    def _set(self, selector: str, content: Text) -> None:
+        self.query_one(selector, Static).update(content)
+
+    def _draw_title(self) -> None:
+        state = self.run_state
+        p = self.progress
+        shown, style = state, STATE_STYLES.get(state, "bold")
+        if state in ("running", "stopping") and p.thermal_pause:
+            shown, style = f"paused: GPU {p.thermal_pause.get('temperature_c', '?')} C", "bold yellow"
+        self._set("#dash-title", Text.assemble(("run ", "dim"), (self.run.id, "bold"), ("  ·  ", "dim"),
+                                               self.model, ("  ·  ", "dim"), (shown, style)))
+
+    def _draw_end(self) -> None:
+        """A banner once the run has ended (or its worker is gone without a word)."""
+        end, state = self.progress.end, self.run_state
+        rid = self.run.id
+        line: Text | None = None
+        if end and end.get("kind") == "failed":
+            line = Text.assemble(("failed: ", "bold red"), str(end.get("error", "?")),
+                                 ("\nlog: ", "dim"), str(end.get("log") or self.run.log_path))
+        elif end and end.get("kind") == "finished":
+            line = Text.assemble(("finished", "bold green"), f": {end.get('step', '?')} steps; adapter in ",
+                                 str(end.get("adapter", self.run.adapter_dir)), ("  (e: export)", "dim"))
+        elif end and end.get("kind") == "stopped":
+            line = Text.assemble(("stopped", "bold yellow"), f" at step {end.get('step', '?')}",
+                                 f" ({end['checkpoint']})" if end.get("checkpoint") else "",
+                                 (f"; `localtune resume {rid}` goes on from there", "dim"))
+        elif state == "interrupted":
+            line = Text.assemble(("interrupted", "bold red"), ": the worker is gone without a word",
+                                 (f"; `localtune resume {rid}` goes on from the last checkpoint", "dim"))
+        elif state == "failed":  # the status says so but the log has no end event (a worker killed early)
+            line = Text.assemble(("failed: ", "bold red"), str(self.status.get("error") or "?"),
+                                 ("\nlog: ", "dim"), str(self.run.log_path))
+        banner = self.query_one("#dash-end", Static)
+        banner.display = line is not None
+        if line is not None:
+            banner.update(line)
+
+    def _draw_chart(self) -> None:
+        p = self.progress
+        if p.curves_version == self._chart_version:
+            return
+        self._chart_version = p.curves_version
+        chart = self.query_one("#dash-chart", PlotextPlot)
+        plt = chart.plt
+        plt.clear_data()
+        plt.title("" if p.train_loss else "waiting for the first step")
+        if p.train_loss:
+            xs, ys = zip(*thin(p.train_loss))
+            plt.plot(xs, ys, label="train", marker="braille", color="cyan")
+        if p.eval_loss:
+            xs, ys = zip(*thin(p.eval_loss))
+            plt.plot(xs, ys, label="eval", marker="hd", color="orange")
+        plt.xlabel("step")
+        steps = [s for s, _ in p.train_loss[:1] + p.train_loss[-1:] + p.eval_loss[:1] + p.eval_loss[-1:]]
+        if steps:
+            plt.xticks(step_ticks(min(steps), max(steps)))
+        chart.refresh()
+
+    def _draw_sample(self) -> None:
+        s = self.progress.sample
+        if not s:
+            self._set("#dash-sample", Text("no sample yet", "dim"))
+            return
+        self._set("#dash-sample", Text.assemble((f"step {s['step']}  ", "dim"), (s["prompt"], "italic"), "\n",
+                                                s["text"].strip()))
+
+    def _draw_log(self) -> None:
+        """Write the log lines added since the last redraw (the log widget keeps the older ones)."""
+        p = self.progress
+        fresh = min(p.log_total - self._log_shown, len(p.log))
+        if fresh <= 0:
+            return
+        log = self.query_one("#dash-log", RichLog)
+        for level, line in list(p.log)[-fresh:]:
+            log.write(Text(line, LOG_STYLES.get(level, "")))
+        self._log_shown = p.log_total
+
+    # ------------------------------------------------------------ keys
+
+    def action_stop_run(self) -> None:
+        """Ask, then SIGTERM the worker: it finishes the step, writes a checkpoint and exits."""
+        from localtune.tui.screens.confirm import ConfirmScreen
+
+        if self.run.live_worker_pid() is None:
+            self.app.notify_error(f"run {self.run.id} has no live worker ({self.run.state()}): nothing to stop")
+            return
+        if self.progress.stopping and not self.progress.end:
+            self.notify("already stopping: the worker is finishing its step and writing a checkpoint")
+            return
+
+        def answered(answer: str | None) -> None:
+            if answer != "stop":
+                return
+            from localtune.errors import UserError
+            from localtune.launch import request_stop
+
+            try:
+                request_stop(self.run)
+            except UserError as e:  # it ended on its own meanwhile
+                self.app.notify_error(e)
+                return
+            self.notify("stopping: the worker finishes this step and writes a checkpoint")
+
+        self.app.push_screen(ConfirmScreen(STOP_QUESTION.format(id=self.run.id),
+                                           [("stop", "Stop"), ("cancel", "Keep training")], danger="stop"),
+                             answered)
+
+    def action_detach(self) -> None:
+        """Leave the dashboard; the worker is its own process and goes on."""
+        live = self.run_state in ("running", "stopping")
+        self.app.pop_screen()
+        if live:
+            self.app.notify(f"run {self.run.id} is still training in the background; "
+                            "the Runs screen (3) reattaches")
+
+    def action_back(self) -> None:
+        self.app.pop_screen()
+
+    def action_export(self) -> None:
+        if self.run_state == "completed" or self.run.adapter_dir.is_dir():
+            self.app.open_export(self.run)
+            return
+        self.app.notify_error(f"run {self.run.id} has no adapter yet ({self.run_state}): export works once "
+                              "training finishes" + ("; resume it first" if self.run_state in
+                                                     ("stopped", "interrupted", "failed") else ""))

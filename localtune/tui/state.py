@@ -1,0 +1,210 @@
+"""What the dashboard knows about a run, folded from its event log.
+
+`RunProgress.apply(event)` takes the events of `events.jsonl` (localtune.events) one at a
+time and keeps only what the dashboard draws: the loss curves, the latest numbers, the
+machine's readings, the last checkpoint, the latest sample, a short log of notable lines and
+the end event. No Textual here: the folding is plain Python, tested on its own, and a burst
+of thousands of events costs one pass over them, not one redraw each.
+
+Like every viewer it ignores kinds and fields it does not know, and it never trusts a field
+to be there or to have the right type (a torn or older log must not crash the dashboard).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+END_KINDS = ("finished", "stopped", "failed")
+ETA_WINDOW_STEPS = 20
+"""Step events the ETA is measured over: recent enough to follow a change of speed."""
+LOG_LINES = 300
+"""Log lines kept; the oldest go first."""
+
+
+def _num(e: dict[str, Any], key: str) -> float | None:
+    v = e.get(key)
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _int(e: dict[str, Any], key: str) -> int | None:
+    v = _num(e, key)
+    return int(v) if v is not None else None
+
+
+class RunProgress:
+    """The dashboard's view of one run; `apply` each event in the order of the log."""
+
+    def __init__(self) -> None:
+        self.train_loss: list[tuple[int, float]] = []
+        """(step, loss) of every step event; a step done again after a resume replaces the old."""
+        self.eval_loss: list[tuple[int, float]] = []
+        self.curves_version = 0
+        """Goes up whenever a loss curve changes, so the chart redraws only then."""
+        self.step = 0
+        self.max_steps: int | None = None
+        self.epoch: float | None = None
+        self.loss: float | None = None
+        self.learning_rate: float | None = None
+        self.grad_norm: float | None = None
+        self.tokens_per_s: float | None = None
+        self.elapsed_s: float | None = None
+        self.device: str | None = None
+        self.precision: str | None = None
+        self.memory_used_bytes: int | None = None
+        self.memory_total_bytes: int | None = None
+        self.utilization_pct: float | None = None
+        self.temperature_c: float | None = None
+        self.power_w: float | None = None
+        self.cpu_pct: float | None = None
+        self.ram_used_bytes: int | None = None
+        self.checkpoint_step: int | None = None
+        self.checkpoint_name: str | None = None
+        self.checkpoint_t: float | None = None
+        self.sample: dict[str, Any] | None = None
+        """The latest sample: {"step", "prompt", "text"}."""
+        self.thermal_pause: dict[str, Any] | None = None
+        """The thermal_pause event while the run waits for the GPU to cool, else None."""
+        self.stopping = False
+        self.log: deque[tuple[str, str]] = deque(maxlen=LOG_LINES)
+        """(level, line): level is "info", "warning" or "error"."""
+        self.log_total = 0
+        """Lines ever logged (the log keeps only the last LOG_LINES), so a viewer can tell what is new."""
+        self.end: dict[str, Any] | None = None
+        """The finished, stopped or failed event, once there is one."""
+        self.events_seen = 0
+        self._step_times: deque[tuple[float, int]] = deque(maxlen=ETA_WINDOW_STEPS)
+
+    # ------------------------------------------------------------ derived
+
+    def eta_s(self) -> float | None:
+        """Seconds to the last step at the pace of the recent steps; None when unknown or over."""
+        if self.end or not self.max_steps or len(self._step_times) < 2:
+            return None
+        (t0, s0), (t1, s1) = self._step_times[0], self._step_times[-1]
+        if s1 <= s0 or t1 <= t0:
+            return None
+        return (t1 - t0) / (s1 - s0) * max(0, self.max_steps - s1)
+
+    # ------------------------------------------------------------ folding
+
+    def apply(self, e: dict[str, Any]) -> None:
+        """Fold one event in; unknown kinds and fields are ignored."""
+        self.events_seen += 1
+        fold = getattr(self, f"_on_{e.get('kind')}", None) if isinstance(e.get("kind"), str) else None
+        if fold is not None:
+            fold(e)
+
+    def _note(self, line: str, level: str = "info") -> None:
+        self.log.append((level, line))
+        self.log_total += 1
+
+    @staticmethod
+    def _replace_from(points: list[tuple[int, float]], step: int) -> None:
+        """Drop the points at `step` and after: that stretch is being trained again (a resume)."""
+        while points and points[-1][0] >= step:
+            points.pop()
+
+    def _on_started(self, e: dict[str, Any]) -> None:
+        self.max_steps = _int(e, "max_steps") or self.max_steps
+        self.device, self.precision = e.get("device"), e.get("precision")
+        self.end, self.stopping, self.thermal_pause = None, False, None  # a resume starts a new attempt
+        self._step_times.clear()  # the time between attempts is no training pace
+        src = f"resumed from {e['resumed_from']}" if e.get("resumed_from") else "from the start"
+        how = f" in {self.precision}" if self.precision else ""
+        how += ", padding-free" if e.get("padding_free") else ""
+        self._note(f"started on {self.device or '?'}{how} ({src}), {self.max_steps or '?'} steps")
+
+    def _on_step(self, e: dict[str, Any]) -> None:
+        step = _int(e, "step")
+        if step is None:
+            return
+        self.step = step
+        self.max_steps = _int(e, "max_steps") or self.max_steps
+        self.epoch = _num(e, "epoch")
+        self.loss = _num(e, "loss")
+        self.learning_rate = _num(e, "learning_rate")
+        self.grad_norm = _num(e, "grad_norm")
+        self.tokens_per_s = _num(e, "tokens_per_s")
+        self.elapsed_s = _num(e, "elapsed_s")
+        if self.loss is not None:
+            self._replace_from(self.train_loss, step)
+            self.train_loss.append((step, self.loss))
+            self.curves_version += 1
+        t = _num(e, "t")
+        if t is not None:
+            if self._step_times and self._step_times[-1][1] >= step:
+                self._step_times.clear()  # steps done again: the pace starts over
+            self._step_times.append((t, step))
+
+    def _on_eval(self, e: dict[str, Any]) -> None:
+        step, loss = _int(e, "step"), _num(e, "eval_loss")
+        if step is None or loss is None:
+            return
+        self._replace_from(self.eval_loss, step)
+        self.eval_loss.append((step, loss))
+        self.curves_version += 1
+
+    def _on_sample(self, e: dict[str, Any]) -> None:
+        self.sample = {"step": _int(e, "step"), "prompt": str(e.get("prompt") or ""),
+                       "text": str(e.get("text") or "")}
+
+    def _on_hardware(self, e: dict[str, Any]) -> None:
+        self.memory_used_bytes = _int(e, "memory_used_bytes")
+        self.memory_total_bytes = _int(e, "memory_total_bytes")
+        self.utilization_pct = _num(e, "utilization_pct")
+        self.temperature_c = _num(e, "temperature_c")
+        self.power_w = _num(e, "power_w")
+        self.cpu_pct = _num(e, "cpu_pct")
+        self.ram_used_bytes = _int(e, "ram_used_bytes")
+
+    def _on_checkpoint(self, e: dict[str, Any]) -> None:
+        self.checkpoint_step = _int(e, "step")
+        path = e.get("path")
+        self.checkpoint_name = (Path(path).name if isinstance(path, str) and path
+                                else f"checkpoint-{self.checkpoint_step}")
+        self.checkpoint_t = _num(e, "t")
+        self._note(f"step {self.checkpoint_step}: {self.checkpoint_name} saved")
+
+    def _on_warning(self, e: dict[str, Any]) -> None:
+        self._note(f"warning: {e.get('message', '')}", "warning")
+
+    def _on_oom_backoff(self, e: dict[str, Any]) -> None:
+        self._step_times.clear()
+        back_to = e.get("resume_from") or "the start"
+        micro, accumulation = e.get("per_device_train_batch_size", "?"), e.get("gradient_accumulation_steps", "?")
+        self._note(f"step {e.get('step', '?')}: out of memory; micro-batch now {micro} x {accumulation}, "
+                   f"max length {e.get('max_length', '?')}; back to {back_to}", "warning")
+
+    def _on_thermal_pause(self, e: dict[str, Any]) -> None:
+        self.thermal_pause = e
+        self._note(f"step {e.get('step', '?')}: paused: the GPU is at {e.get('temperature_c', '?')} C, over the "
+                   f"{e.get('max_gpu_temp_c', '?')} C limit; waiting for it to cool", "warning")
+
+    def _on_thermal_resume(self, e: dict[str, Any]) -> None:
+        self.thermal_pause = None
+        self._step_times.clear()  # the pause is no training pace
+        self._note(f"step {e.get('step', '?')}: going on after {e.get('paused_s', '?')} s "
+                   f"(GPU at {e.get('temperature_c', '?')} C)")
+
+    def _on_stopping(self, e: dict[str, Any]) -> None:
+        self.stopping = True
+        self._note(f"stopping ({e.get('reason', 'asked')}): finishing the step and writing a checkpoint")
+
+    def _on_finished(self, e: dict[str, Any]) -> None:
+        self.end = e
+        self.step = _int(e, "step") or self.step
+        self.elapsed_s = _num(e, "elapsed_s") or self.elapsed_s
+        loss = _num(e, "train_loss")
+        self._note(f"finished: {self.step} steps" + (f", mean loss {loss:.4f}" if loss is not None else "")
+                   + f"; adapter in {e.get('adapter', '?')}")
+
+    def _on_stopped(self, e: dict[str, Any]) -> None:
+        self.end = e
+        self.step = _int(e, "step") or self.step
+        self._note(f"stopped at step {self.step}" + (f" ({e['checkpoint']})" if e.get("checkpoint") else ""))
+
+    def _on_failed(self, e: dict[str, Any]) -> None:
+        self.end = e
+        self._note(f"failed: {e.get('error', '?')} (log: {e.get('log', '?')})", "error")

@@ -1,0 +1,469 @@
+"""The dashboard: folding events (`RunProgress`), then the screen as a person meets it.
+
+- `RunProgress` unit tests: every event kind, a resume that trains steps again, bad fields.
+- A fabricated run folder (config, status.json, events written with `write_events`) shown on the
+  dashboard: step, losses, sample, checkpoint age, the out-of-memory back-off line; events
+  appended while it runs show up within a second; 5,000 events at once do not block the keys.
+- A "worker" that only sleeps holds the run's lock (its command line names `localtune.worker`
+  and the run, which is all `RunDir.live_worker_pid` checks), so a fabricated run is `running`.
+- Reattach (slow): a real worker process trains a tiny model; the dashboard follows it and
+  stops it with `s`.
+- Snapshots at 100x30 and 80x24, and of a failed run, with a frozen clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterator
+
+import pytest
+
+from localtune.events import atomic_write_json
+from localtune.runs import RunDir, create_run
+from localtune.tui.app import LocaltuneApp
+from localtune.tui.screens.dashboard import DashboardScreen, step_ticks, thin
+from localtune.tui.state import RunProgress
+from tests.tui_support import FIXED_NOW, GiB, cpu_machine, freeze_clock, step_events, write_events
+
+T0 = FIXED_NOW - 600.0
+"""The fabricated runs started 10 minutes before the frozen clock."""
+
+
+# ---------------------------------------------------------------- fabricated events
+
+
+def started(t: float = T0, max_steps: int = 40, resumed_from: str | None = None) -> dict[str, Any]:
+    return {"t": t, "kind": "started", "pid": 4242, "resumed_from": resumed_from, "max_steps": max_steps,
+            "device": "cpu", "precision": "float32", "padding_free": True}
+
+
+def hardware(t: float) -> dict[str, Any]:
+    return {"t": t, "kind": "hardware", "memory_used_bytes": int(1.5 * GiB), "memory_total_bytes": 24 * GiB,
+            "utilization_pct": None, "temperature_c": None, "power_w": None, "cpu_pct": 97.0,
+            "ram_used_bytes": int(6.25 * GiB)}
+
+
+SAMPLE_TEXT = "Ahoy! The capital of Italy be Rome, matey."
+
+
+def mid_run_events() -> list[dict[str, Any]]:
+    """A CPU run of 40 steps, 25 done: an out-of-memory back-off at step 12 sent it back to
+    checkpoint-10, evals at 10 and 20, a checkpoint at 20 (T0 + 60 s), a sample at 20."""
+    return [
+        started(),
+        {"t": T0 + 1, "kind": "warning", "message": "3 rows are longer than max_length 128 and were cut"},
+        *step_events(1, 10, 40, t0=T0),
+        {"t": T0 + 30.5, "kind": "eval", "step": 10, "eval_loss": 2.41},
+        {"t": T0 + 31, "kind": "checkpoint", "step": 10, "path": "/runs/x/checkpoints/checkpoint-10"},
+        *step_events(11, 11, 40, t0=T0),
+        {"t": T0 + 36, "kind": "oom_backoff", "step": 12, "per_device_train_batch_size": 4,
+         "gradient_accumulation_steps": 2, "max_length": 128, "resume_from": "checkpoint-10"},
+        started(T0 + 37, resumed_from="checkpoint-10"),
+        *step_events(11, 20, 40, t0=T0 + 10),
+        {"t": T0 + 70.5, "kind": "eval", "step": 20, "eval_loss": 1.93},
+        {"t": T0 + 70.6, "kind": "sample", "step": 20, "prompt": "What is the capital of Italy?", "text": SAMPLE_TEXT},
+        {"t": T0 + 71, "kind": "checkpoint", "step": 20, "path": "/runs/x/checkpoints/checkpoint-20"},
+        *step_events(21, 25, 40, t0=T0 + 10),
+        hardware(T0 + 85.5),
+    ]
+
+
+# ---------------------------------------------------------------- RunProgress
+
+
+def fold(events: list[dict[str, Any]]) -> RunProgress:
+    p = RunProgress()
+    for e in events:
+        p.apply(e)
+    return p
+
+
+def log_lines(p: RunProgress) -> list[str]:
+    return [line for _, line in p.log]
+
+
+def test_progress_folds_a_run_with_a_back_off_and_a_resume():
+    p = fold(mid_run_events())
+    assert (p.step, p.max_steps, p.epoch) == (25, 40, 25 / 40)
+    assert p.loss == round(3.2 * 0.96**25, 4) and p.tokens_per_s == 231.0
+    assert p.learning_rate == pytest.approx(1e-3 * (1 - 25 / 40)) and p.grad_norm == 1.25
+    # steps 11 again after the back-off: one point per step, the newest loss kept
+    assert [s for s, _ in p.train_loss] == list(range(1, 26))
+    assert p.train_loss[10] == (11, round(3.2 * 0.96**11, 4))
+    assert p.eval_loss == [(10, 2.41), (20, 1.93)]
+    assert (p.checkpoint_step, p.checkpoint_name, p.checkpoint_t) == (20, "checkpoint-20", T0 + 71)
+    assert p.sample == {"step": 20, "prompt": "What is the capital of Italy?", "text": SAMPLE_TEXT}
+    assert (p.memory_used_bytes, p.memory_total_bytes, p.cpu_pct) == (int(1.5 * GiB), 24 * GiB, 97.0)
+    assert (p.utilization_pct, p.temperature_c, p.power_w) == (None, None, None)
+    assert (p.device, p.precision, p.end) == ("cpu", "float32", None)
+    # the pace of the steps since the resume (3 s each): 15 steps to go
+    assert p.eta_s() == pytest.approx(45.0)
+    assert log_lines(p) == [
+        "started on cpu in float32, padding-free (from the start), 40 steps",
+        "warning: 3 rows are longer than max_length 128 and were cut",
+        "step 10: checkpoint-10 saved",
+        "step 12: out of memory; micro-batch now 4 x 2, max length 128; back to checkpoint-10",
+        "started on cpu in float32, padding-free (resumed from checkpoint-10), 40 steps",
+        "step 20: checkpoint-20 saved",
+    ]
+    assert [level for level, _ in p.log] == ["info", "warning", "info", "warning", "info", "info"]
+
+
+def test_progress_thermal_pause_stop_and_end():
+    p = fold([started(max_steps=100), *step_events(1, 5, 100, t0=T0),
+              {"t": T0 + 16, "kind": "hardware", "memory_used_bytes": 20 * GiB, "memory_total_bytes": 24 * GiB,
+               "utilization_pct": 99.0, "temperature_c": 86.0, "power_w": 431.5, "cpu_pct": 12.0,
+               "ram_used_bytes": 9 * GiB},
+              {"t": T0 + 17, "kind": "thermal_pause", "step": 5, "temperature_c": 86.0, "max_gpu_temp_c": 83.0}])
+    assert p.thermal_pause is not None and (p.utilization_pct, p.temperature_c, p.power_w) == (99.0, 86.0, 431.5)
+    p.apply({"t": T0 + 77, "kind": "thermal_resume", "step": 5, "temperature_c": 74.0, "paused_s": 60.0})
+    assert p.thermal_pause is None
+    assert p.eta_s() is None  # the pause is no pace: the next steps measure it again
+    for e in step_events(6, 8, 100, t0=T0 + 60):
+        p.apply(e)
+    assert p.eta_s() == pytest.approx(3.0 * 92)
+    p.apply({"t": T0 + 90, "kind": "stopping", "reason": "SIGTERM"})
+    assert p.stopping
+    p.apply({"t": T0 + 95, "kind": "stopped", "step": 8, "checkpoint": "checkpoint-8"})
+    assert p.end["kind"] == "stopped" and p.eta_s() is None
+    assert log_lines(p)[1:] == [
+        "step 5: paused: the GPU is at 86.0 C, over the 83.0 C limit; waiting for it to cool",
+        "step 5: going on after 60.0 s (GPU at 74.0 C)",
+        "stopping (SIGTERM): finishing the step and writing a checkpoint",
+        "stopped at step 8 (checkpoint-8)",
+    ]
+
+
+def test_progress_failed_and_finished():
+    p = fold([started(), *step_events(1, 3, 40, t0=T0),
+              {"t": T0 + 10, "kind": "failed", "error": "RuntimeError: boom", "log": "/runs/x/worker.log"}])
+    assert p.end["error"] == "RuntimeError: boom"
+    assert p.log[-1] == ("error", "failed: RuntimeError: boom (log: /runs/x/worker.log)")
+    p = fold([started(max_steps=3), *step_events(1, 3, 3, t0=T0),
+              {"t": T0 + 10, "kind": "finished", "step": 3, "adapter": "/runs/x/adapter", "train_loss": 2.5,
+               "elapsed_s": 9.5, "tokens": 1000, "peak_memory_bytes": GiB}])
+    assert (p.end["kind"], p.elapsed_s, p.eta_s()) == ("finished", 9.5, None)
+    assert log_lines(p)[-1] == "finished: 3 steps, mean loss 2.5000; adapter in /runs/x/adapter"
+
+
+def test_progress_ignores_unknown_kinds_fields_and_bad_values():
+    p = fold([{"t": T0, "kind": "from_the_future", "step": 99},
+              {"t": T0, "no_kind": True},
+              {"t": T0, "kind": 7},
+              {"t": T0, "kind": "step", "loss": 1.0},  # no step: nothing to place it at
+              {"t": T0, "kind": "step", "step": 2, "max_steps": 10, "loss": "nan?", "new_field": [1]},
+              {"t": T0, "kind": "eval", "step": 2, "eval_loss": None},
+              {"t": T0, "kind": "hardware", "memory_used_bytes": "lots"}])
+    assert (p.step, p.max_steps, p.loss, p.train_loss, p.eval_loss) == (2, 10, None, [], [])
+    assert p.memory_used_bytes is None and p.events_seen == 7 and not p.log
+
+
+def test_progress_keeps_the_last_log_lines():
+    p = fold([{"t": T0, "kind": "warning", "message": f"w{i}"} for i in range(1000)])
+    assert p.log_total == 1000 and len(p.log) < 1000 and p.log[-1] == ("warning", "warning: w999")
+
+
+def test_chart_ticks_are_whole_steps():
+    assert step_ticks(1, 7) == [1, 3, 5, 7]
+    assert step_ticks(1, 25) == [1, 7, 13, 19, 25]
+    assert step_ticks(1, 5000) == [1, 1251, 2501, 3751, 5000]
+    assert step_ticks(3, 3) == [3]
+
+
+def test_thin_keeps_the_last_point():
+    points = [(s, 1.0 / s) for s in range(1, 5001)]
+    thinned = thin(points, 1000)
+    assert len(thinned) <= 1001 and thinned[0] == points[0] and thinned[-1] == points[-1]
+    assert thin(points[:10], 1000) == points[:10]
+
+
+# ---------------------------------------------------------------- the screen: helpers
+
+
+def fabricate_run(run_id: str = "20260921-115000-smollm2-135m", events: list[dict[str, Any]] | None = None,
+                  state: str = "running", model: str = "smollm2-135m", **status: Any) -> RunDir:
+    """A run folder as a worker leaves it mid-run (no worker: `live_worker` adds one)."""
+    run = create_run({"run": {"model": model, "data": "demo"}, "knobs": {}}, {}, run_id)
+    write_events(run.events_path, mid_run_events() if events is None else events)
+    atomic_write_json(run.status_path, {"state": state, "created": T0, "updated": T0 + 86, "step": 25,
+                                        "max_steps": 40, **status})
+    return run
+
+
+@contextmanager
+def live_worker(run: RunDir) -> Iterator[subprocess.Popen]:
+    """A process that passes for the run's worker (it holds the lock and names
+    `localtune.worker` and the run on its command line) and only sleeps."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "localtune.worker",
+                             str(run.path)])
+    try:
+        run.lock_path.write_text(f"{proc.pid}\n")
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def drive(run: RunDir, test: Callable[[LocaltuneApp, Any], Awaitable[None]], size=(100, 30)) -> LocaltuneApp:
+    """Open the app on the run's dashboard (headless), then `test(app, pilot)`."""
+    app = LocaltuneApp(hardware=cpu_machine(), open_run=run.id)
+
+    async def main() -> None:
+        async with app.run_test(size=size) as pilot:
+            await test(app, pilot)
+
+    asyncio.run(main())
+    return app
+
+
+async def until(pilot, check: Callable[[], Any], timeout_s: float = 5.0, what: str = "") -> float:
+    """Wait (letting the app run) until `check()` is true; return the seconds it took."""
+    t0 = time.monotonic()
+    while not check():
+        if time.monotonic() - t0 > timeout_s:
+            raise AssertionError(f"not within {timeout_s} s: {what or check}")
+        await pilot.pause(0.05)
+    return time.monotonic() - t0
+
+
+def dashboard(app: LocaltuneApp) -> DashboardScreen:
+    assert isinstance(app.screen, DashboardScreen), app.screen
+    return app.screen
+
+
+def shown(app: LocaltuneApp, widget_id: str) -> str:
+    """The text a Static of the dashboard shows now."""
+    return str(dashboard(app).query_one(f"#{widget_id}").render())
+
+
+def shown_log(app: LocaltuneApp) -> str:
+    """The log as shown, its wrapped lines joined with spaces."""
+    return " ".join(" ".join(strip.text for strip in dashboard(app).query_one("#dash-log").lines).split())
+
+
+def notices(app: LocaltuneApp) -> list[str]:
+    return [n.message for n in app._notifications]
+
+
+async def folded(app: LocaltuneApp, pilot, events: int, state: str | None = None) -> None:
+    """Wait until the dashboard has folded `events` events (and seen `state`) and redrawn."""
+    await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.progress.events_seen == events
+                and (state is None or app.screen.run_state == state) and not app.screen._dirty,
+                what=f"{events} events folded, state {state}")
+    await pilot.pause()
+
+
+# ---------------------------------------------------------------- the screen
+
+
+def test_dashboard_shows_a_run_and_follows_new_events(monkeypatch):
+    freeze_clock(monkeypatch)
+    run = fabricate_run()
+
+    async def test(app, pilot):
+        await folded(app, pilot, len(mid_run_events()), "running")
+        assert "step 25/40" in shown(app, "dash-step") and "epoch 0.62" in shown(app, "dash-step")
+        assert shown(app, "dash-loss") == f"loss {3.2 * 0.96**25:.4f}   eval 1.9300"
+        assert shown(app, "dash-time") == "elapsed 1:15   ETA 0:45"
+        assert shown(app, "dash-checkpoint") == "checkpoint-20, 8m ago"
+        assert SAMPLE_TEXT in shown(app, "dash-sample")
+        assert shown(app, "dash-gpu") == "GPU -" and shown(app, "dash-cpu") == "CPU 97%   RAM 6.2 GB"
+        assert "run 20260921-115000-smollm2-135m  ·  smollm2-135m  ·  running" == shown(app, "dash-title")
+        assert "step 12: out of memory; micro-batch now 4 x 2, max length 128; back to checkpoint-10" in shown_log(app)
+        assert not dashboard(app).query_one("#dash-end").display
+
+        # the worker writes on: the reader thread brings it in within a second
+        write_events(run.events_path, [*step_events(26, 30, 40, t0=T0 + 10),
+                                       {"t": T0 + 101, "kind": "sample", "step": 30, "prompt": "What is 2+2?",
+                                        "text": "Ahoy! Four, matey."}])
+        took = await until(pilot, lambda: "step 30/40" in shown(app, "dash-step")
+                           and "Four, matey" in shown(app, "dash-sample"), timeout_s=1.5)
+        assert took < 1.0
+
+    with live_worker(run):
+        drive(run, test)
+
+
+def test_a_burst_of_events_is_folded_without_blocking_the_keys(monkeypatch):
+    freeze_clock(monkeypatch)
+    run = fabricate_run(events=[started(max_steps=5000)], max_steps=5000)
+
+    async def test(app, pilot):
+        screen = dashboard(app)
+        await folded(app, pilot, 1)
+        redraws = screen.redraws
+        write_events(run.events_path, step_events(1, 5000, 5000, t0=T0, dt=0.5))
+        t0 = time.monotonic()
+        await pilot.press("e")  # no adapter: refused with a message at once
+        await until(pilot, lambda: any("no adapter yet" in n for n in notices(app)), timeout_s=1.0)
+        assert time.monotonic() - t0 < 1.0
+        await folded(app, pilot, 5001)
+        assert "step 5000/5000" in shown(app, "dash-step")
+        assert len(screen.progress.train_loss) == 5000
+        assert screen.redraws - redraws < 15  # a few redraws, not one per event
+
+    drive(run, test)
+
+
+def test_detach_leaves_the_worker_running(monkeypatch):
+    run = fabricate_run()
+
+    async def test(app, pilot):
+        await folded(app, pilot, len(mid_run_events()), "running")
+        screen = dashboard(app)
+        await pilot.press("d")
+        await until(pilot, lambda: not isinstance(app.screen, DashboardScreen), timeout_s=1.0)
+        assert run.live_worker_pid() == worker.pid
+        assert any("still training in the background" in n for n in notices(app))
+        await until(pilot, lambda: screen.reader.is_finished, timeout_s=2.0, what="the reader thread stops")
+
+    with live_worker(run) as worker:
+        drive(run, test)
+        assert worker.poll() is None
+
+
+def test_export_and_stop_are_refused_when_they_cannot_work(monkeypatch):
+    run = fabricate_run(state="stopped")
+    exported: list[RunDir] = []
+    monkeypatch.setattr(LocaltuneApp, "open_export", lambda app, r: exported.append(r))
+
+    async def test(app, pilot):
+        await folded(app, pilot, len(mid_run_events()), "stopped")
+        await pilot.press("e")
+        await pilot.press("s")
+        await pilot.pause()
+        assert any("no adapter yet (stopped)" in n and "resume it first" in n for n in notices(app))
+        assert any("has no live worker (stopped): nothing to stop" in n for n in notices(app))
+        assert not exported and isinstance(app.screen, DashboardScreen)
+        run.adapter_dir.mkdir()  # once there is an adapter, `e` opens the export screen
+        await pilot.press("e")
+        assert [r.id for r in exported] == [run.id]
+
+    drive(run, test)
+
+
+def test_gpu_readings_a_thermal_pause_and_a_stop_called_off(monkeypatch):
+    events = [started(max_steps=100), *step_events(1, 5, 100, t0=T0),
+              {"t": T0 + 16, "kind": "hardware", "memory_used_bytes": 20 * GiB, "memory_total_bytes": 24 * GiB,
+               "utilization_pct": 99.0, "temperature_c": 86.0, "power_w": 431.5, "cpu_pct": 12.0,
+               "ram_used_bytes": 9 * GiB},
+              {"t": T0 + 17, "kind": "thermal_pause", "step": 5, "temperature_c": 86.0, "max_gpu_temp_c": 83.0}]
+    run = fabricate_run(events=events)
+
+    async def test(app, pilot):
+        await folded(app, pilot, len(events), "running")
+        assert shown(app, "dash-gpu") == "GPU 99%  86 C  432 W"
+        assert shown(app, "dash-title").endswith("·  paused: GPU 86.0 C")
+        assert "20.0 GB / 24.0 GB" in str(dashboard(app).query_one("#dash-memory").render())
+        await pilot.press("s")
+        await until(pilot, lambda: app.screen.query("#answer-stop"), timeout_s=2.0, what="the stop question")
+        await pilot.press("escape")  # called off: nothing is signalled
+        await until(pilot, lambda: isinstance(app.screen, DashboardScreen), timeout_s=1.0)
+        await pilot.pause(0.2)
+        assert worker.poll() is None and run.live_worker_pid() == worker.pid
+
+    with live_worker(run) as worker:
+        drive(run, test)
+
+
+def test_escape_goes_back(monkeypatch):
+    run = fabricate_run(state="completed")
+
+    async def test(app, pilot):
+        await folded(app, pilot, len(mid_run_events()))
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, DashboardScreen), timeout_s=1.0)
+
+    drive(run, test)
+
+
+# ---------------------------------------------------------------- reattach to a real worker
+
+
+@pytest.mark.slow
+def test_reattach_to_a_training_worker_and_stop_it(tiny_chat_model_dir: Path, localtune_home: Path):
+    """A worker started by another process (as if by yesterday's TUI) trains; the dashboard
+    follows it, and `s` + confirm stops it with a checkpoint."""
+    from localtune.demo import demo_dataset_path
+    from localtune.models import resolve_model
+    from localtune.plan import make_plan
+    from tests.conftest import TINY_RUN_KNOBS
+    from tests.test_worker import REPO_ROOT
+
+    data = localtune_home / "train.jsonl"
+    data.write_text("\n".join(demo_dataset_path().read_text(encoding="utf-8").splitlines()[:40]) + "\n",
+                    encoding="utf-8")
+    plan = make_plan(cpu_machine(), resolve_model(str(tiny_chat_model_dir)), profile="cpu",
+                     pinned={**TINY_RUN_KNOBS, "max_steps": 400, "save_steps": 10, "eval_steps": 10})
+    run = create_run({"run": {"model": str(tiny_chat_model_dir), "data": str(data), "eval_split": 0.1},
+                      "knobs": plan.knobs.to_dict()}, plan.to_dict(), "tiny-live")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "",
+           "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
+    with open(run.log_path, "ab") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "localtune.worker", str(run.path)], stdout=log,
+                                  stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    async def test(app, pilot):
+        await until(pilot, lambda: dashboard(app).progress.step >= 3 and dashboard(app).progress.loss is not None
+                    and dashboard(app).run_state == "running", timeout_s=90, what="3 steps trained")
+        await until(pilot, lambda: "loss " in shown(app, "dash-loss") and "step " in shown(app, "dash-step"))
+        await pilot.press("s")
+        await until(pilot, lambda: app.screen.query("#answer-stop"), timeout_s=2.0, what="the stop question")
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, DashboardScreen) and dashboard(app).progress.end
+                    and dashboard(app).run_state == "stopped", timeout_s=60, what="the worker stopped")
+        await pilot.pause(0.3)
+        assert "stopped" in shown(app, "dash-title") and "stopped at step" in shown(app, "dash-end")
+        assert any("stopping" in n for n in notices(app))
+
+    try:
+        drive(run, test)
+        assert worker.wait(timeout=60) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    status = run.read_status()
+    assert status["state"] == "stopped", run.log_path.read_text()[-2000:]
+    assert run.complete_checkpoints() and run.complete_checkpoints()[-1].name == f"checkpoint-{status['step']}"
+    assert 3 <= status["step"] < 400
+
+
+# ---------------------------------------------------------------- snapshots
+
+
+def snapshot_app(monkeypatch, run: RunDir) -> LocaltuneApp:
+    freeze_clock(monkeypatch)
+    return LocaltuneApp(hardware=cpu_machine(), open_run=run.id)
+
+
+def wait_for(events: int, state: str):
+    async def run_before(pilot) -> None:
+        await folded(pilot.app, pilot, events, state)
+
+    return run_before
+
+
+@pytest.mark.parametrize("size", [(100, 30), (80, 24)], ids=["100x30", "80x24"])
+def test_snapshot_mid_run(snap_compare, monkeypatch, size):
+    run = fabricate_run()
+    with live_worker(run):
+        assert snap_compare(snapshot_app(monkeypatch, run), terminal_size=size,
+                            run_before=wait_for(len(mid_run_events()), "running"))
+
+
+def test_snapshot_failed_run(snap_compare, monkeypatch):
+    events = [started(), *step_events(1, 7, 40, t0=T0), hardware(T0 + 22),
+              {"t": T0 + 25, "kind": "failed", "error": "RuntimeError: CUDA error: an illegal memory access was "
+               "encountered", "log": "/home/me/.local/share/localtune/runs/x/worker.log"}]
+    run = fabricate_run("20260921-115000-qwen2-5-0-5b", events, state="failed", model="Qwen/Qwen2.5-0.5B-Instruct",
+                        error="RuntimeError: CUDA error: an illegal memory access was encountered")
+    assert snap_compare(snapshot_app(monkeypatch, run), terminal_size=(100, 30),
+                        run_before=wait_for(len(events), "failed"))

@@ -1,0 +1,267 @@
+"""The Runs screen as a person meets it: fabricated run folders (config, events, status.json)
+listed with their state, progress and loss; the keys that attach, resume, delete, export and
+chat; and snapshots at 100x30 and 80x24 with a frozen clock."""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import os
+import time
+from typing import Any, Awaitable, Callable
+
+import pytest
+
+from localtune.events import atomic_write_json
+from localtune.runs import RunDir, create_run
+from localtune.tui.app import LocaltuneApp
+from tests.tui_support import cpu_machine, freeze_clock, step_events, write_events
+
+
+def fake_run(run_id: str, state: str, step: int, max_steps: int, *, model: str = "smollm2-135m",
+             adapter: bool = False) -> RunDir:
+    """A run folder as the worker leaves it: config, `step` events 1..step, and a status.json
+    whose times come from the run id (so snapshots are the same on every machine)."""
+    created = calendar.timegm(time.strptime(run_id[:15], "%Y%m%d-%H%M%S"))
+    run = create_run({"run": {"model": model, "data": "demo"}, "knobs": {}}, {}, run_id)
+    write_events(run.events_path, step_events(1, step, max_steps, t0=created, dt=20.0))
+    atomic_write_json(run.status_path, {"state": state, "created": created, "updated": created + step * 20.0 + 5,
+                                        "step": step, "max_steps": max_steps})
+    if adapter:
+        run.adapter_dir.mkdir()
+        (run.adapter_dir / "adapter_config.json").write_text("{}")
+        (run.adapter_dir / "adapter_model.safetensors").write_bytes(b"")
+    return run
+
+
+@pytest.fixture
+def utc():
+    """Wall-clock times ('started') in UTC, whatever the machine's time zone."""
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = "UTC"
+    time.tzset()
+    yield
+    if old is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = old
+    time.tzset()
+
+
+@pytest.fixture
+def runs(monkeypatch, utc) -> dict[str, RunDir]:
+    """Four runs of every finished kind, the newest 2 hours before the frozen clock."""
+    freeze_clock(monkeypatch)
+    return {
+        "completed": fake_run("20260918-101500-smollm2-135m", "completed", 60, 60, adapter=True),
+        "failed": fake_run("20260919-141000-qwen2-5-0-5b-instruct", "failed", 12, 200,
+                           model="Qwen/Qwen2.5-0.5B-Instruct"),
+        "stopped": fake_run("20260920-083000-smollm2-135m", "stopped", 30, 60),
+        # the status says running but no worker holds the lock: the worker died
+        "interrupted": fake_run("20260921-120000-smollm2-135m", "running", 45, 100),
+    }
+
+
+def new_app() -> LocaltuneApp:
+    return LocaltuneApp(hardware=cpu_machine(), mode="runs")
+
+
+def drive(test: Callable[[LocaltuneApp, Any], Awaitable[None]], size: tuple[int, int] = (100, 30)) -> LocaltuneApp:
+    """Run the app headless, wait for the first reading of the runs, then `test(app, pilot)`."""
+    app = new_app()
+
+    async def main() -> None:
+        async with app.run_test(size=size) as pilot:
+            await settle(app, pilot)
+            await test(app, pilot)
+
+    asyncio.run(main())
+    return app
+
+
+async def settle(app: LocaltuneApp, pilot) -> None:
+    await pilot.pause()
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+
+
+def record(app: LocaltuneApp, monkeypatch, *names: str) -> list[tuple[str, Any]]:
+    """Replace the app's methods `names` (open_dashboard, ...) by ones that note their call;
+    notify is noted and still shown."""
+    calls: list[tuple[str, Any]] = []
+    for name in names:
+        monkeypatch.setattr(app, name, lambda arg, name=name: calls.append((name, arg)))
+    notify = app.notify
+
+    def noting(message, **kw):
+        calls.append(("notify:" + kw.get("severity", "information"), str(message)))
+        return notify(message, **kw)
+
+    monkeypatch.setattr(app, "notify", noting)
+    return calls
+
+
+async def highlight(app: LocaltuneApp, pilot, run: RunDir) -> None:
+    table = app.screen.query_one("#runs-table")
+    table.move_cursor(row=table.get_row_index(run.id))
+    await pilot.pause()
+    assert app.screen.selected_run() == run
+
+
+# ---------------------------------------------------------------- the list
+
+
+def test_every_run_is_listed_newest_first_with_state_progress_and_loss(runs) -> None:
+    async def check(app, pilot) -> None:
+        table = app.screen.query_one("#runs-table")
+        rows = [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)]
+        assert [r[0] for r in rows] == [runs[k].id for k in ("interrupted", "stopped", "failed", "completed")]
+        by_id = {r[0]: r for r in rows}
+        assert by_id[runs["interrupted"].id][1:4] == ["interrupted", "45/100", "0.5097"]
+        assert by_id[runs["stopped"].id][1:4] == ["stopped", "30/60", "0.9403"]
+        assert by_id[runs["failed"].id][1:4] == ["failed", "12/200", "1.9607"]
+        assert by_id[runs["completed"].id][1:4] == ["completed", "60/60", "0.2763"]
+        assert by_id[runs["interrupted"].id][4:] == ["12:00", "1h ago"]  # started today; updated 2h - 15m ago
+        assert app.screen.selected_run() == runs["interrupted"]
+
+    drive(check)
+
+
+def test_no_runs_says_how_to_start_one() -> None:
+    async def check(app, pilot) -> None:
+        empty = app.screen.query_one("#runs-empty")
+        assert empty.display and "no runs yet; press 2 to start one" in str(empty.render())
+        assert not app.screen.query_one("#runs-table").display
+        assert app.screen.selected_run() is None
+
+    drive(check)
+
+
+def test_a_new_run_appears_without_a_key_press(runs) -> None:
+    async def check(app, pilot) -> None:
+        fake_run("20260921-130000-smollm2-135m", "completed", 10, 10)
+        for _ in range(30):  # the screen reads the runs every 2 s
+            await pilot.pause(0.1)
+            if "20260921-130000-smollm2-135m" in app.screen.summaries:
+                break
+        await settle(app, pilot)
+        assert app.screen.query_one("#runs-table").row_count == 5
+        assert app.screen.selected_run() == runs["interrupted"]  # the highlight stays on its run
+
+    drive(check)
+
+
+def test_a_run_whose_files_cannot_be_read_is_listed_as_unreadable(runs) -> None:
+    runs["stopped"].config_path.write_text("[run\nmodel = ", encoding="utf-8")  # edited by hand, badly
+
+    async def check(app, pilot) -> None:
+        await highlight(app, pilot, runs["stopped"])
+        table = app.screen.query_one("#runs-table")
+        assert str(table.get_row(runs["stopped"].id)[1]) == "unreadable"
+        assert str(app.screen.query_one("#run-detail").content).startswith(f"cannot read {runs['stopped'].path}: ")
+        assert table.row_count == 4
+
+    drive(check)
+
+
+# ---------------------------------------------------------------- the keys
+
+
+def test_enter_attaches_to_the_highlighted_run(runs, monkeypatch) -> None:
+    async def check(app, pilot) -> None:
+        calls = record(app, monkeypatch, "open_dashboard")
+        await highlight(app, pilot, runs["completed"])
+        await pilot.press("enter")
+        assert calls == [("open_dashboard", runs["completed"])]
+
+    drive(check)
+
+
+def test_delete_asks_first_and_cancel_keeps_the_run(runs) -> None:
+    async def check(app, pilot) -> None:
+        await highlight(app, pilot, runs["stopped"])
+        await pilot.press("d")
+        await pilot.pause()
+        question = str(app.screen.query_one("#confirm-question").render())
+        assert f"delete run {runs['stopped'].id} and its checkpoints, adapter and exports?" in question
+        await pilot.press("escape")
+        await settle(app, pilot)
+        assert runs["stopped"].path.is_dir()
+        assert app.screen.query_one("#runs-table").row_count == 4
+
+    drive(check)
+
+
+def test_delete_confirmed_removes_the_folder_and_the_row(runs) -> None:
+    async def check(app, pilot) -> None:
+        await highlight(app, pilot, runs["stopped"])
+        await pilot.press("d")
+        await pilot.pause()
+        await pilot.click("#answer-delete")
+        await settle(app, pilot)
+        assert not runs["stopped"].path.exists()
+        assert runs["stopped"].id not in app.screen.summaries
+        assert app.screen.query_one("#runs-table").row_count == 3
+
+    drive(check)
+
+
+def test_resume_of_a_completed_run_is_refused_in_one_line(runs, monkeypatch) -> None:
+    async def check(app, pilot) -> None:
+        calls = record(app, monkeypatch, "open_dashboard")
+        await highlight(app, pilot, runs["completed"])
+        await pilot.press("r")
+        await settle(app, pilot)
+        errors = [m for kind, m in calls if kind == "notify:error"]
+        assert errors == [f"run {runs['completed'].id} is already completed; export it with "
+                          f"`localtune export {runs['completed'].id}`, or start a new run"]
+        assert not [c for c in calls if c[0] == "open_dashboard"]
+
+    drive(check)
+
+
+def test_resume_of_a_stopped_run_starts_it_and_opens_its_dashboard(runs, monkeypatch) -> None:
+    # a real resume starts a worker; the end-to-end tests cover that. Here: the screen's part.
+    started: list[RunDir] = []
+    monkeypatch.setattr("localtune.tui.screens.runs.resume_run",
+                        lambda run: (started.append(run), (None, "from checkpoint-30"))[1])
+
+    async def check(app, pilot) -> None:
+        calls = record(app, monkeypatch, "open_dashboard")
+        await highlight(app, pilot, runs["stopped"])
+        await pilot.press("r")
+        await settle(app, pilot)
+        assert started == [runs["stopped"]]
+        assert ("open_dashboard", runs["stopped"]) in calls
+        assert ("notify:information", f"resumed run {runs['stopped'].id} from checkpoint-30") in calls
+
+    drive(check)
+
+
+@pytest.mark.parametrize("key", ["e", "c"])
+def test_export_and_chat_need_an_adapter(runs, monkeypatch, key: str) -> None:
+    async def check(app, pilot) -> None:
+        calls = record(app, monkeypatch, "open_export", "open_chat")
+        await highlight(app, pilot, runs["stopped"])
+        await pilot.press(key)
+        await pilot.pause()
+        assert calls == [("notify:error", f"run {runs['stopped'].id} has no adapter yet: it was stopped at "
+                                          "step 30 of 60; press r to resume it")]
+        calls.clear()
+        await highlight(app, pilot, runs["completed"])
+        await pilot.press(key)
+        await pilot.pause()
+        assert calls == [("open_export" if key == "e" else "open_chat", runs["completed"])]
+
+    drive(check)
+
+
+# ---------------------------------------------------------------- snapshots
+
+
+@pytest.mark.parametrize("size", [(100, 30), (80, 24)], ids=["100x30", "80x24"])
+def test_snapshot_runs(runs, snap_compare, size: tuple[int, int]) -> None:
+    async def wait_for_the_runs(pilot) -> None:
+        await settle(pilot.app, pilot)
+
+    assert snap_compare(new_app(), terminal_size=size, run_before=wait_for_the_runs)
