@@ -348,6 +348,39 @@ def test_export_and_stop_are_refused_when_they_cannot_work(monkeypatch):
     drive(run, test)
 
 
+def test_resume_key_resumes_a_stopped_run_and_refuses_a_live_one(monkeypatch):
+    run = fabricate_run(state="stopped")
+    resumed: list[str] = []
+
+    def fake_resume(r, force=False):  # the real resume is the end-to-end flow test's
+        resumed.append(r.id)
+        return None, "from checkpoint-20"
+
+    monkeypatch.setattr("localtune.launch.resume_run", fake_resume)
+
+    async def test(app, pilot):
+        await folded(app, pilot, len(mid_run_events()), "stopped")
+        await pilot.press("r")
+        await until(pilot, lambda: resumed, timeout_s=2.0, what="resume_run to be called")
+        await until(pilot, lambda: any("resumed run" in n and "from checkpoint-20" in n for n in notices(app)),
+                    timeout_s=2.0, what="the resumed notice")
+
+    drive(run, test)
+    assert resumed == [run.id]
+
+    live = fabricate_run("20260921-120000-smollm2-135m")
+
+    async def refused(app, pilot):
+        await folded(app, pilot, len(mid_run_events()), "running")
+        await pilot.press("r")
+        await pilot.pause()
+        assert any("is running: nothing to resume" in n for n in notices(app))
+
+    with live_worker(live):
+        drive(live, refused)
+    assert resumed == [run.id]
+
+
 def test_gpu_readings_a_thermal_pause_and_a_stop_called_off(monkeypatch):
     events = [started(max_steps=100), *step_events(1, 5, 100, t0=T0),
               {"t": T0 + 16, "kind": "hardware", "memory_used_bytes": 20 * GiB, "memory_total_bytes": 24 * GiB,

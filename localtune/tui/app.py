@@ -35,8 +35,10 @@ class LocaltuneApp(App[int]):
         Binding("1", "switch_mode('machine')", "Machine"),
         Binding("2", "switch_mode('new')", "New run"),
         Binding("3", "switch_mode('runs')", "Runs"),
-        Binding("question_mark,f1", "toggle_keys", "Keys", key_display="?"),
-        Binding("q", "quit_app", "Quit"),
+        Binding("question_mark", "toggle_keys", "Keys", key_display="?"),
+        # F1 works in a text field too, where ? is typed
+        Binding("f1", "toggle_keys", "Keys", show=False, priority=True),
+        Binding("q", "quit_app", "Quit", tooltip="training runs go on unless you stop them"),
         Binding("ctrl+q", "quit_app", "Quit", show=False, priority=True),
     ]
     ENABLE_COMMAND_PALETTE = False
@@ -81,10 +83,12 @@ class LocaltuneApp(App[int]):
     # ------------------------------------------------------------ keys, quitting
 
     def action_toggle_keys(self) -> None:
-        if self.screen.query("HelpPanel"):
-            self.action_hide_help_panel()
+        from localtune.tui.screens.keys import KeysScreen
+
+        if isinstance(self.screen, KeysScreen):
+            self.screen.dismiss(None)
         else:
-            self.action_show_help_panel()
+            self.push_screen(KeysScreen(self.screen))
 
     def training_runs(self) -> list[RunDir]:
         """Runs whose worker is alive now."""

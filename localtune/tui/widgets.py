@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual.widgets import Static
+from textual.widgets import Checkbox, RadioButton, Static
 
 from localtune.tui.fmt import gb
 
@@ -89,10 +89,15 @@ class EstimateBar(Static):
         width = max(10, self.size.width or 60)
         out = stacked_bar(self.parts, self.budget, width)
         out.append("\n")
-        for key, n in self.parts:
-            out.append("  ")
+        column = 0
+        for key, n in self.parts:  # the legend, wrapped between items, never inside one
+            item = f" {PART_LABELS.get(key, key)} {gb(n, 2)}  "
+            if column and column + 2 + len(item) > width:
+                out.append("\n")
+                column = 0
             out.append("  ", PART_STYLES.get(key, ""))
-            out.append(f" {PART_LABELS.get(key, key)} {gb(n, 2)}")
+            out.append(item)
+            column += 2 + len(item)
         out.append("\n")
         if total > self.budget:
             out.append(f"over the budget by {gb(total - self.budget, 2)}: estimate {gb(total, 2)}, "
@@ -101,3 +106,23 @@ class EstimateBar(Static):
             out.append(f"fits: estimate {gb(total, 2)} of a {gb(self.budget, 2)} budget "
                        f"({gb(self.budget - total, 2)} to spare)", "green")
         return out
+
+
+class Toggle(Checkbox):
+    """A checkbox that shows its state by its mark, not by colour alone: `[X]` on, `[ ]` off
+    (Textual's compact checkbox draws an X either way)."""
+
+    @property
+    def _button(self):
+        self.BUTTON_INNER = "X" if self.value else " "
+        return super()._button
+
+
+class Choice(RadioButton):
+    """A radio button that shows its state by its mark, not by colour alone: `(●)` chosen,
+    `( )` not."""
+
+    @property
+    def _button(self):
+        self.BUTTON_INNER = "●" if self.value else " "
+        return super()._button

@@ -22,6 +22,7 @@ from textual.worker import get_current_worker
 from localtune.chat import ChatSession
 from localtune.errors import UserError
 from localtune.runs import RunDir
+from localtune.tui.widgets import Toggle
 
 SIDES = {"base": "base model", "tuned": "tuned model"}
 
@@ -99,8 +100,8 @@ class ChatScreen(Screen):
 
     BINDINGS = [
         Binding("escape", "back", "Back"),
-        Binding("ctrl+t", "toggle_compare", "Compare"),
-        Binding("ctrl+l", "clear", "Clear"),
+        Binding("ctrl+t", "toggle_compare", "Compare", tooltip="the base model answers too, side by side"),
+        Binding("ctrl+l", "clear", "Clear", tooltip="start a new conversation"),
     ]
 
     def __init__(self, run: RunDir) -> None:
@@ -115,7 +116,7 @@ class ChatScreen(Screen):
     def compose(self) -> ComposeResult:
         with Horizontal(id="chat-top"):
             yield Static(Text.assemble(("Chat ", "bold"), "with run ", (self.run.id, "bold")), id="chat-title")
-            yield Checkbox("compare with the base model", id="compare", compact=True)
+            yield Toggle("compare with the base model", id="compare", compact=True)
         with VerticalScroll(id="transcript"):
             yield Static("loading the tuned model ...", id="chat-status", classes="dim")
         yield Input(id="chat-input", placeholder="loading ...", disabled=True, compact=True)

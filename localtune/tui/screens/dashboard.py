@@ -52,7 +52,7 @@ STATE_STYLES = {"running": "bold green", "stopping": "bold yellow", "stopped": "
                 "created": "dim", "unknown": "dim"}
 LOG_STYLES = {"info": "", "warning": "yellow", "error": "bold red"}
 STOP_QUESTION = ("Stop run {id}?\n\nThe worker finishes the current step, writes a checkpoint and stops; "
-                 "resume later with `localtune resume {id}`.")
+                 "r resumes it later (here or on the Runs screen).")
 
 
 def thin(points: list[tuple[int, float]], most: int = CHART_POINTS) -> list[tuple[int, float]]:
@@ -95,9 +95,10 @@ class DashboardScreen(Screen):
     """One run, live: what the worker reports through its event log."""
 
     BINDINGS = [
-        Binding("s", "stop_run", "Stop"),
-        Binding("d", "detach", "Detach"),
-        Binding("e", "export", "Export"),
+        Binding("s", "stop_run", "Stop", tooltip="checkpoint, then stop (asks first)"),
+        Binding("d", "detach", "Detach", tooltip="leave the dashboard; training goes on"),
+        Binding("r", "resume", "Resume", tooltip="go on from the newest checkpoint"),
+        Binding("e", "export", "Export", tooltip="once training finished"),
         Binding("escape", "back", "Back"),
     ]
 
@@ -237,7 +238,6 @@ class DashboardScreen(Screen):
     def _draw_end(self) -> None:
         """A banner once the run has ended (or its worker is gone without a word)."""
         end, state = self.progress.end, self.run_state
-        rid = self.run.id
         line: Text | None = None
         if end and end.get("kind") == "failed":
             line = Text.assemble(("failed: ", "bold red"), str(end.get("error", "?")),
@@ -248,10 +248,10 @@ class DashboardScreen(Screen):
         elif end and end.get("kind") == "stopped":
             line = Text.assemble(("stopped", "bold yellow"), f" at step {end.get('step', '?')}",
                                  f" ({end['checkpoint']})" if end.get("checkpoint") else "",
-                                 (f"; `localtune resume {rid}` goes on from there", "dim"))
+                                 ("; r resumes from there", "dim"))
         elif state == "interrupted":
             line = Text.assemble(("interrupted", "bold red"), ": the worker is gone without a word",
-                                 (f"; `localtune resume {rid}` goes on from the last checkpoint", "dim"))
+                                 ("; r resumes from the last checkpoint", "dim"))
         elif state == "failed":  # the status says so but the log has no end event (a worker killed early)
             line = Text.assemble(("failed: ", "bold red"), str(self.status.get("error") or "?"),
                                  ("\nlog: ", "dim"), str(self.run.log_path))
@@ -329,6 +329,25 @@ class DashboardScreen(Screen):
         self.app.push_screen(ConfirmScreen(STOP_QUESTION.format(id=self.run.id),
                                            [("stop", "Stop"), ("cancel", "Keep training")], danger="stop"),
                              answered)
+
+    def action_resume(self) -> None:
+        """Start a worker that goes on from the newest checkpoint; this dashboard follows it."""
+        if self.run_state in ("running", "stopping"):
+            self.app.notify_error(f"run {self.run.id} is {self.run_state}: nothing to resume")
+            return
+        self._resume()
+
+    @work(thread=True, exclusive=True, group="resume")
+    def _resume(self) -> None:
+        from localtune.errors import UserError
+        from localtune.launch import resume_run
+
+        try:
+            _, where = resume_run(self.run)
+        except UserError as e:
+            self.app.call_from_thread(self.app.notify_error, e)
+            return
+        self.app.call_from_thread(self.notify, f"resumed run {self.run.id} {where}")
 
     def action_detach(self) -> None:
         """Leave the dashboard; the worker is its own process and goes on."""

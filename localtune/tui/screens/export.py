@@ -18,11 +18,12 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Button, Checkbox, Footer, Input, ProgressBar, RadioButton, RadioSet, Static
+from textual.widgets import Button, Checkbox, Footer, Input, ProgressBar, RadioSet, Static
 
 from localtune.errors import UserError
 from localtune.export import ExportResult, default_destination, export_run
 from localtune.runs import RunDir
+from localtune.tui.widgets import Choice, Toggle
 
 CHOICES = {
     # radio id: (label, format, quant, what it is)
@@ -119,12 +120,12 @@ class ExportScreen(Screen):
             form.border_title = "format"
             with RadioSet(id="formats", compact=True):
                 for key, (label, *_) in CHOICES.items():
-                    yield RadioButton(label, id=f"fmt-{key}", value=key == "adapter", compact=True)
+                    yield Choice(label, id=f"fmt-{key}", value=key == "adapter", compact=True)
             yield Static(CHOICES["adapter"][3], id="fmt-help", classes="dim")
             with Horizontal(id="export-options"):
-                yield Checkbox("Ollama Modelfile", id="ollama", compact=True, disabled=True,
+                yield Toggle("Ollama Modelfile", id="ollama", compact=True, disabled=True,
                                tooltip="GGUF only: a Modelfile beside the file, for `ollama create`")
-                yield Checkbox("replace it if it exists", id="force", compact=True)
+                yield Toggle("replace it if it exists", id="force", compact=True)
             with Horizontal(id="dest-row"):
                 yield Static("to ", classes="dim")
                 yield Input(self._default_dest, id="dest", compact=True, placeholder="a folder to write")

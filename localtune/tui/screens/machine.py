@@ -159,7 +159,7 @@ class MachineScreen(Screen):
                     yield row("knobs", Static(profile_knobs_line(p), id="profile-knobs"))
             yield Static("", id="machine-live-error", classes="error")
             yield Static("Press 2 to plan a new run, 3 for runs.", id="machine-next")
-        yield Footer()
+        yield Footer(compact=True)
 
     def _cpu_line(self, cpu_pct: float | None) -> str:
         hw: Hardware = self.app.hardware

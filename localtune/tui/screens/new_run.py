@@ -37,7 +37,7 @@ from localtune.models import BUILTIN_NAME, ModelRef, builtin_model_dir, load_tok
 from localtune.plan import Plan, make_plan
 from localtune.runs import RunDir
 from localtune.tui.fmt import gb
-from localtune.tui.widgets import EstimateBar
+from localtune.tui.widgets import EstimateBar, Toggle
 
 NUMBER_KNOBS = {
     "knob-r": ("r", "rank"),
@@ -260,7 +260,7 @@ class NewRunScreen(Screen):
                     yield Button("Browse…", id="data-browse", compact=True)
                 yield Static("", id="data-summary", classes="hide-empty")
                 yield Static("", id="data-problems", classes="error hide-empty")
-                yield Checkbox("leave the bad rows out (--skip-bad-rows)", id="data-skip-bad", compact=True,
+                yield Toggle("leave the bad rows out (--skip-bad-rows)", id="data-skip-bad", compact=True,
                                classes="hide-empty")
                 yield Static("", id="data-example", classes="hide-empty")
             with Vertical(classes="section", id="plan-box") as box:
@@ -271,7 +271,7 @@ class NewRunScreen(Screen):
                         yield Input(id=wid, type="integer", compact=True, classes="knob-input")
                 with Horizontal(id="switch-row"):
                     for wid, (_, label) in SWITCH_KNOBS.items():
-                        yield Checkbox(label, id=wid, compact=True)
+                        yield Toggle(label, id=wid, compact=True)
                 yield Static("", id="knob-error", classes="error hide-empty")
                 yield EstimateBar(id="estimate")
                 yield Static("", id="plan-advice", classes="hide-empty")
@@ -281,7 +281,7 @@ class NewRunScreen(Screen):
         with Horizontal(id="start-bar"):
             yield Button("Start training", id="start", variant="success", compact=True)
             yield Static("", id="start-note")
-        yield Footer()
+        yield Footer(compact=True)
 
     def show(self, selector: str, content: str | Text | Table) -> None:
         """Update a Static and hide it while it is empty (an empty line would waste a row)."""

@@ -93,7 +93,7 @@ def _progress(s: dict[str, Any]) -> str:
 class RunsTable(DataTable):
     """The runs table; its enter (select the row) attaches, and the Footer says so."""
 
-    BINDINGS = [Binding("enter", "select_cursor", "Attach")]
+    BINDINGS = [Binding("enter", "select_cursor", "Attach", tooltip="open the run's dashboard")]
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         return None if action == "select_cursor" and self.row_count == 0 else True  # None: shown greyed
@@ -103,10 +103,10 @@ class RunsScreen(Screen):
     """A table of every run; `selected_run()` is the highlighted one."""
 
     BINDINGS = [
-        Binding("r", "resume", "Resume"),
-        Binding("d", "delete", "Delete"),
-        Binding("e", "export", "Export"),
-        Binding("c", "chat", "Chat"),
+        Binding("r", "resume", "Resume", tooltip="go on from the newest checkpoint"),
+        Binding("d", "delete", "Delete", tooltip="remove the run and its files (asks first)"),
+        Binding("e", "export", "Export", tooltip="adapter, merged model or GGUF"),
+        Binding("c", "chat", "Chat", tooltip="talk to the tuned model"),
     ]
 
     def __init__(self) -> None:
@@ -127,7 +127,7 @@ class RunsScreen(Screen):
         yield RunsTable(id="runs-table", cursor_type="row", zebra_stripes=True)
         yield Static("reading the runs ...", id="runs-empty", classes="dim")
         yield Static("", id="run-detail", classes="dim")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.query_one("#runs-table").display = False
