@@ -357,6 +357,20 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 1 if end and end["kind"] == "failed" else 0
 
 
+def cmd_attach(args: argparse.Namespace) -> int:
+    from localtune.runs import find_run
+
+    run = find_run(args.run)
+    if _wants_tui(args):
+        from localtune.tui import run_tui
+
+        return run_tui(run=str(run.path))
+    from localtune.headless import follow
+
+    end = follow(run)
+    return 1 if end and end["kind"] == "failed" else 0
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     from localtune.launch import request_stop
     from localtune.runs import find_run
@@ -605,6 +619,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run id (or a unique prefix, or `last`)")
     p.add_argument("--wait", action="store_true", help="return when the worker has stopped")
     p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("attach", help="open a run's dashboard (it may be training, stopped or finished)")
+    p.add_argument("run", nargs="?", default="last", help="run id, unique prefix, `last` (default) or folder")
+    p.add_argument("--headless", action="store_true",
+                   help="follow in this terminal as plain text instead of the TUI's dashboard")
+    p.set_defaults(func=cmd_attach)
 
     p = sub.add_parser("runs", help="list runs with state, progress, loss and age")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -90,3 +90,36 @@ def test_export_screen_lists_its_keys(tiny_trained_run: RunDir) -> None:
     here, _, under = open_keys(go, "question_mark")
     assert under == "ExportScreen"
     assert "Back" in {w for _, w in here}
+
+
+# ---------------------------------------------------------------- how the CLI reaches the TUI
+
+
+def test_no_command_without_a_terminal_prints_the_help_and_says_why(capsys) -> None:
+    from tests.helpers import run
+
+    rc, out, _ = run(capsys)
+    assert rc == 0
+    assert "usage: localtune" in out
+    assert "`localtune` with no command opens the terminal UI; it needs a terminal." in out
+
+
+def test_attach_names_a_missing_run_in_one_line(capsys) -> None:
+    from tests.helpers import one_line_error, run
+
+    rc, _, err = run(capsys, "attach", "nope")
+    assert rc == 1
+    assert "no run 'nope'" in one_line_error(err)
+
+
+def test_attach_without_a_terminal_prints_a_finished_run_as_text(capsys) -> None:
+    from tests.helpers import run
+    from tests.tui_support import step_events, write_events
+
+    done = fabricate_run(events=[], state="completed")
+    write_events(done.events_path, step_events(1, 3, 3, t0=1000.0) + [
+        {"t": 1010.0, "kind": "finished", "step": 3, "adapter": str(done.adapter_dir), "train_loss": 2.5,
+         "elapsed_s": 9.0, "tokens": 3000, "peak_memory_bytes": 1 << 30}])
+    rc, out, _ = run(capsys, "attach", done.id)
+    assert rc == 0
+    assert "finished: 3 steps" in out and "step 3/3" in out

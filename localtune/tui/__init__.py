@@ -10,8 +10,14 @@ from __future__ import annotations
 
 
 def run_tui(*, run: str | None = None) -> int:
+    """Run the app until the person quits; `run` (an id, prefix, `last` or path) opens on that
+    run's dashboard. A run that does not exist is refused here, before the screen changes."""
     from localtune.tui.app import LocaltuneApp
 
+    if run is not None:
+        from localtune.runs import find_run
+
+        run = str(find_run(run).path)  # UserError: one line from the CLI
     app = LocaltuneApp(open_run=run)
     app.run()
     return app.return_code or 0
