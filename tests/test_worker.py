@@ -376,6 +376,11 @@ def test_death_while_writing_a_checkpoint_resumes_from_the_one_before(reference_
 
 def test_the_lock_refuses_a_second_worker_while_one_is_alive(new_run) -> None:
     run = new_run()
+    # long enough that the first worker is still training when the second has started (the
+    # reference's few steps can end first on a loaded machine, and take the lock with them)
+    cfg = run.read_config()
+    cfg["knobs"]["max_steps"] = 100_000
+    run.write_config(cfg)
     proc = start_worker(run)
     deadline = time.monotonic() + 60
     while run.live_worker_pid() != proc.pid:

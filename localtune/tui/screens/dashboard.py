@@ -11,7 +11,8 @@ dirty; a timer redraws at most REDRAWS_PER_S times a second. So opening a long f
 event: toolong's `can_replace` idea, folding high-rate updates into the newest.
 
 Keys: s stop (asks first; the worker finishes the step, writes a checkpoint and exits),
-d detach (leave; training goes on), e export (once there is an adapter), escape back.
+d detach (leave; training goes on), r resume (a stopped, failed or interrupted run), e export
+(once there is an adapter), escape back.
 """
 
 from __future__ import annotations
