@@ -119,6 +119,34 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     return EventReader(path).read_new()
 
 
+def last_event(path: Path, kind: str, *, block: int = 1 << 16) -> dict[str, Any] | None:
+    """The newest whole event of `kind`, read from the end of the file backwards: a long run's
+    log holds megabytes, and a listing wants only its last step."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return None
+    with f:
+        pos = f.seek(0, os.SEEK_END)
+        carry = b""  # the start of a line whose beginning is in the block before
+        while pos > 0:
+            size = min(block, pos)
+            pos -= size
+            f.seek(pos)
+            lines = (f.read(size) + carry).split(b"\n")
+            carry = lines.pop(0) if pos > 0 else b""
+            for line in reversed(lines):
+                if kind.encode() not in line:
+                    continue
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line being written, or torn by a crash
+                if event.get("kind") == kind:
+                    return event
+    return None
+
+
 def iter_kind(events: list[dict[str, Any]], kind: str) -> Iterator[dict[str, Any]]:
     return (e for e in events if e.get("kind") == kind)
 

@@ -188,6 +188,16 @@ def delete_run(run: RunDir) -> None:
     shutil.rmtree(run.path)
 
 
+class RunInputsChanged(UserError):
+    """The model or the data changed since the run began: resuming would mix two trainings.
+    The CLI says to pass --force; the TUI asks whether to resume anyway."""
+
+    def __init__(self, message: str, changes: list[str]) -> None:
+        super().__init__(message)
+        self.changes = changes
+        """What changed, a phrase each ('the data d.jsonl changed since the run began')."""
+
+
 def check_resumable(run: RunDir, force: bool = False) -> None:
     """Refuse to resume a completed run, a run with a live worker, or one whose model or data
     changed since it began (unless `force`)."""
@@ -211,5 +221,5 @@ def check_resumable(run: RunDir, force: bool = False) -> None:
     if cfg.get("model_sha256") and model.kind != "hub" and fingerprint(model.location) != cfg["model_sha256"]:
         changed.append(f"the model {cfg['model']} changed since the run began")
     if changed and not force:
-        raise UserError(f"run {run.id}: {'; '.join(changed)}; resuming would mix two trainings: "
-                        "pass --force to resume anyway")
+        raise RunInputsChanged(f"run {run.id}: {'; '.join(changed)}; resuming would mix two trainings: "
+                               "pass --force to resume anyway", changed)

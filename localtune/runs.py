@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from localtune.errors import UserError
-from localtune.events import atomic_write_json, atomic_write_text, read_events
+from localtune.events import atomic_write_json, atomic_write_text, last_event
 from localtune.paths import runs_dir
 
 STATES = ("created", "running", "stopping", "stopped", "failed", "completed")
@@ -158,13 +158,12 @@ class RunDir:
 
     def summary(self) -> dict[str, Any]:
         status = self.read_status()
-        events = read_events(self.events_path)
-        steps = [e for e in events if e.get("kind") == "step"]
+        last = last_event(self.events_path, "step") or {}
         cfg = self.read_config() if self.config_path.is_file() else {}
         return {
-            "id": self.id, "state": self.state(), "step": status.get("step", steps[-1]["step"] if steps else 0),
-            "max_steps": status.get("max_steps", steps[-1].get("max_steps") if steps else None),
-            "loss": steps[-1].get("loss") if steps else None,
+            "id": self.id, "state": self.state(), "step": status.get("step", last.get("step", 0)),
+            "max_steps": status.get("max_steps", last.get("max_steps")),
+            "loss": last.get("loss"),
             "model": cfg.get("run", {}).get("model"), "data": cfg.get("run", {}).get("data"),
             "started": status.get("created"), "updated": status.get("updated"),
             "path": str(self.path),

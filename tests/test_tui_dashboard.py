@@ -381,6 +381,33 @@ def test_resume_key_resumes_a_stopped_run_and_refuses_a_live_one(monkeypatch):
     assert resumed == [run.id]
 
 
+def test_resume_after_the_model_changed_asks_first(monkeypatch):
+    from localtune.launch import RunInputsChanged
+
+    run = fabricate_run(state="stopped")
+    forced: list[bool] = []
+
+    def resume(r, force=False):
+        forced.append(force)
+        if not force:
+            change = "the model /home/you/base changed since the run began"
+            raise RunInputsChanged(f"run {r.id}: {change}; ... pass --force to resume anyway", [change])
+        return None, "from checkpoint-20"
+
+    monkeypatch.setattr("localtune.launch.resume_run", resume)
+
+    async def test(app, pilot):
+        await folded(app, pilot, len(mid_run_events()), "stopped")
+        await pilot.press("r")
+        await until(pilot, lambda: type(app.screen).__name__ == "ConfirmScreen", timeout_s=2.0,
+                    what="the resume-anyway question")
+        assert "The model /home/you/base changed" in str(app.screen.query_one("#confirm-question").content)
+        await pilot.click("#answer-force")
+        await until(pilot, lambda: forced == [False, True], timeout_s=2.0, what="the forced resume")
+
+    drive(run, test)
+
+
 def test_gpu_readings_a_thermal_pause_and_a_stop_called_off(monkeypatch):
     events = [started(max_steps=100), *step_events(1, 5, 100, t0=T0),
               {"t": T0 + 16, "kind": "hardware", "memory_used_bytes": 20 * GiB, "memory_total_bytes": 24 * GiB,

@@ -224,7 +224,7 @@ def test_resume_of_a_stopped_run_starts_it_and_opens_its_dashboard(runs, monkeyp
     # a real resume starts a worker; the end-to-end tests cover that. Here: the screen's part.
     started: list[RunDir] = []
     monkeypatch.setattr("localtune.tui.screens.runs.resume_run",
-                        lambda run: (started.append(run), (None, "from checkpoint-30"))[1])
+                        lambda run, force=False: (started.append(run), (None, "from checkpoint-30"))[1])
 
     async def check(app, pilot) -> None:
         calls = record(app, monkeypatch, "open_dashboard")
@@ -234,6 +234,36 @@ def test_resume_of_a_stopped_run_starts_it_and_opens_its_dashboard(runs, monkeyp
         assert started == [runs["stopped"]]
         assert ("open_dashboard", runs["stopped"]) in calls
         assert ("notify:information", f"resumed run {runs['stopped'].id} from checkpoint-30") in calls
+
+    drive(check)
+
+
+def test_resume_after_the_data_changed_asks_and_resumes_anyway_when_told(runs, monkeypatch) -> None:
+    from localtune.launch import RunInputsChanged
+
+    calls_to_resume: list[bool] = []
+
+    def resume(run, force=False):  # what check_resumable says when the data file was edited
+        calls_to_resume.append(force)
+        if not force:
+            change = "the data /home/you/data.jsonl changed since the run began"
+            raise RunInputsChanged(f"run {run.id}: {change}; ... pass --force to resume anyway", [change])
+        return None, "from checkpoint-30"
+
+    monkeypatch.setattr("localtune.tui.screens.runs.resume_run", resume)
+
+    async def check(app, pilot) -> None:
+        calls = record(app, monkeypatch, "open_dashboard")
+        await highlight(app, pilot, runs["stopped"])
+        await pilot.press("r")
+        await settle(app, pilot)
+        question = str(app.screen.query_one("#confirm-question").content)
+        assert question.startswith(f"Resume run {runs['stopped'].id} anyway?")
+        assert "The data /home/you/data.jsonl changed since the run began" in question
+        await pilot.click("#answer-force")
+        await settle(app, pilot)
+        assert calls_to_resume == [False, True]
+        assert ("open_dashboard", runs["stopped"]) in calls
 
     drive(check)
 

@@ -32,3 +32,11 @@ class ConfirmScreen(ModalScreen[str | None]):
 
     def action_cancel(self) -> None:
         self.dismiss(None)
+
+
+def resume_anyway(run_id: str, changes: list[str]) -> ConfirmScreen:
+    """The question when a run's model or data changed since it began (answer 'force' resumes)."""
+    why = "; ".join(changes)
+    return ConfirmScreen(f"Resume run {run_id} anyway?\n\n{why[:1].upper() + why[1:]}. Going on would train the "
+                         "rest of the run on something other than its first part.",
+                         [("cancel", "Cancel"), ("force", "Resume anyway")], danger="force")
