@@ -458,6 +458,19 @@ def _gb(n: int | None) -> str:
     return f"{(n or 0) / GiB:.1f} GB"
 
 
+def gpu_live_facts(d: Device) -> list[str]:
+    """A GPU's live readings in words, those it has: '45 °C', '7% utilisation', '32 W of 450 W'."""
+    facts = []
+    if d.temperature_c is not None:
+        facts.append(f"{d.temperature_c:.0f} °C")
+    if d.utilization_pct is not None:
+        facts.append(f"{d.utilization_pct:.0f}% utilisation")
+    if d.power_w is not None:
+        limit = f" of {d.power_limit_w:.0f} W" if d.power_limit_w is not None else ""
+        facts.append(f"{d.power_w:.0f} W{limit}")
+    return facts
+
+
 def describe(hw: Hardware) -> list[str]:
     """Lines for `localtune probe`: what a person checks before training (which device, how
     much memory is free, driver and library versions, and why a richer probe fell back)."""
@@ -469,16 +482,8 @@ def describe(hw: Hardware) -> list[str]:
         for d in hw.devices:
             lines.append(f"GPU {d.index}: {d.name}, {_gb(d.total_bytes)} total, "
                          f"{_gb(d.free_bytes)} free")
-            facts = []
-            if d.compute_capability:
-                facts.append(f"compute capability {d.compute_capability}")
-            if d.temperature_c is not None:
-                facts.append(f"{d.temperature_c:.0f} °C")
-            if d.utilization_pct is not None:
-                facts.append(f"{d.utilization_pct:.0f}% utilisation")
-            if d.power_w is not None:
-                limit = f" of {d.power_limit_w:.0f} W" if d.power_limit_w is not None else ""
-                facts.append(f"{d.power_w:.0f} W{limit}")
+            facts = [f"compute capability {d.compute_capability}"] if d.compute_capability else []
+            facts += gpu_live_facts(d)
             if facts:
                 lines.append("  " + ", ".join(facts))
     elif hw.backend == "mps":

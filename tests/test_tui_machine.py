@@ -80,7 +80,7 @@ def test_gpu_machine_shows_the_card_its_readings_and_profile(fixed_readings) -> 
         assert "cuda (NVIDIA, driver 560.35.03, CUDA 12.6)" in shown(app, "#machine-backend")
         assert app.screen.query_one("#device-0").border_title == "GPU 0: NVIDIA GeForce RTX 4090 (compute 8.9)"
         assert "1.0 GB / 24.0 GB" in shown(app, "#device-0-memory")
-        assert shown(app, "#device-0-live").strip() == "45 °C · 3% busy · 30 W of 450 W"
+        assert shown(app, "#device-0-live").strip() == "45 °C · 3% utilisation · 30 W of 450 W"
         assert "6.0 GB / 64.0 GB" in shown(app, "#ram")
         assert "AMD Ryzen 9 7950X, 16 cores · 7% busy" in shown(app, "#cpu")
         assert "torch 2.13.0+cu126" in shown(app, "#machine-libraries")
@@ -116,7 +116,7 @@ def test_live_readings_refresh_and_notes_show(fixed_readings, monkeypatch) -> No
         while fixed_readings["calls"] < calls + 2:
             await pilot.pause(0.05)
         await settle(pilot)
-        assert shown(app, "#device-0-live").strip() == "71 °C · 98% busy · 320 W of 450 W"
+        assert shown(app, "#device-0-live").strip() == "71 °C · 98% utilisation · 320 W of 450 W"
         assert "20.0 GB / 24.0 GB" in shown(app, "#device-0-memory")
         assert "could not be read: Unknown Error" in plain(app.screen.query_one(".machine-note").content)
 

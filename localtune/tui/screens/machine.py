@@ -23,7 +23,7 @@ from textual.widget import Widget
 from textual.widgets import Footer, Header, Label, Static
 
 from localtune.errors import UserError
-from localtune.hardware import Device, Hardware, sample_devices
+from localtune.hardware import Device, Hardware, gpu_live_facts, sample_devices
 from localtune.profiles import Profile, match_profile
 from localtune.tui.widgets import MemoryBar
 
@@ -86,15 +86,7 @@ def live_facts(hw: Hardware, d: Device, cpu_pct: float | None) -> str:
     if hw.backend == "mps":
         rec = d.recommended_max_bytes
         return f"recommended working set {rec / 2**30:.1f} GB" if rec else "recommended working set unknown"
-    facts = []
-    if d.temperature_c is not None:
-        facts.append(f"{d.temperature_c:.0f} °C")
-    if d.utilization_pct is not None:
-        facts.append(f"{d.utilization_pct:.0f}% busy")
-    if d.power_w is not None:
-        limit = f" of {d.power_limit_w:.0f} W" if d.power_limit_w is not None else ""
-        facts.append(f"{d.power_w:.0f} W{limit}")
-    return " · ".join(facts) or "no live readings (NVML gives none for this device)"
+    return " · ".join(gpu_live_facts(d)) or "no live readings (NVML gives none for this device)"
 
 
 def row(label: str, widget: Widget) -> Horizontal:
