@@ -671,11 +671,17 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _report_bug(exc: BaseException) -> None:
+class TUICrashed(Exception):
+    """The TUI ended on an exception (its cause): a bug in localtune."""
+
+
+def _report_bug(exc: BaseException, *, shown: bool = False) -> None:
+    """Print the traceback (unless `shown`: the TUI printed it already) and where a copy is saved."""
     from localtune.paths import home
 
     tb = "".join(traceback.format_exception(exc))
-    sys.stderr.write(tb)
+    if not shown:
+        sys.stderr.write(tb)
     try:
         log_dir = home() / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -700,6 +706,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_tui()
         return args.func(args)
+    except TUICrashed as e:  # our bug inside the TUI: Textual showed the traceback; keep a copy
+        _report_bug(e.__cause__ or e, shown=True)
+        return 2
     except UserError as e:
         print(f"localtune: error: {e}", file=sys.stderr)
         return 1

@@ -20,4 +20,8 @@ def run_tui(*, run: str | None = None) -> int:
         run = str(find_run(run).path)  # UserError: one line from the CLI
     app = LocaltuneApp(open_run=run)
     app.run()
+    if app._exception is not None:  # Textual has shown the traceback; the CLI saves a copy
+        from localtune.cli import TUICrashed
+
+        raise TUICrashed(str(app._exception)) from app._exception
     return app.return_code or 0
