@@ -446,13 +446,6 @@ class _StageProgress:
             sys.stderr.write("\n")
 
 
-def _size(n: int) -> str:
-    for unit, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= f:
-            return f"{n / f:.1f} {unit}"
-    return f"{n} B"
-
-
 def _no_library_progress_bars() -> None:
     """Our own progress lines say what happens; transformers' per-file bars would only add noise."""
     from huggingface_hub.utils import disable_progress_bars
@@ -465,7 +458,7 @@ def _no_library_progress_bars() -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from localtune.export import export_run
+    from localtune.export import export_run, human_size
     from localtune.runs import find_run
 
     run = find_run(args.run)
@@ -484,7 +477,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     kind = f"gguf ({result.quant})" if result.quant else result.format
     print(f"exported run {run.id} as {kind} in {result.seconds:.1f} s: {result.path}")
     for f in result.files:
-        print(f"  {f.relative_to(result.path)}  {_size(f.stat().st_size)}")
+        print(f"  {f.relative_to(result.path)}  {human_size(f.stat().st_size)}")
     print("checked: " + ", ".join(f"{k} {json.dumps(v) if isinstance(v, str) else v}" for k, v in result.checks.items()))
     for n in result.notes:
         print(f"note: {n}")

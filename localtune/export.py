@@ -90,6 +90,14 @@ class ExportResult:
     seconds: float = 0.0
 
 
+def human_size(n: int) -> str:
+    """A file size as the export views print it: '144.8 MB', '778 B' (decimal units)."""
+    for unit, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= f:
+            return f"{n / f:.1f} {unit}"
+    return f"{n} B"
+
+
 def _no_progress(stage: str, done: int, total: int) -> None:
     pass
 

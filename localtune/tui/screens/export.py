@@ -21,7 +21,7 @@ from textual.screen import Screen
 from textual.widgets import Button, Checkbox, Footer, Input, ProgressBar, RadioSet, Static
 
 from localtune.errors import UserError
-from localtune.export import ExportResult, default_destination, export_run
+from localtune.export import ExportResult, default_destination, export_run, human_size
 from localtune.runs import RunDir
 from localtune.tui.widgets import Choice, Toggle
 
@@ -36,14 +36,6 @@ CHOICES = {
     "gguf-q8_0": ("GGUF q8_0", "gguf", "q8_0",
                   "one 8-bit file for llama.cpp and Ollama, about half the size of f16"),
 }
-
-
-def size(n: int) -> str:
-    """'1.2 MB', as `localtune export` prints sizes."""
-    for unit, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= f:
-            return f"{n / f:.1f} {unit}"
-    return f"{n} B"
 
 
 def destination_problem(dest: str, force: bool) -> str | None:
@@ -89,7 +81,7 @@ def result_view(result: ExportResult) -> Text:
     kind = f"gguf ({result.quant})" if result.quant else result.format
     out = Text.assemble(("✓ ", "bold green"), (f"exported as {kind} in {result.seconds:.1f} s: ", "bold"),
                         str(result.path), "\n")
-    out.append_text(_rows([(str(f.relative_to(result.path)), size(f.stat().st_size)) for f in result.files]))
+    out.append_text(_rows([(str(f.relative_to(result.path)), human_size(f.stat().st_size)) for f in result.files]))
     out.append("\nchecked\n", "bold green")
     out.append_text(_rows([(k, json.dumps(v) if isinstance(v, str) else str(v)) for k, v in result.checks.items()]))
     for n in result.notes:
