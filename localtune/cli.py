@@ -312,7 +312,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                         "`localtune plan` shows the details")
     run, warnings = prepare_run(run_cfg, plan)
     for w in warnings:
-        print(f"{'note' if 'max-gpu-temp' in w else 'warning'}: {w}")
+        print(f"warning: {w}")
+    if run_cfg.get("max_gpu_temp") and plan.backend != "cuda":
+        print(f"note: --max-gpu-temp watches an NVIDIA GPU; this run trains on {plan.backend}, so it has no effect")
     proc = start_worker(run)
     print(f"run {run.id} started: {plan.model.display_name} on {run_cfg['data']}, worker pid {proc.pid}")
     print(f"  folder: {run.path}")

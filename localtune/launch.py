@@ -150,11 +150,7 @@ def prepare_run(run_cfg: dict[str, Any], plan) -> tuple[RunDir, list[str]]:
         split_eval(loaded.examples, float(run_cfg["eval_split"]), plan.knobs.seed)
     run = new_run(run_cfg=run_cfg, plan=plan)
     run.write_status(rows=len(loaded.examples), skipped_rows=len(loaded.skipped))
-    warnings = list(loaded.warnings)
-    if run_cfg.get("max_gpu_temp") and plan.backend != "cuda":
-        warnings.append(f"--max-gpu-temp watches an NVIDIA GPU; this run trains on {plan.backend}, "
-                        "so it has no effect")
-    return run, warnings
+    return run, list(loaded.warnings)
 
 
 def resume_run(run: RunDir, *, force: bool = False) -> tuple[subprocess.Popen, str]:

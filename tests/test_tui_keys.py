@@ -123,3 +123,33 @@ def test_attach_without_a_terminal_prints_a_finished_run_as_text(capsys) -> None
     rc, out, _ = run(capsys, "attach", done.id)
     assert rc == 0
     assert "finished: 3 steps" in out and "step 3/3" in out
+
+
+def test_a_crash_inside_the_tui_is_reported_as_our_bug_with_the_log_path(capsys, monkeypatch, localtune_home) -> None:
+    """Textual shows the traceback itself; the CLI must not print it twice, but saves a copy
+    and says where, with exit code 2 (a bug of ours, not the user's input)."""
+    import sys
+
+    from localtune.tui import app as app_module
+
+    def crash(self, *a, **kw):  # the app ends on an exception, as Textual's run() leaves it
+        try:
+            raise RuntimeError("a screen fell over")
+        except RuntimeError as e:
+            self._exception = e
+
+    monkeypatch.setattr(app_module.LocaltuneApp, "run", crash)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    from tests.helpers import run
+
+    rc, _, err = run(capsys)
+    assert rc == 2
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("localtune: internal error (a bug in localtune, not in your input); "
+                           "the traceback is saved in ")
+    saved = line.rsplit(" ", 1)[-1]
+    assert saved.startswith(str(localtune_home / "logs"))
+    text = open(saved, encoding="utf-8").read()
+    assert "RuntimeError: a screen fell over" in text and "Traceback" in text

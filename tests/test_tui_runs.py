@@ -223,7 +223,7 @@ def test_resume_of_a_completed_run_is_refused_in_one_line(runs, monkeypatch) -> 
 def test_resume_of_a_stopped_run_starts_it_and_opens_its_dashboard(runs, monkeypatch) -> None:
     # a real resume starts a worker; the end-to-end tests cover that. Here: the screen's part.
     started: list[RunDir] = []
-    monkeypatch.setattr("localtune.tui.screens.runs.resume_run",
+    monkeypatch.setattr("localtune.launch.resume_run",
                         lambda run, force=False: (started.append(run), (None, "from checkpoint-30"))[1])
 
     async def check(app, pilot) -> None:
@@ -250,7 +250,7 @@ def test_resume_after_the_data_changed_asks_and_resumes_anyway_when_told(runs, m
             raise RunInputsChanged(f"run {run.id}: {change}; ... pass --force to resume anyway", [change])
         return None, "from checkpoint-30"
 
-    monkeypatch.setattr("localtune.tui.screens.runs.resume_run", resume)
+    monkeypatch.setattr("localtune.launch.resume_run", resume)
 
     async def check(app, pilot) -> None:
         calls = record(app, monkeypatch, "open_dashboard")

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
+from textual import work
 from textual.app import App
 from textual.binding import Binding
 
@@ -79,6 +80,42 @@ class LocaltuneApp(App[int]):
         from localtune.tui.screens.chat import ChatScreen
 
         self.push_screen(ChatScreen(run))
+
+    # ------------------------------------------------------------ resuming (Runs and Dashboard)
+
+    def resume(self, run: RunDir, *, then: Callable[[], None] | None = None) -> None:
+        """Resume `run` in a thread (checking the model and data reads the data file); when
+        they changed since the run began, ask before a forced resume. `then()` runs once the
+        worker has started; a refusal is one line."""
+        self._resume(run, then, False)
+
+    @work(thread=True, exclusive=True, group="resume")
+    def _resume(self, run: RunDir, then: Callable[[], None] | None, force: bool) -> None:
+        from localtune.errors import UserError
+        from localtune.launch import RunInputsChanged, resume_run
+
+        try:
+            _, where = resume_run(run, force=force)
+        except RunInputsChanged as e:
+            self.call_from_thread(self._ask_resume_anyway, run, e.changes, then)
+        except UserError as e:
+            self.call_from_thread(self.notify_error, e)
+        else:
+            self.call_from_thread(self._resumed, run, where, then)
+
+    def _resumed(self, run: RunDir, where: str, then: Callable[[], None] | None) -> None:
+        self.notify(f"resumed run {run.id} {where}")
+        if then is not None:
+            then()
+
+    def _ask_resume_anyway(self, run: RunDir, changes: list[str], then: Callable[[], None] | None) -> None:
+        from localtune.tui.screens.confirm import resume_anyway
+
+        def answered(answer: str | None) -> None:
+            if answer == "force":
+                self._resume(run, then, True)
+
+        self.push_screen(resume_anyway(run.id, changes), answered)
 
     # ------------------------------------------------------------ keys, quitting
 

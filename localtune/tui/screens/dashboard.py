@@ -336,31 +336,7 @@ class DashboardScreen(Screen):
         if self.run_state in ("running", "stopping"):
             self.app.notify_error(f"run {self.run.id} is {self.run_state}: nothing to resume")
             return
-        self._resume()
-
-    @work(thread=True, exclusive=True, group="resume")
-    def _resume(self, force: bool = False) -> None:
-        from localtune.errors import UserError
-        from localtune.launch import RunInputsChanged, resume_run
-
-        try:
-            _, where = resume_run(self.run, force=force)
-        except RunInputsChanged as e:
-            self.app.call_from_thread(self._ask_resume_anyway, e.changes)
-            return
-        except UserError as e:
-            self.app.call_from_thread(self.app.notify_error, e)
-            return
-        self.app.call_from_thread(self.notify, f"resumed run {self.run.id} {where}")
-
-    def _ask_resume_anyway(self, changes: list[str]) -> None:
-        from localtune.tui.screens.confirm import resume_anyway
-
-        def answered(answer: str | None) -> None:
-            if answer == "force":
-                self._resume(force=True)
-
-        self.app.push_screen(resume_anyway(self.run.id, changes), answered)
+        self.app.resume(self.run)
 
     def action_detach(self) -> None:
         """Leave the dashboard; the worker is its own process and goes on."""

@@ -20,10 +20,10 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from localtune.errors import UserError
-from localtune.launch import RunInputsChanged, delete_run, resume_run
+from localtune.launch import delete_run
 from localtune.runs import RunDir, list_runs
 from localtune.tui import fmt
-from localtune.tui.screens.confirm import ConfirmScreen, resume_anyway
+from localtune.tui.screens.confirm import ConfirmScreen
 
 REFRESH_S = 2.0
 NARROW_WIDTH = 100
@@ -42,16 +42,6 @@ class RunsRead(Message):
     def __init__(self, summaries: list[dict[str, Any]]) -> None:
         super().__init__()
         self.summaries = summaries
-
-
-class Resumed(Message):
-    """A resume started a worker (`where`: 'from checkpoint-N'), or was refused (`error`;
-    `changed`: what changed since the run began, which a forced resume overrides)."""
-
-    def __init__(self, run: RunDir, where: str | None = None, error: str | None = None,
-                 changed: list[str] | None = None) -> None:
-        super().__init__()
-        self.run, self.where, self.error, self.changed = run, where, error, changed
 
 
 def has_adapter(run: RunDir) -> bool:
@@ -230,36 +220,12 @@ class RunsScreen(Screen):
         run = self.selected_run()
         if run is not None:
             self.notify(f"resuming run {run.id} ...", timeout=3)
-            self.resume(run)
 
-    @work(thread=True, exclusive=True, group="resume")
-    def resume(self, run: RunDir, force: bool = False) -> None:
-        """Checks the model and data fingerprints (reads the data file), then starts the worker."""
-        try:
-            _, where = resume_run(run, force=force)
-        except RunInputsChanged as e:
-            self.post_message(Resumed(run, error=str(e), changed=e.changes))
-        except UserError as e:
-            self.post_message(Resumed(run, error=str(e)))
-        else:
-            self.post_message(Resumed(run, where=where))
+            def started() -> None:
+                self.read_runs()
+                self.app.open_dashboard(run)
 
-    def on_resumed(self, message: Resumed) -> None:
-        if message.changed:
-            run = message.run
-
-            def answered(answer: str | None) -> None:
-                if answer == "force":
-                    self.resume(run, force=True)
-
-            self.app.push_screen(resume_anyway(run.id, message.changed), answered)
-            return
-        if message.error:
-            self.app.notify_error(message.error)
-            return
-        self.notify(f"resumed run {message.run.id} {message.where}")
-        self.read_runs()
-        self.app.open_dashboard(message.run)
+            self.app.resume(run, then=started)
 
     def action_delete(self) -> None:
         run = self.selected_run()
