@@ -19,15 +19,56 @@ from localtune.runs import RunDir
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
-def _device_and_dtype():
-    """The accelerator if there is one (bf16 on CUDA where supported), else the CPU in float32."""
-    import torch
+@dataclass(frozen=True)
+class ChatLoading:
+    """How chat loads a run's base model: where, in what dtype, and whether in 4 bits."""
 
-    if torch.cuda.is_available():
-        return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps", torch.float32
-    return "cpu", torch.float32
+    device: str
+    """'cuda:N' (the run's GPU), 'mps' or 'cpu'."""
+    dtype: str
+    """The dtype of the weights that are not quantised (localtune.precision's choice)."""
+    load_in_4bit: bool
+    """Load the base the way a QLoRA run trained it, because 16 bits would not fit."""
+    bnb_compute: str = ""
+    """With 4 bits: what the weights are dequantised to (as in training, on this device)."""
+    reason: str = ""
+    """Why 4 bits, in words (empty otherwise)."""
+
+
+def chat_loading(plan: dict[str, Any], knobs: Any, *, cuda_available: bool, mps_available: bool,
+                 facts: Any = None) -> ChatLoading:
+    """Decide how chat loads the run's model on this machine. The run's own device when it is
+    still there (the plan's GPU, not device 0), else the CPU; the dtype localtune.precision gives
+    that device (`facts`: its DeviceFacts, read live when None). A run that trained with 4-bit
+    weights is chatted with in 4 bits too when its base in 16 bits would not fit the plan's
+    budget (an 8B model on a 12 GB card): loading it in 16 bits would only fail. Where it fits,
+    16 bits answer exactly as the merged export will."""
+    from localtune.memory import weights_bytes
+    from localtune.models import ModelShape
+    from localtune.precision import DeviceFacts, precision_for
+    from localtune.profiles import BITSANDBYTES_BACKENDS
+
+    backend = plan["hardware"]["backend"]
+    if backend == "cuda" and cuda_available:
+        index = plan["hardware"]["devices"][0].get("index") or 0
+        device = f"cuda:{index}"
+        facts = facts or DeviceFacts.live("cuda", index)
+    elif backend == "mps" and mps_available:
+        device = "mps"
+        facts = facts or DeviceFacts.live("mps")
+    else:
+        device, facts = "cpu", DeviceFacts("cpu")  # chat on the CPU: float32, no autocast
+    precision = precision_for(knobs.replace(load_in_4bit=False), facts)
+    if not knobs.load_in_4bit or facts.backend != backend or backend not in BITSANDBYTES_BACKENDS:
+        return ChatLoading(device, precision.weights_dtype, False)
+    shape = ModelShape(**plan["model"]["shape"])
+    full, _, _ = weights_bytes(shape, load_in_4bit=False, double_quant=False, dtype_bytes=precision.weights_bytes)
+    budget = int(plan.get("budget_bytes") or 0)
+    if full <= budget:
+        return ChatLoading(device, precision.weights_dtype, False)
+    return ChatLoading(device, precision.weights_dtype, True, precision_for(knobs, facts).bnb_compute,
+                       f"the base model in {precision.weights_dtype} ({full / 2**30:.1f} GB) would not fit the run's "
+                       f"budget ({budget / 2**30:.1f} GB), so it loads in 4 bits as the run trained it")
 
 
 @dataclass
@@ -47,11 +88,31 @@ class ChatSession:
         """Load base + adapter (UserError when the run has no adapter yet)."""
         from localtune.export import load_tuned_model, require_adapter
 
+        import json
+
+        import torch
+
+        from localtune.knobs import knobs_from_mapping
+
         require_adapter(run)
-        device, dtype = _device_and_dtype()
+        plan = json.loads(run.plan_path.read_text(encoding="utf-8"))
+        knobs = knobs_from_mapping(run.read_config()["knobs"], str(run.config_path))
+        how = chat_loading(plan, knobs, cuda_available=torch.cuda.is_available(),
+                           mps_available=torch.backends.mps.is_available())
+        quantization = None
+        if how.load_in_4bit:
+            from transformers import BitsAndBytesConfig
+
+            quantization = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=knobs.bnb_4bit_quant_type,
+                bnb_4bit_use_double_quant=knobs.bnb_4bit_use_double_quant,
+                bnb_4bit_compute_dtype=getattr(torch, how.bnb_compute))
+            if progress:
+                progress(how.reason, 0, 0)
         kw = {"progress": progress} if progress else {}
-        model, tokenizer, template = load_tuned_model(run, dtype=dtype, device=device, **kw)
-        return cls(run=run, model=model, tokenizer=tokenizer, template=template, device=device)
+        model, tokenizer, template = load_tuned_model(run, dtype=getattr(torch, how.dtype), device=how.device,
+                                                      quantization_config=quantization, **kw)
+        return cls(run=run, model=model, tokenizer=tokenizer, template=template, device=how.device)
 
     def _stop_ids(self) -> list[int]:
         ids = []

@@ -343,9 +343,12 @@ def model_card(run: RunDir, kind: str, base_location: str) -> str:
 # ---------------------------------------------------------------- loading base + adapter
 
 
-def load_tuned_model(run: RunDir, *, dtype: Any = None, device: str = "cpu", progress: Progress = _no_progress):
+def load_tuned_model(run: RunDir, *, dtype: Any = None, device: str = "cpu", progress: Progress = _no_progress,
+                     quantization_config: Any = None):
     """(PeftModel of base + the run's adapter, unmerged; tokenizer with the run's chat template;
-    the template's fields). Loads the whole base model: seconds for the built-in, minutes for 7B."""
+    the template's fields). Loads the whole base model: seconds for the built-in, minutes for 7B.
+    With `quantization_config` (a BitsAndBytesConfig: chat after a QLoRA run whose base does not
+    fit in 16 bits) the base loads in 4 bits straight onto `device`."""
     require_adapter(run)
     _quiet_bitsandbytes()
     import torch
@@ -359,15 +362,18 @@ def load_tuned_model(run: RunDir, *, dtype: Any = None, device: str = "cpu", pro
     tokenizer.chat_template = template["template"]
     progress("loading the base model", 0, 0)
     try:
+        extra = {"quantization_config": quantization_config, "device_map": {"": device}} if quantization_config else {}
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype or torch.float32,
-                                                    trust_remote_code=trust, use_safetensors=True)
+                                                    trust_remote_code=trust, use_safetensors=True, **extra)
     except OSError as e:
         raise UserError(f"base model {base_path}: cannot load it ({str(e).splitlines()[0]})") from None
     if template.get("added_tokens"):  # the worker grew the embeddings for the template's tokens
         base.resize_token_embeddings(len(tokenizer))
     progress("loading the adapter", 0, 0)
     model = PeftModel.from_pretrained(base, run.adapter_dir)
-    model.to(device).eval()
+    if quantization_config is None:  # a 4-bit model is placed at load and cannot be moved
+        model.to(device)
+    model.eval()
     return model, tokenizer, template
 
 

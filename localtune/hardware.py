@@ -45,7 +45,11 @@ class Device:
     index: int | None = None
     """CUDA ordinal (as torch numbers devices in this process), None where not CUDA."""
     nvml_index: int | None = None
-    """NVML's own index (PCI bus order); differs from `index` under CUDA_VISIBLE_DEVICES."""
+    """NVML's own index (PCI bus order); differs from `index` under CUDA_VISIBLE_DEVICES. For
+    a MIG slice: its parent card's."""
+    mig_index: int | None = None
+    """A MIG slice of an A100/H100 (a GPU instance CUDA sees as a device of its own): its index
+    on the parent card. Its memory is the slice's; temperature and power are the whole card's."""
     uuid: str | None = None
     pci_bus_id: str | None = None
     compute_capability: str | None = None
@@ -77,6 +81,8 @@ class Hardware:
     """Highest CUDA version the NVIDIA driver supports, e.g. '12.4'."""
     chip: str | None = None
     """Apple chip name, e.g. 'Apple M2 Pro'."""
+    macos_version: str | None = None
+    """Apple only: the macOS version, e.g. '14.4' (MPS computes bfloat16 from 14)."""
     versions: dict[str, str] = field(default_factory=dict)
     """Versions of torch, transformers, peft, trl, bitsandbytes (or 'not installed')."""
     notes: list[str] = field(default_factory=list)
@@ -121,7 +127,8 @@ def probe() -> Hardware:
     if sys.platform == "darwin":
         apple = _probe_apple(vm.total)
         if apple is not None:
-            return Hardware(backend="mps", devices=[apple], chip=apple.name, **common)
+            return Hardware(backend="mps", devices=[apple], chip=apple.name,
+                            macos_version=platform.mac_ver()[0] or None, **common)
     else:
         nvidia = _probe_nvidia(notes)
         if nvidia is not None:
@@ -162,7 +169,7 @@ def _probe_nvidia(notes: list[str]) -> tuple[list[Device], str | None, str | Non
         gpus = []
         for i in range(nv.nvmlDeviceGetCount()):
             try:
-                gpus.append(_read_gpu(nv, i))
+                gpus.extend(_read_gpus(nv, i, notes))
             except nv.NVMLError as e:  # one lost or locked-down GPU should not hide the rest
                 notes.append(f"NVIDIA GPU {i} (NVML index) could not be read: {e}")
     except nv.NVMLError as e:
@@ -184,6 +191,32 @@ def _probe_nvidia(notes: list[str]) -> tuple[list[Device], str | None, str | Non
         )
         return None
     return devices, driver, f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else None
+
+
+def _read_gpus(nv: Any, i: int, notes: list[str]) -> list[Device]:
+    """The card at NVML index `i`, or, when it is split into MIG slices, each slice: CUDA then
+    sees the slices as its devices (never the card), and each has only its own memory, so a
+    plan must budget the slice and not the card (NVML's memory reading on the card's handle
+    is the whole card's)."""
+    gpu = _read_gpu(nv, i)
+    h = nv.nvmlDeviceGetHandleByIndex(i)
+    mode = _opt(nv, lambda: nv.nvmlDeviceGetMigMode(h))  # (current, pending); NOT_SUPPORTED before Ampere
+    if not mode or mode[0] != nv.NVML_DEVICE_MIG_ENABLE:
+        return [gpu]
+    slices = []
+    for j in range(_opt(nv, lambda: nv.nvmlDeviceGetMaxMigDeviceCount(h)) or 0):
+        try:
+            mh = nv.nvmlDeviceGetMigDeviceHandleByIndex(h, j)
+        except nv.NVMLError:  # NOT_FOUND: no GPU instance in this slot
+            continue
+        total, free = _memory(nv, mh)
+        slices.append(replace(
+            gpu, name=_opt(nv, lambda: _s(nv.nvmlDeviceGetName(mh))) or f"{gpu.name} MIG {j}",
+            total_bytes=total, free_bytes=free, uuid=_opt(nv, lambda: _s(nv.nvmlDeviceGetUUID(mh))),
+            mig_index=j, utilization_pct=None))  # NVML has no utilisation per slice
+    if not slices:
+        notes.append(f"{gpu.name} (NVML index {i}) is in MIG mode with no MIG instance: CUDA cannot use it")
+    return slices
 
 
 def _read_gpu(nv: Any, i: int) -> Device:
@@ -249,13 +282,22 @@ def _in_cuda_order(gpus: list[Device], notes: list[str]) -> list[Device]:
     return devices
 
 
+def _uuid_key(uuid: str) -> str:
+    """The hex of a UUID without its 'GPU-' or 'MIG-' prefix: CUDA's driver API gives 16 raw
+    bytes (for a MIG slice, the slice's UUID: cuDeviceGetUuid_v2), NVML writes 'GPU-...' for a
+    card and 'MIG-...' for a slice."""
+    u = uuid.strip().lower()
+    return u[4:] if u[:4] in ("gpu-", "mig-") else u
+
+
 def _match(gpus: list[Device], uuid: str | None, pci: str | None) -> Device | None:
     for g in gpus:
-        if uuid and g.uuid and g.uuid.lower() == uuid.lower():
+        if uuid and g.uuid and _uuid_key(g.uuid) == _uuid_key(uuid):
             return g
-    for g in gpus:  # MIG instances and drivers without cuDeviceGetUuid still have a bus id
-        if pci and g.pci_bus_id and _pci_key(g.pci_bus_id) == _pci_key(pci):
-            return g
+    if pci:  # drivers without cuDeviceGetUuid still have a bus id; MIG slices share their card's
+        same_bus = [g for g in gpus if g.pci_bus_id and _pci_key(g.pci_bus_id) == _pci_key(pci)]
+        if len(same_bus) == 1:
+            return same_bus[0]
     return None
 
 
@@ -278,11 +320,11 @@ def _visible_by_env(gpus: list[Device]) -> list[Device]:
     for token in (t.strip() for t in env.split(",")):
         if token.isdigit():
             found = [gpus[int(token)]] if int(token) < len(gpus) else []
-        elif token.upper().startswith("GPU-"):
+        elif token.upper().startswith(("GPU-", "MIG-")):
             found = [g for g in gpus if (g.uuid or "").lower().startswith(token.lower())]
         else:
             found = []
-        if len(found) != 1 or any(g.nvml_index == found[0].nvml_index for g in out):
+        if len(found) != 1 or any(g is found[0] for g in out):
             break
         out.append(found[0])
     return out
@@ -427,8 +469,12 @@ def _sample_gpu(nv: Any, d: Device) -> Device:
     if nv is not None and d.nvml_index is not None:
         try:
             h = nv.nvmlDeviceGetHandleByIndex(d.nvml_index)
-            total, free = _memory(nv, h)
-            return replace(d, total_bytes=total, free_bytes=free, **_live(nv, h))
+            if d.mig_index is None:
+                total, free = _memory(nv, h)
+                return replace(d, total_bytes=total, free_bytes=free, **_live(nv, h))
+            # a MIG slice: its own memory; temperature and power are the card's, utilisation has no per-slice reading
+            total, free = _memory(nv, nv.nvmlDeviceGetMigDeviceHandleByIndex(h, d.mig_index))
+            return replace(d, total_bytes=total, free_bytes=free, **{**_live(nv, h), "utilization_pct": None})
         except nv.NVMLError:
             pass
     # No reading is better than a stale one shown as live.

@@ -102,6 +102,20 @@ class Knobs:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
 
 
+def halve_micro_batch(knobs: Knobs) -> Knobs | None:
+    """The knobs with the micro-batch about halved and the accumulation grown by the same
+    factor, so that the effective batch (micro-batch x accumulation) is exactly what it was:
+    the micro-batch goes to its largest divisor at most half of it (8 -> 4, 6 -> 3, 5 -> 1,
+    12 -> 6) and the accumulation is multiplied by the quotient (5 x 3 -> 1 x 15). None at a
+    micro-batch of 1. The planner and the out-of-memory back-off both step down with this."""
+    mb = knobs.per_device_train_batch_size
+    if mb <= 1:
+        return None
+    new_mb = max(d for d in range(1, mb // 2 + 1) if mb % d == 0)
+    return knobs.replace(per_device_train_batch_size=new_mb,
+                         gradient_accumulation_steps=knobs.gradient_accumulation_steps * (mb // new_mb))
+
+
 KNOB_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Knobs)}
 
 HARDWARE_KNOBS = (

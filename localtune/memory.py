@@ -10,7 +10,8 @@ weights
     Every parameter of the base model. Linear layers of the decoder blocks hold
     `in * out` weights (+ `out` biases for q/k/v where the model has them); embeddings `V * h`;
     lm_head another `V * h` unless tied; RMSNorms `h` each (two per block + one final).
-    16-bit: 2 bytes each (the CPU trains in float32: 4 bytes).
+    16-bit: 2 bytes each; float32 (the CPU, and Apple before macOS 14 or with `bf16=false`):
+    4 bytes. The dtypes come from localtune.precision, which the worker and chat use too.
     4-bit (bitsandbytes `Params4bit`, NF4 or FP4): only the decoder linear weights are
     quantised; embeddings, lm_head and norms stay in the 16-bit compute dtype
     (transformers keeps lm_head out of `llm_int8_skip_modules`' reach by default).
@@ -19,7 +20,9 @@ weights
     float32 per 256 such bytes (1/64 + 4/16384 = 0.0159 B) and a 256-entry float32 code book
     per tensor. (bitsandbytes `functional.quantize_4bit`, blocksize 64; QLoRA paper §2.)
 adapter (LoRA parameters + gradients + optimizer state)
-    A LoRA pair on a linear layer of shape (in, out) adds `r * (in + out)` parameters. peft
+    A LoRA pair on a linear layer of shape (in, out) adds `r * (in + out)` parameters; the
+    tokens a chat template adds to a model that had none train their own rows only:
+    `hidden` parameters each in the embeddings, and again in an untied lm_head. peft
     keeps adapter weights in float32 even over a 16-bit base (`autocast_adapter_dtype`), so each
     parameter costs 4 bytes, its gradient 4 bytes, and AdamW's two moments 8 bytes (32-bit),
     2 bytes + 8/256 for the block constants (bitsandbytes 8-bit blockwise, block 256), the same
@@ -76,6 +79,7 @@ from typing import Any
 from localtune.errors import UserError
 from localtune.knobs import Knobs
 from localtune.models import ModelShape
+from localtune.precision import DeviceFacts, precision_for
 
 GiB = 1024**3
 
@@ -119,6 +123,8 @@ class MemoryEstimate:
     fragmentation_bytes: int
     lora_params: int
     """Trainable LoRA parameters (equals peft's count for the same target modules)."""
+    trainable_token_params: int
+    """Trainable rows of the embeddings (and lm_head) for the tokens the chat template adds."""
     base_params: int
     """Parameters of the base model."""
     tokens_per_micro_batch: int
@@ -144,13 +150,16 @@ class MemoryEstimate:
         return d
 
 
-def compute_dtype_bytes(knobs: Knobs, backend: str) -> int:
-    """Bytes per element of the dtype the model computes in: float32 on the CPU (bf16
-    matmuls on most CPUs are slower than fp32 and lose precision), else 2 (bf16/fp16),
-    unless the 4-bit compute dtype says float32."""
-    if backend == "cpu":
-        return 4
-    return 4 if knobs.load_in_4bit and knobs.bnb_4bit_compute_dtype == "float32" else 2
+def _facts(device: str | DeviceFacts) -> DeviceFacts:
+    return device if isinstance(device, DeviceFacts) else DeviceFacts(backend=device)
+
+
+def compute_dtype_bytes(knobs: Knobs, device: str | DeviceFacts) -> int:
+    """Bytes per element of what the model computes in (localtune.precision decides it, for
+    the worker and chat too): float32 on the CPU (its bf16 autocast is counted as float32) and
+    on Apple without bf16 (macOS before 14, or `bf16=false`), 2 bytes on CUDA and on Apple with
+    bf16, 4 where 4-bit weights are dequantised to float32."""
+    return precision_for(knobs, _facts(device)).compute_bytes
 
 
 def resolve_targets(shape: ModelShape, target_modules: list[str]) -> list[str]:
@@ -197,6 +206,13 @@ def weights_bytes(shape: ModelShape, *, load_in_4bit: bool, double_quant: bool, 
     return plain + linear_params // 2 + constants, base_params, linear_params
 
 
+def trainable_token_params(shape: ModelShape) -> int:
+    """Parameters of the token rows a run trains for the tokens its chat template adds: one
+    row of the embeddings per token, and one of lm_head unless it is tied to the embeddings
+    (peft's `trainable_token_indices`; the rest of both matrices stays frozen)."""
+    return shape.added_tokens * shape.hidden_size * (1 if shape.tie_word_embeddings else 2)
+
+
 def optimizer_bytes_per_param(optim: str) -> float:
     if "8bit" in optim:
         return 2 + 2 * 4 / 256
@@ -214,13 +230,21 @@ def activation_bytes_per_token_per_block(shape: ModelShape, knobs: Knobs, a: int
     return per
 
 
-def estimate(shape: ModelShape, knobs: Knobs, backend: str) -> MemoryEstimate:
-    """Estimate peak memory for training `shape` with `knobs` on `backend`. Pure arithmetic."""
-    a = compute_dtype_bytes(knobs, backend)
+def estimate(shape: ModelShape, knobs: Knobs, device: str | DeviceFacts) -> MemoryEstimate:
+    """Estimate peak memory for training `shape` with `knobs` on `device`: a backend name
+    ('cuda', 'mps', 'cpu': today's common hardware of that kind) or the DeviceFacts of a
+    probed device (its bf16 support decides 2 or 4 bytes on Apple). Pure arithmetic."""
+    facts = _facts(device)
+    backend = facts.backend
+    precision = precision_for(knobs, facts)
+    a = precision.compute_bytes
     w_bytes, base_params, quantised = weights_bytes(
-        shape, load_in_4bit=knobs.load_in_4bit, double_quant=knobs.bnb_4bit_use_double_quant, dtype_bytes=a)
+        shape, load_in_4bit=knobs.load_in_4bit, double_quant=knobs.bnb_4bit_use_double_quant,
+        dtype_bytes=precision.weights_bytes)
     lora = lora_param_count(shape, knobs)
-    adapter = int(lora * (4 + 4 + optimizer_bytes_per_param(knobs.optim)))
+    tokens_trained = trainable_token_params(shape)
+    # peft keeps LoRA weights and the trainable token rows in float32 over any base dtype
+    adapter = int((lora + tokens_trained) * (4 + 4 + optimizer_bytes_per_param(knobs.optim)))
     tokens = knobs.per_device_train_batch_size * knobs.max_length
     full_block = activation_bytes_per_token_per_block(shape, knobs, a)
     L, h = shape.num_hidden_layers, shape.hidden_size
@@ -241,9 +265,10 @@ def estimate(shape: ModelShape, knobs: Knobs, backend: str) -> MemoryEstimate:
         overhead_bytes=OVERHEAD_BYTES[backend],
         fragmentation_bytes=int(transient * FRAGMENTATION_FRAC[backend]),
         lora_params=lora,
+        trainable_token_params=tokens_trained,
         base_params=base_params,
         tokens_per_micro_batch=tokens,
-        details={"compute_dtype_bytes": a, "quantised_params": quantised,
+        details={"compute_dtype_bytes": a, "weights_dtype": precision.weights_dtype, "quantised_params": quantised,
                  "activation_bytes_per_token_per_block": full_block,
                  "dequant_buffer_bytes": dequant_buffer},
     )

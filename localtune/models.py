@@ -57,6 +57,10 @@ class ModelShape:
     """True when lm_head shares the embedding matrix (one copy in memory)."""
     attention_bias: bool = False
     """Biases on q/k/v (Qwen2 has them)."""
+    added_tokens: int = 0
+    """Special tokens a run adds to the vocabulary: a model without a chat template gets
+    ChatML's (`<|im_start|>`, `<|im_end|>`) where its vocabulary lacks them. Only their rows of
+    the embeddings (and of an untied lm_head) train (peft's `trainable_token_indices`)."""
 
     @property
     def q_dim(self) -> int:

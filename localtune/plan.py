@@ -10,11 +10,17 @@ what changes what the model sees:
 2. 4-bit base weights (NVIDIA)          only when the 16-bit weights take over half the
                                         budget: then no batch size can make them fit
 3. 8-bit paged AdamW (NVIDIA)           optimizer state 8 -> ~2 bytes per LoRA parameter
-4. halve the micro-batch, double        the effective batch (micro-batch x accumulation) is
-   gradient accumulation                unchanged, so training is the same, only slower
-5. 4-bit base weights (any backend)     on Apple and the CPU bitsandbytes 4-bit is slower
+4. smaller micro-batch, more            the effective batch (micro-batch x accumulation) is
+   gradient accumulation                exactly unchanged (knobs.halve_micro_batch), so
+                                        training is the same, only slower
+5. 4-bit base weights (the CPU)         bitsandbytes 4-bit on the CPU is slower than 16-bit
 6. halve max_length (not below 256)     longer rows get truncated
 7. halve the LoRA rank (not below 4)    lora_alpha is halved with it, keeping the scale
+
+Apple's MPS never gets steps 2, 3 and 5: bitsandbytes does not run there
+(profiles.BITSANDBYTES_BACKENDS), and a knob the user pins to it is refused before anything
+else (`check_backend_runs`). The dtypes, and so the bytes, come from localtune.precision with
+the probed device's facts: float32 weights on a Mac before macOS 14 count 4 bytes each.
 
 A pinned knob is never changed: its step is skipped (halving the micro-batch is also skipped
 when gradient accumulation is pinned, since the effective batch would change). If the
@@ -28,16 +34,17 @@ training, the TUI and `localtune plan --json` share.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from localtune.errors import UserError
 from localtune.hardware import Device, GiB, Hardware
-from localtune.knobs import HARDWARE_KNOBS, KNOB_FIELDS, Knobs
+from localtune.knobs import HARDWARE_KNOBS, KNOB_FIELDS, Knobs, halve_micro_batch
 from localtune.memory import MemoryEstimate, estimate
 from localtune.models import ModelRef
-from localtune.profiles import Profile, get_profile, match_profile
+from localtune.precision import DeviceFacts
+from localtune.profiles import (BITSANDBYTES_BACKENDS, Profile, check_backend_runs, get_profile,
+                                match_profile)
 
 HEADROOM_FRAC = 0.05
 """Share of the device's total memory kept free for everything else."""
@@ -132,14 +139,18 @@ def make_plan(hardware: Hardware, model: ModelRef, *, profile: str | Profile | N
     pinned = dict(pinned or {})
     prof = profile if isinstance(profile, Profile) else (get_profile(profile) if profile else match_profile(hardware))
     knobs = prof.knobs.replace(**pinned)
+    check_backend_runs(knobs, hardware.backend)  # a pinned knob the backend cannot run: refused before anything
     device = hardware.primary
     headroom = int(device.total_bytes * HEADROOM_FRAC)
     budget = max(0, device.free_bytes - headroom)
     backend = hardware.backend
     adjustments: list[Adjustment] = []
 
+    facts = DeviceFacts.from_hardware(hardware)
+    bnb = backend in BITSANDBYTES_BACKENDS
+
     def est(k: Knobs) -> MemoryEstimate:
-        return estimate(model.shape, k, backend)
+        return estimate(model.shape, k, facts)
 
     def change(knob: str, new: Any, reason: str, **also: Any) -> None:
         nonlocal knobs
@@ -172,15 +183,12 @@ def make_plan(hardware: Hardware, model: ModelRef, *, profile: str | Profile | N
                    "of optimizer state")
         elif (free("per_device_train_batch_size") and free("gradient_accumulation_steps")
               and knobs.per_device_train_batch_size > 1):
-            mb = knobs.per_device_train_batch_size
-            new_mb = mb // 2
-            # keep the effective batch: round accumulation up so mb x ga never shrinks
-            new_ga = math.ceil(knobs.effective_batch_size / new_mb)
-            change("per_device_train_batch_size", new_mb,
-                   f"{over}: a smaller micro-batch needs fewer activations; accumulation doubles "
+            smaller = halve_micro_batch(knobs)
+            change("per_device_train_batch_size", smaller.per_device_train_batch_size,
+                   f"{over}: a smaller micro-batch needs fewer activations; accumulation grows "
                    f"so the effective batch stays {knobs.effective_batch_size}",
-                   gradient_accumulation_steps=new_ga)
-        elif free("load_in_4bit") and not knobs.load_in_4bit:
+                   gradient_accumulation_steps=smaller.gradient_accumulation_steps)
+        elif bnb and free("load_in_4bit") and not knobs.load_in_4bit:
             after = est(knobs.replace(load_in_4bit=True))
             cost = "" if backend == "cuda" else f"; bitsandbytes 4-bit on {backend} is slower than 16-bit"
             change("load_in_4bit", True,
@@ -220,14 +228,15 @@ def _advice(plan: Plan) -> list[str]:
         params_b = e.base_params * share / 1e9
         out.append(f"a smaller model: the weights alone need {_gb(e.weights_bytes)} of the {_gb(budget)} "
                    f"budget; about {params_b:.1f}B parameters or fewer would leave room to train")
-    if not k.load_in_4bit:
-        q = estimate(plan.model.shape, k.replace(load_in_4bit=True), backend)
+    facts = DeviceFacts.from_hardware(plan.hardware)
+    if not k.load_in_4bit and backend in BITSANDBYTES_BACKENDS:
+        q = estimate(plan.model.shape, k.replace(load_in_4bit=True), facts)
         if q.total_bytes < e.total_bytes:
             out.append(f"4-bit weights (--set load_in_4bit=true): the estimate drops to {_gb(q.total_bytes)}")
     for n in (1024, 512, 256, 128, 64):
         if n >= k.max_length:
             continue
-        s = estimate(plan.model.shape, k.replace(max_length=n), backend)
+        s = estimate(plan.model.shape, k.replace(max_length=n), facts)
         if s.total_bytes <= budget:
             out.append(f"shorter sequences (--max-seq-len {n}): the estimate drops to {_gb(s.total_bytes)}")
             break

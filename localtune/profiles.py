@@ -43,6 +43,34 @@ from localtune.hardware import GiB, Hardware
 from localtune.knobs import HARDWARE_KNOBS, Knobs, knobs_from_mapping
 
 BACKENDS = ("cuda", "mps", "cpu")
+BITSANDBYTES_BACKENDS = ("cuda", "cpu")
+"""Where bitsandbytes runs: 4-bit weights, 8-bit and paged optimizers. CUDA, and the CPU (its
+multi-backend build, 0.46 and later: NF4 training and 8-bit AdamW were run on this project's
+CPU). Not Apple's MPS: bitsandbytes has no Metal kernels there, and nothing localtune runs
+shows that it works."""
+
+
+def needs_bitsandbytes(knobs: Knobs) -> list[str]:
+    """The knobs (as `key=value`) that only bitsandbytes can run."""
+    out = []
+    if knobs.load_in_4bit:
+        out.append("load_in_4bit=true")
+    if "8bit" in knobs.optim or knobs.optim.startswith("paged_"):
+        out.append(f"optim={knobs.optim}")
+    return out
+
+
+def check_backend_runs(knobs: Knobs, backend: str, where: str = "") -> None:
+    """UserError (naming `where`, a file and table, when given) when `knobs` ask for what
+    `backend` cannot run: bitsandbytes 4-bit weights or 8-bit / paged optimizers on Apple's MPS."""
+    if backend in BITSANDBYTES_BACKENDS:
+        return
+    bad = needs_bitsandbytes(knobs)
+    if bad:
+        raise UserError(f"{where + ': ' if where else ''}{' and '.join(bad)} need{'s' * (len(bad) == 1)} "
+                        f"bitsandbytes, which does not run on {backend} "
+                        "(Apple's GPU); train in 16 bits with optim=adamw_torch (a smaller model fits where "
+                        "a larger one does not)")
 _TOP_KEYS = ("name", "description", "match", "knobs")
 _MATCH_KEYS = ("backend", "min_memory_gb", "max_memory_gb")
 
@@ -145,6 +173,7 @@ def load_profile(path: str | Path) -> Profile:
     if missing:
         raise UserError(f"{where}: missing required knob{'s' * (len(missing) > 1)} "
                         f"{', '.join(repr(k) for k in missing)}")
+    check_backend_runs(checked, backend, where)
     return Profile(
         name=name, description=description, backend=backend,
         min_memory_gb=float(lo), max_memory_gb=None if hi is None else float(hi),

@@ -103,58 +103,82 @@ class _StopRequest:
 
 
 def _device_of(backend: str, plan: dict[str, Any]) -> str:
+    """The plan's training device: 'cuda:N' for the plan's first GPU (N is its CUDA ordinal in
+    this process, as the probe numbered it), else the backend."""
     if backend == "cuda":
         index = plan["hardware"]["devices"][0].get("index") or 0
         return f"cuda:{index}"
     return backend
 
 
-def _load_model(path: str, knobs, backend: str, device: str, trust_remote_code: bool):
-    """The base model as the plan asks: NF4 + LoRA on CUDA (QLoRA), 16-bit LoRA otherwise;
-    float32 on the CPU; bf16 on Apple (float32 where bf16 is unsupported)."""
-    import torch
+def _use_device(device: str) -> None:
+    """Make the plan's GPU this process's current CUDA device, so that everything that asks
+    for 'the' device (bitsandbytes' kernels, `torch.cuda.is_bf16_supported`, the Trainer's
+    `cuda` placement, memory readings without an argument) means it, not device 0."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(torch.device(device))
+
+
+def _load_model(path: str, knobs, precision, device: str, trust_remote_code: bool):
+    """The base model as the plan asks: 4-bit weights (QLoRA) when `load_in_4bit`, else in
+    `precision.weights_dtype`; on the plan's device; flash-attention 2 where
+    localtune.precision found that it runs."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kw: dict[str, Any] = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
-    if backend == "cpu":
-        dtype = torch.float32  # bf16, where native, is autocast over these (see train())
-    elif backend == "mps":
-        dtype = torch.bfloat16 if knobs.bf16 and torch.backends.mps.is_macos_or_newer(14, 0) else torch.float32
-    else:
-        dtype = torch.bfloat16 if knobs.bf16 and torch.cuda.is_bf16_supported() else torch.float16
     if knobs.load_in_4bit:
-        compute = getattr(torch, knobs.bnb_4bit_compute_dtype)
-        if backend == "cpu":
-            compute = torch.float32
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=knobs.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=knobs.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=compute)
-    if backend != "cpu":
+            bnb_4bit_use_double_quant=knobs.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=precision.bnb_compute_torch_dtype())
+    if device != "cpu":
         kw["device_map"] = {"": device}
-    if backend == "cuda" and _padding_free(backend):
-        kw["attn_implementation"] = "flash_attention_2"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    if precision.attn_implementation:
+        kw["attn_implementation"] = precision.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=precision.torch_dtype(), **kw)
     # no KV cache in training; padding-free batches need this too: transformers finds the row
     # boundaries in position_ids only when there is no cache
     model.config.use_cache = False
-    return model, dtype
+    return model
 
 
-def _padding_free(backend: str) -> bool:
+def torch_index(device: str) -> int | None:
+    """N of 'cuda:N'; None for other devices."""
+    return int(device.split(":", 1)[1]) if device.startswith("cuda:") else None
+
+
+def _trainable_token_indices(model, tokenizer, added_tokens: list[str]) -> dict[str, list[int]] | None:
+    """peft's `trainable_token_indices` for the tokens the chat template added (a model that had
+    no template gets ChatML's): only their rows of the input embeddings train, and of the
+    output layer too unless it is tied to them (peft then ties the two). Training full copies
+    of both matrices instead (`modules_to_save`) would add ~1 B trainable parameters to an 8B
+    model with a 128k vocabulary; these rows are 2 x hidden each. None when nothing was added."""
+    if not added_tokens:
+        return None
+    ids = [int(i) for i in tokenizer.convert_tokens_to_ids(added_tokens)]
+    names = {m: n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    embed, out = model.get_input_embeddings(), model.get_output_embeddings()
+    targets = {names[embed]: ids}
+    tied = out is None or out.weight is embed.weight
+    if not tied:
+        targets[names[out]] = ids
+    return targets
+
+
+def _padding_free(backend: str, precision) -> bool:
     """Whether batches go padding-free: each micro-batch's rows laid end to end in one row,
     with position_ids restarting at every row, so no compute goes to padding (on
     `shared/bench/varied_lengths.jsonl`, padded batches of 4 hold 1.66 tokens per real one).
     On the CPU transformers' sdpa attention sees the row boundaries in the position_ids and
-    masks across them (a block-diagonal mask). On CUDA only with flash-attention 2 installed:
-    sdpa would compute attention over the whole joined row through a mask, which costs the
-    square of the joined length. Apple: padded (not measured there)."""
+    masks across them (a block-diagonal mask). On CUDA only with flash-attention 2 (which
+    localtune.precision allows on compute capability 8.0+, in 16 bits, when installed): sdpa
+    would compute attention over the whole joined row through a mask, which costs the square
+    of the joined length. Apple: padded (not measured there)."""
     if backend == "cpu":
         return True
-    if backend == "cuda":
-        import importlib.util
-
-        return importlib.util.find_spec("flash_attn") is not None
-    return False
+    return backend == "cuda" and precision.attn_implementation == "flash_attention_2"
 
 
 def _sample(model, tokenizer, prompt: str) -> str:
@@ -173,25 +197,39 @@ def _sample(model, tokenizer, prompt: str) -> str:
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+OOM_MESSAGES = (
+    "CUDA out of memory",            # the caching allocator (torch.OutOfMemoryError's text)
+    "CUDA error: out of memory",     # a raw cudaMalloc or kernel launch (torch.AcceleratorError)
+    "CUBLAS_STATUS_ALLOC_FAILED",    # cuBLAS could not allocate its workspace or handle
+    "CUDNN_STATUS_ALLOC_FAILED",     # cuDNN's workspace (cuDNN 8)
+    "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE",
+    "MPS backend out of memory",     # Apple's allocator
+)
+"""Error texts that mean the accelerator ran out of memory although they are not
+torch.OutOfMemoryError: the libraries under torch report their own allocation failures as
+RuntimeError (torch.AcceleratorError since torch 2.8) with their status name in the text."""
+
+
 def _is_oom(e: BaseException) -> bool:
-    """An out-of-memory error of the accelerator (CUDA, or Apple's MPS)."""
+    """An out-of-memory error of the accelerator: torch's own, or one reported by cuBLAS,
+    cuDNN, the CUDA runtime or Apple's MPS allocator (OOM_MESSAGES)."""
     import torch
 
-    return isinstance(e, torch.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and "MPS backend out of memory" in str(e))
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in OOM_MESSAGES)
 
 
 def _backoff_knobs(knobs):
-    """The knobs to retry with after running out of memory: the micro-batch halved and the
-    accumulation doubled, so the effective batch is unchanged (an odd micro-batch goes to its
-    largest divisor at most half of it, and the accumulation grows by the same factor); at a
-    micro-batch of 1, max_length halved (not below MIN_BACKOFF_MAX_LENGTH). Raises UserError
-    when neither can go lower."""
-    mb = knobs.per_device_train_batch_size
-    if mb > 1:
-        new_mb = max(d for d in range(1, mb // 2 + 1) if mb % d == 0)
-        return knobs.replace(per_device_train_batch_size=new_mb,
-                             gradient_accumulation_steps=knobs.gradient_accumulation_steps * (mb // new_mb))
+    """The knobs to retry with after running out of memory: a smaller micro-batch with the
+    accumulation grown to keep the effective batch exactly (knobs.halve_micro_batch, the rule
+    the planner steps down with); at a micro-batch of 1, max_length halved (not below
+    MIN_BACKOFF_MAX_LENGTH). Raises UserError when neither can go lower."""
+    from localtune.knobs import halve_micro_batch
+
+    smaller = halve_micro_batch(knobs)
+    if smaller is not None:
+        return smaller
     if knobs.max_length > MIN_BACKOFF_MAX_LENGTH:
         return knobs.replace(max_length=max(MIN_BACKOFF_MAX_LENGTH, knobs.max_length // 2))
     fixes = ["a smaller model"]
@@ -335,14 +373,15 @@ class SaveByClock(TrainerCallback):
         self.last = self.clock()
 
 
-def _peak_memory_bytes(backend: str) -> int:
-    """torch.cuda.max_memory_allocated on CUDA; this process's peak RSS elsewhere."""
+def _peak_memory_bytes(device: str) -> int:
+    """torch.cuda.max_memory_allocated of the training GPU on CUDA; this process's peak RSS
+    elsewhere."""
     import resource
 
-    if backend == "cuda":
+    if device.startswith("cuda"):
         import torch
 
-        return int(torch.cuda.max_memory_allocated())
+        return int(torch.cuda.max_memory_allocated(torch.device(device)))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
@@ -359,14 +398,15 @@ def _free_memory(backend: str) -> None:
 
     gc.collect()
     if backend == "cuda" and torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # the current device: the plan's (_use_device)
     elif backend == "mps" and hasattr(torch, "mps"):
         torch.mps.empty_cache()
 
 
-def _hardware_event(run: RunDir, backend: str, hw) -> None:
-    """Memory, utilisation, temperature and power now. `hw` is the launch probe: sampling
-    re-reads only the live fields (a full probe per logged step would be work on the hot path)."""
+def _hardware_event(run: RunDir, backend: str, hw, device: str) -> None:
+    """Memory, utilisation, temperature and power of the training device now. `hw` is the
+    launch probe: sampling re-reads only the live fields (a full probe per logged step would be
+    work on the hot path); its first device is the plan's, `device`."""
     import psutil
 
     vm = psutil.virtual_memory()
@@ -375,7 +415,7 @@ def _hardware_event(run: RunDir, backend: str, hw) -> None:
     if backend == "cuda":
         import torch
 
-        free, total = torch.cuda.mem_get_info()
+        free, total = torch.cuda.mem_get_info(torch.device(device))
         fields.update(memory_used_bytes=total - free, memory_total_bytes=total)
         try:
             from localtune.hardware import sample_devices
@@ -408,6 +448,11 @@ def train(run: RunDir, stop: _StopRequest) -> None:
 
     hardware = Hardware.from_dict(plan["hardware"])  # what the launch probe found
     device = _device_of(backend, plan)
+    _use_device(device)
+    from localtune.precision import DeviceFacts, precision_for
+
+    # the live device's own facts (its compute capability, the running macOS), not the probe's
+    precision = precision_for(knobs, DeviceFacts.live(backend, torch_index(device)))
     trust = bool(rcfg.get("trust_remote_code", False))
 
     model_ref = resolve_model(rcfg["model"], trust_remote_code=trust)
@@ -428,7 +473,7 @@ def train(run: RunDir, stop: _StopRequest) -> None:
     atomic_write_json(run.path / "data.json", {**loaded.summary(), "train_rows": len(train_rows),
                                                "eval_rows": len(eval_rows), "train_on_inputs": train_on_inputs,
                                                "chat_template": template.to_dict()})
-    padding_free = _padding_free(backend) and not knobs.packing
+    padding_free = _padding_free(backend, precision) and not knobs.packing
     full_train = tokenize(train_rows, tokenizer, template, train_on_inputs=train_on_inputs).remove_columns("length")
     full_eval = (tokenize(eval_rows, tokenizer, template, train_on_inputs=train_on_inputs).remove_columns("length")
                  if eval_rows else None)
@@ -443,18 +488,15 @@ def train(run: RunDir, stop: _StopRequest) -> None:
     from peft import LoraConfig
 
     targets = "all-linear" if "all-linear" in knobs.target_modules else list(knobs.target_modules)
-    peft_config = LoraConfig(r=knobs.r, lora_alpha=knobs.lora_alpha, lora_dropout=knobs.lora_dropout,
-                             target_modules=targets, task_type="CAUSAL_LM",
-                             modules_to_save=["embed_tokens", "lm_head"] if template.added_tokens else None)
+
+    def peft_config_for(model) -> LoraConfig:
+        return LoraConfig(r=knobs.r, lora_alpha=knobs.lora_alpha, lora_dropout=knobs.lora_dropout,
+                          target_modules=targets, task_type="CAUSAL_LM",
+                          trainable_token_indices=_trainable_token_indices(model, tokenizer, template.added_tokens))
 
     partial = run.checkpoints_dir / ".partial"
-    import torch
 
-    from localtune.hardware import cpu_has_native_bf16
-
-    cpu_bf16 = backend == "cpu" and knobs.bf16 and cpu_has_native_bf16()  # autocast over the float32 weights
-
-    def sft_config(knobs, dtype) -> SFTConfig:
+    def sft_config(knobs) -> SFTConfig:
         return SFTConfig(
             output_dir=str(partial),
             per_device_train_batch_size=knobs.per_device_train_batch_size,
@@ -479,8 +521,8 @@ def train(run: RunDir, stop: _StopRequest) -> None:
             eval_steps=knobs.eval_steps,
             seed=knobs.seed,
             data_seed=knobs.seed,
-            bf16=(dtype == torch.bfloat16 and backend != "cpu") or cpu_bf16,
-            fp16=str(dtype) == "torch.float16",
+            bf16=precision.trainer_bf16,
+            fp16=precision.trainer_fp16,
             use_cpu=backend == "cpu",
             report_to="none",
             include_num_input_tokens_seen="non_padding",
@@ -532,7 +574,7 @@ def train(run: RunDir, stop: _StopRequest) -> None:
             run.write_status(state="running", pid=os.getpid(), max_steps=state.max_steps, step=state.global_step,
                              error=None)
             append_event(run.events_path, "started", pid=os.getpid(), resumed_from=resume.name if resume else None,
-                         max_steps=state.max_steps, device=device, precision=precision,
+                         max_steps=state.max_steps, device=device, precision=precision.describe(),
                          padding_free=padding_free or knobs.packing)
 
         def on_step_end(self, args, state, control, **kw):
@@ -558,7 +600,7 @@ def train(run: RunDir, stop: _StopRequest) -> None:
                              grad_norm=logs.get("grad_norm"), tokens_per_s=round(rate, 1),
                              elapsed_s=round(self.elapsed_before + now - started_at, 1))
                 run.write_status(step=state.global_step, loss=logs["loss"])
-                _hardware_event(run, backend, hardware)
+                _hardware_event(run, backend, hardware, device)
             if "eval_loss" in logs:
                 append_event(run.events_path, "eval", step=state.global_step, eval_loss=logs["eval_loss"])
 
@@ -585,10 +627,7 @@ def train(run: RunDir, stop: _StopRequest) -> None:
 
     while True:  # one attempt per pass; running out of memory backs off and goes round again
         shutil.rmtree(partial, ignore_errors=True)  # whatever a crash left there is incomplete
-        model, dtype = _load_model(model_path, knobs, backend, device, trust)
-        precision = "bfloat16 autocast" if cpu_bf16 else str(dtype).removeprefix("torch.")
-        if knobs.load_in_4bit:
-            precision = f"nf4 weights, {precision} compute"
+        model = _load_model(model_path, knobs, precision, device, trust)
         if template.added_tokens:
             model.resize_token_embeddings(len(tokenizer))
         resume = newest_usable_checkpoint(run)
@@ -598,10 +637,10 @@ def train(run: RunDir, stop: _StopRequest) -> None:
             done = [e for e in read_events(run.events_path)
                     if e.get("kind") == "step" and e.get("step", 0) <= resume_step]
             elapsed_before = float(done[-1].get("elapsed_s") or 0.0) if done else 0.0
-        trainer = LocaltuneTrainer(model=model, args=sft_config(knobs, dtype),
+        trainer = LocaltuneTrainer(model=model, args=sft_config(knobs),
                                    train_dataset=truncated(full_train, knobs.max_length),
                                    eval_dataset=truncated(full_eval, knobs.max_length),
-                                   processing_class=tokenizer, peft_config=peft_config,
+                                   processing_class=tokenizer, peft_config=peft_config_for(model),
                                    callbacks=[*extra_callbacks, Events()])
         started_at = time.time()
         try:
@@ -648,7 +687,7 @@ def train(run: RunDir, stop: _StopRequest) -> None:
     run.write_status(state="completed", step=step, pid=None, adapter=str(run.adapter_dir))
     append_event(run.events_path, "finished", step=step, adapter=str(run.adapter_dir),
                  train_loss=getattr(result, "training_loss", None), elapsed_s=round(elapsed, 1),
-                 tokens=int(trainer.state.num_input_tokens_seen), peak_memory_bytes=_peak_memory_bytes(backend))
+                 tokens=int(trainer.state.num_input_tokens_seen), peak_memory_bytes=_peak_memory_bytes(device))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,16 @@ MiB = 1024**2
 
 
 @dataclass
+class FakeMig:
+    """One MIG slice (a GPU instance) of a FakeGPU, as NVML's MIG device handle reads it."""
+
+    name: str  # NVML names a slice after its card and profile: 'NVIDIA A100-SXM4-80GB MIG 3g.40gb'
+    total: int
+    used: int
+    uuid: str  # 'MIG-...'
+
+
+@dataclass
 class FakeGPU:
     name: str
     total: int
@@ -30,6 +40,8 @@ class FakeGPU:
     util: int | None = 0
     power_mw: int | None = 30_000
     limit_mw: int | None = 300_000
+    mig: list[FakeMig] | None = None
+    """MIG mode on, with these slices (None: MIG off)."""
 
 
 def fake_nvml(gpus: list[FakeGPU], *, v2: bool = True, init_error: int | None = None):
@@ -72,6 +84,15 @@ def fake_nvml(gpus: list[FakeGPU], *, v2: bool = True, init_error: int | None = 
     nv.nvmlDeviceGetUtilizationRates = lambda h: SimpleNamespace(gpu=opt(h.util), memory=0)
     nv.nvmlDeviceGetPowerUsage = lambda h: opt(h.power_mw)
     nv.nvmlDeviceGetEnforcedPowerLimit = lambda h: opt(h.limit_mw)
+    nv.nvmlDeviceGetMigMode = lambda h: (1, 1) if h.mig is not None else (0, 0)
+    nv.nvmlDeviceGetMaxMigDeviceCount = lambda h: 7 if h.mig is not None else 0
+
+    def mig_handle(h, j):
+        if h.mig is None or j >= len(h.mig):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+        return h.mig[j]
+
+    nv.nvmlDeviceGetMigDeviceHandleByIndex = mig_handle
     return nv
 
 

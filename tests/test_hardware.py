@@ -12,7 +12,7 @@ import pytest
 
 from localtune import hardware
 from localtune.hardware import GiB, describe, probe, sample_devices
-from tests.fakes import (RTX_3060, RTX_4090, RTX_A6000, MiB, cuda_bus_id, fake_nvml,
+from tests.fakes import (RTX_3060, RTX_4090, RTX_A6000, FakeGPU, FakeMig, MiB, cuda_bus_id, fake_nvml,
                          install_gpus)
 
 
@@ -216,3 +216,50 @@ def test_pci_bus_ids_compare_across_spellings():
 
 def test_sysctl_failure_is_none():
     assert hardware._sysctl("no.such.key.localtune") is None
+
+
+A100_MIG = FakeGPU("NVIDIA A100-SXM4-80GB", 81920 * MiB, 0, "GPU-a100dddd-0000-0000-0000-000000000004",
+                   "00000000:07:00.0", cc=(8, 0), temp=52, util=None, power_mw=180_000, limit_mw=400_000,
+                   mig=[FakeMig("NVIDIA A100-SXM4-80GB MIG 3g.40gb", 40192 * MiB, 512 * MiB,
+                                "MIG-5b3c0000-1111-2222-3333-444444444444"),
+                        FakeMig("NVIDIA A100-SXM4-80GB MIG 3g.40gb", 40192 * MiB, 30000 * MiB,
+                                "MIG-7d9e0000-5555-6666-7777-888888888888")])
+
+
+def _cuda_view_of_mig(card: FakeGPU) -> list[tuple[str, str]]:
+    """What cuDeviceGetUuid_v2 and cuDeviceGetPCIBusId report for a card split into MIG slices:
+    one CUDA device per slice, each with the slice's UUID (our formatter writes 'GPU-' before
+    the 16 raw bytes) and the card's bus id."""
+    return [("GPU-" + m.uuid[4:], cuda_bus_id(card.bus_id)) for m in card.mig or []]
+
+
+def test_a_mig_slice_is_budgeted_with_its_own_memory_not_its_cards(use, tmp_path):
+    from localtune.models import resolve_model
+    from localtune.plan import make_plan
+
+    use([A100_MIG], cuda=_cuda_view_of_mig(A100_MIG))
+    hw = probe()
+    assert hw.backend == "cuda" and [d.index for d in hw.devices] == [0, 1]
+    first, second = hw.devices
+    assert first.name == "NVIDIA A100-SXM4-80GB MIG 3g.40gb" and first.mig_index == 0 and second.mig_index == 1
+    assert gb(first.total_bytes) == 39.2  # the slice (40192 MiB), not the card's 80 GB
+    assert second.free_bytes == (40192 - 30000 - 300) * MiB  # the second slice is mostly in use
+    assert first.compute_capability == "8.0" and first.uuid.startswith("MIG-")
+    # the plan budgets the slice CUDA will train on (device 0) and matches a profile by its size
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, '
+                                          '"num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 256}')
+    plan = make_plan(hw, resolve_model(str(tmp_path)))
+    assert plan.profile.name == "cuda-48gb"
+    assert plan.budget_bytes == (40192 - 512 - 300) * MiB - int(40192 * MiB * 0.05)
+    # live readings: the slice's memory, the card's temperature and power, no per-slice utilisation
+    live = sample_devices(hw)[1]
+    assert live.free_bytes == (40192 - 30000 - 300) * MiB and live.temperature_c == 52.0 and live.power_w == 180.0
+    assert live.utilization_pct is None
+    assert "GPU 1: NVIDIA A100-SXM4-80GB MIG 3g.40gb, 39.2 GB total" in "\n".join(describe(hw))
+
+
+def test_cuda_visible_devices_may_name_a_mig_slice(use, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", A100_MIG.mig[1].uuid)
+    use([A100_MIG], cuda=None)  # no driver API: the environment variable is read
+    hw = probe()
+    assert [(d.index, d.mig_index) for d in hw.devices] == [(0, 1)]

@@ -149,3 +149,76 @@ def test_hypothetical_machine_rejects_nonsense(backend, gb):
 def test_hypothetical_machine_matches_the_profile_for_its_size(tmp_path):
     assert make_plan(hypothetical_hardware("mps", 32), resolve_model(None)).profile.name == "mps-32gb"
     assert make_plan(hypothetical_hardware("cuda", 80), resolve_model(None)).profile.name == "cuda-80gb"
+
+
+# ---------------------------------------------------------------- Apple: only what MPS runs
+
+
+def test_an_8b_model_on_a_16gb_mac_never_gets_bitsandbytes(tmp_path, capsys):
+    from tests.helpers import run
+
+    plan = make_plan(hypothetical_hardware("mps", 16), model_dir(tmp_path, LLAMA_8B))
+    assert not plan.knobs.load_in_4bit and "8bit" not in plan.knobs.optim
+    assert "load_in_4bit" not in {a.knob for a in plan.adjustments} and "optim" not in {a.knob for a in plan.adjustments}
+    assert not plan.fits  # 16-bit weights of 8B parameters (15 GB) do not fit 15.2 GB with room to train
+    assert not any("4-bit" in a for a in plan.advice), plan.advice
+    rc, out, err = run(capsys, "plan", "--backend", "mps", "--budget", "16", "--model", str(tmp_path / "m"))
+    assert rc == 1 and "load_in_4bit                 false" in out and "Does not fit" in out
+    assert_consistent(plan)
+
+
+@pytest.mark.parametrize("knob", ["load_in_4bit=true", "optim=paged_adamw_8bit", "optim=adamw_bnb_8bit"])
+def test_bitsandbytes_knobs_on_mps_are_refused_in_one_line(tmp_path, capsys, knob):
+    from tests.helpers import one_line_error, run
+
+    model_dir(tmp_path, LLAMA_8B)
+    rc, out, err = run(capsys, "plan", "--backend", "mps", "--budget", "64", "--model", str(tmp_path / "m"),
+                       "--set", knob)
+    assert rc == 1 and out == ""
+    assert one_line_error(err) == (f"localtune: error: {knob} needs bitsandbytes, which does not run on mps "
+                                   "(Apple's GPU); train in 16 bits with optim=adamw_torch (a smaller model fits "
+                                   "where a larger one does not)")
+    # the same knob on a CUDA machine is a plan like any other
+    assert run(capsys, "plan", "--backend", "cuda", "--budget", "24", "--model", str(tmp_path / "m"),
+               "--set", knob)[0] == 0
+
+
+def test_a_mac_before_macos_14_is_planned_in_float32(tmp_path):
+    from dataclasses import replace
+
+    hw = hypothetical_hardware("mps", 32)
+    old = make_plan(replace(hw, macos_version="13.6"), model_dir(tmp_path, LLAMA_8B))
+    new = make_plan(replace(hw, macos_version="14.4"), resolve_model(str(tmp_path / "m")))
+    # 8.03B parameters: 4 bytes each before macOS 14, 2 after
+    assert old.estimate.weights_bytes == 2 * new.estimate.weights_bytes
+    assert round(old.estimate.weights_bytes / 2**30, 1) == 29.9
+
+
+# ---------------------------------------------------------------- one rule for a smaller micro-batch
+
+
+def test_stepping_down_a_5_by_3_micro_batch_keeps_the_effective_batch_of_15(tmp_path):
+    from localtune.knobs import halve_micro_batch
+    from localtune.worker import _backoff_knobs
+
+    plan = make_plan(hypothetical_hardware("cuda", 24), model_dir(tmp_path, LLAMA_8B),
+                     pinned={"per_device_train_batch_size": 5, "gradient_accumulation_steps": 3})
+    assert plan.knobs.per_device_train_batch_size == 5  # pinned: the planner leaves it alone
+    # unpinned, the planner steps it down with the one rule the out-of-memory back-off uses too
+    from localtune.profiles import get_profile
+
+    prof = get_profile("cuda-24gb")
+    five = prof.knobs.replace(per_device_train_batch_size=5, gradient_accumulation_steps=3, max_length=4096)
+    from dataclasses import replace as dc_replace
+
+    tight = make_plan(hypothetical_hardware("cuda", 10), model_dir(tmp_path, LLAMA_8B, "m2"),
+                      profile=dc_replace(prof, knobs=five))
+    steps = [(a.knob, a.old, a.new) for a in tight.adjustments if a.knob in ("per_device_train_batch_size",
+                                                                              "gradient_accumulation_steps")]
+    assert steps[:2] == [("per_device_train_batch_size", 5, 1), ("gradient_accumulation_steps", 3, 15)]
+    assert tight.knobs.effective_batch_size == 15
+    assert _backoff_knobs(five).per_device_train_batch_size == 1
+    assert _backoff_knobs(five).effective_batch_size == 15 == halve_micro_batch(five).effective_batch_size
+    eight = five.replace(per_device_train_batch_size=12, gradient_accumulation_steps=2)
+    assert (halve_micro_batch(eight).per_device_train_batch_size, halve_micro_batch(eight).effective_batch_size) == (6, 24)
+    assert halve_micro_batch(five.replace(per_device_train_batch_size=1)) is None

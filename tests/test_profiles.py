@@ -220,6 +220,16 @@ def test_folder_with_overlap_or_duplicate(tmp_path: Path):
     (tmp_path / "b.toml").write_text(_sub(r"^name = .*$", 'name = "other"'))
     with pytest.raises(UserError, match="overlaps"):
         load_profiles(tmp_path)
-    (tmp_path / "b.toml").write_text(_sub(r"^backend = .*$", 'backend = "mps"'))
+    (tmp_path / "b.toml").write_text(_sub(r"^backend = .*$", 'backend = "cpu"'))
     with pytest.raises(UserError, match="'cuda-24gb' is also used by"):
         load_profiles(tmp_path)
+
+
+def test_an_apple_profile_may_not_ask_for_bitsandbytes(tmp_path: Path):
+    """bitsandbytes (4-bit weights, 8-bit and paged optimizers) does not run on Apple's MPS."""
+    path = _write(tmp_path, _sub(r"^backend = .*$", 'backend = "mps"'))
+    with pytest.raises(UserError) as e:
+        load_profile(path)
+    assert str(e.value) == (f"{path}: [knobs]: load_in_4bit=true and optim=adamw_8bit need bitsandbytes, which "
+                            "does not run on mps (Apple's GPU); train in 16 bits with optim=adamw_torch (a smaller "
+                            "model fits where a larger one does not)")
