@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import importlib.metadata
 import json
 import os
 import shutil
@@ -138,6 +139,9 @@ def _load_model(path: str, knobs, precision, device: str, trust_remote_code: boo
     if precision.attn_implementation:
         kw["attn_implementation"] = precision.attn_implementation
     model = AutoModelForCausalLM.from_pretrained(path, dtype=precision.torch_dtype(), **kw)
+    if knobs.load_in_4bit and not getattr(model, "is_loaded_in_4bit", False):
+        raise RuntimeError(f"{path} did not load in 4 bits although the plan asks for it (bitsandbytes "
+                           f"{importlib.metadata.version('bitsandbytes')})")
     # no KV cache in training; padding-free batches need this too: transformers finds the row
     # boundaries in position_ids only when there is no cache
     model.config.use_cache = False

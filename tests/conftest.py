@@ -27,6 +27,20 @@ import pytest
 BUILTIN_FOLDER = "SmolLM2-135M-Instruct"
 
 
+@pytest.fixture
+def machine_without_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`hardware.probe()` sees what a machine with no GPU sees, whatever this one has: NVML
+    installed but no NVIDIA driver loaded, and no Apple GPU. Tests that check the CPU report
+    or the CPU plan use it, so that they pass on the GPU machines localtune is for too."""
+    import pynvml
+
+    from localtune import hardware
+    from tests.fakes import install_gpus
+
+    install_gpus(monkeypatch, [], init_error=pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+    monkeypatch.setattr(hardware, "_probe_apple", lambda ram_total: None)
+
+
 @pytest.fixture(scope="session")
 def builtin_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The converted built-in model folder (session-wide; converted once)."""

@@ -27,7 +27,7 @@ def llama8b(tmp_path):
     return d
 
 
-def test_probe_prints_the_machine_and_profile(capsys):
+def test_probe_prints_the_machine_and_profile(capsys, machine_without_gpu):
     rc, out, err = run(capsys, "probe")
     assert rc == 0
     assert "Backend: cpu" in out
@@ -35,7 +35,7 @@ def test_probe_prints_the_machine_and_profile(capsys):
     assert "Profile: cpu" in out
 
 
-def test_probe_json(capsys):
+def test_probe_json(capsys, machine_without_gpu):
     rc, out, _ = run(capsys, "probe", "--json")
     data = json.loads(out)
     assert rc == 0

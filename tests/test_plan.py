@@ -122,7 +122,7 @@ def test_pinned_long_sequences_that_do_not_fit_suggest_a_length(tmp_path):
     assert fitted.total_bytes <= plan.budget_bytes
 
 
-def test_builtin_model_on_this_cpu_fits_with_the_cpu_profile():
+def test_builtin_model_on_a_cpu_machine_fits_with_the_cpu_profile(machine_without_gpu):
     plan = make_plan(probe(), resolve_model(None))
     assert plan.backend == "cpu" and plan.profile.name == "cpu"
     assert plan.fits and plan.adjustments == []

@@ -189,7 +189,7 @@ def test_the_model_loads_as_the_card_computes(monkeypatch):
 
     def fake_from_pretrained(path, **kw):
         seen.append(kw)
-        return SimpleNamespace(config=SimpleNamespace(use_cache=True))
+        return SimpleNamespace(config=SimpleNamespace(use_cache=True), is_loaded_in_4bit=True)
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
     worker._load_model("m", QLORA, precision_for(QLORA, T4), "cuda:1", False)

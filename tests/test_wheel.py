@@ -6,6 +6,7 @@ force-include put them at `localtune/profiles/` and that `profiles_dir()` looks 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -52,27 +53,25 @@ def test_wheel_contains_profiles(wheel: Path):
 
 
 @pytest.mark.slow
-def test_installed_wheel_loads_profiles(wheel: Path, tmp_path: Path):
-    site = tmp_path / "site"
-    # --no-deps: the dependencies are already in the system site-packages.
+def test_installed_wheel_runs_as_the_localtune_command(wheel: Path, tmp_path: Path):
+    """Installed from the wheel, the `localtune` console script (not `python -m`) runs and lists
+    the shipped profiles from inside the installed package."""
+    prefix = tmp_path / "prefix"
+    # --no-deps: the dependencies are already in this environment, whose python the script runs with
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--quiet",
-                        "--target", str(site), str(wheel)], capture_output=True, text=True)
+                        "--prefix", str(prefix), str(wheel)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    snippet = f"""
-import localtune.profiles as lp
-from pathlib import Path
-site = Path({str(site)!r}).resolve()
-d = lp.profiles_dir()
-assert d.is_relative_to(site), (d, site)
-assert Path(lp.__file__).resolve().is_relative_to(site), lp.__file__
-names = sorted(p.path.name for p in lp.load_profiles())
-assert names == {SHIPPED!r}, names
-assert lp.get_profile("cuda-24gb").path.parent == d
-print("ok", len(names))
-"""
-    # Run outside the repository so the checkout's `localtune` cannot shadow the installed one.
-    env = {**os.environ, "PYTHONPATH": str(site)}
-    r = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env,
-                       capture_output=True, text=True)
+    script = prefix / "bin" / "localtune"
+    assert script.is_file() and os.access(script, os.X_OK), sorted(p.name for p in (prefix / "bin").iterdir())
+    (site,) = prefix.glob("lib/python*/site-packages")
+    # the installed package first, and run outside the repository, so the checkout cannot shadow it
+    env = {**os.environ, "PYTHONPATH": str(site), "LOCALTUNE_HOME": str(tmp_path / "home")}
+    r = subprocess.run([str(script), "profiles", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == f"ok {len(SHIPPED)}"
+    profiles = json.loads(r.stdout)
+    assert sorted(Path(p["path"]).name for p in profiles) == SHIPPED
+    assert all(Path(p["path"]).resolve().is_relative_to(site.resolve() / "localtune" / "profiles") for p in profiles)
+    r = subprocess.run([str(script), "--version"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("localtune "), r.stdout + r.stderr
+    r = subprocess.run([str(script), "plan", "--set", "r=x"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("localtune: error: --set r: 'r' must be an integer")
