@@ -362,3 +362,87 @@ def load_tokenizer(model: ModelRef) -> Any:
         return AutoTokenizer.from_pretrained(model.location, **kw)
     except (OSError, ValueError) as e:
         raise UserError(f"--model {model.spec}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+
+
+# ---------------------------------------------------------------- tokens a chat template adds
+
+
+def _vocab_of_tokenizer_json(path: Path) -> set[str] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    vocab = (data.get("model") or {}).get("vocab")
+    tokens = set(vocab) if isinstance(vocab, dict) else {v[0] for v in vocab or [] if isinstance(v, list) and v}
+    tokens |= {t.get("content") for t in data.get("added_tokens") or [] if isinstance(t, dict)}
+    return tokens
+
+
+def _has_chat_template(files: dict[str, Path | None]) -> bool:
+    if files.get("chat_template.jinja") or files.get("chat_template.json"):
+        return True
+    cfg = files.get("tokenizer_config.json")
+    if cfg is None:
+        return False
+    try:
+        return bool(json.loads(cfg.read_text(encoding="utf-8")).get("chat_template"))
+    except (OSError, ValueError):
+        return False
+
+
+def tokens_the_template_adds(files: dict[str, Path | None]) -> int:
+    """How many special tokens a run adds to this tokenizer (localtune.data.chat_template_for):
+    none when it has a chat template; else ChatML's tokens its vocabulary lacks (both, where the
+    vocabulary cannot be read without loading the tokenizer: an upper bound of two rows).
+    `files` maps the tokenizer's file names to their local paths (None: absent)."""
+    from localtune.data import CHATML_TOKENS
+
+    if _has_chat_template(files):
+        return 0
+    vocab = _vocab_of_tokenizer_json(files["tokenizer.json"]) if files.get("tokenizer.json") else None
+    if vocab is None:
+        return len(CHATML_TOKENS)
+    return sum(t not in vocab for t in CHATML_TOKENS)
+
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "chat_template.jinja", "chat_template.json")
+
+
+def tokenizer_files_in(folder: Path) -> dict[str, Path | None]:
+    return {name: (folder / name if (folder / name).is_file() else None) for name in TOKENIZER_FILES}
+
+
+def tokenizer_files_on_hub(repo_id: str) -> dict[str, Path | None]:
+    """The small tokenizer files of a hub model from the local cache, fetched when not cached
+    and the hub may be reached (the user named the model; training fetches them anyway)."""
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+
+    out: dict[str, Path | None] = {}
+    for name in TOKENIZER_FILES:
+        try:
+            cached = try_to_load_from_cache(repo_id, name)
+            if isinstance(cached, str):
+                out[name] = Path(cached)
+            elif cached is None and not constants.HF_HUB_OFFLINE:
+                out[name] = Path(hf_hub_download(repo_id, name))
+            else:
+                out[name] = None
+        except Exception:  # noqa: BLE001 - absent, gated or offline: the file is simply not known
+            out[name] = None
+    return out
+
+
+def gguf_template_added_tokens(path: Path) -> int:
+    """tokens_the_template_adds for a GGUF file, from its metadata (chat template, token list)."""
+    from gguf import GGUFReader
+
+    from localtune.data import CHATML_TOKENS
+
+    reader = GGUFReader(str(path))
+    if "tokenizer.chat_template" in reader.fields:
+        return 0
+    field = reader.fields.get("tokenizer.ggml.tokens")
+    if field is None:
+        return len(CHATML_TOKENS)
+    vocab = {bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data}
+    return sum(t not in vocab for t in CHATML_TOKENS)

@@ -181,6 +181,24 @@ def test_a_plan_over_the_budget_turns_red_and_start_refuses(monkeypatch) -> None
     drive(test, hw=small_gpu())
 
 
+def test_on_a_mac_4bit_is_not_offered(monkeypatch) -> None:
+    """bitsandbytes does not run on Apple's GPU: the 4-bit switch is off and cannot be turned on."""
+    async def test(app, pilot) -> None:
+        screen = app.screen
+        box = screen.query_one("#knob-4bit")
+        assert box.disabled and box.value is False and "does not run on mps" in str(box.tooltip)
+        await pilot.click("#knob-4bit")
+        await settle_all(pilot)
+        assert box.value is False and not screen.plan.knobs.load_in_4bit
+        assert screen.plan.profile.name == "mps-32gb"
+
+    mac = Hardware(backend="mps", devices=[Device(name="Apple M2 Pro", total_bytes=32 * GiB, free_bytes=21 * GiB,
+                                                  recommended_max_bytes=21 * GiB)],
+                   ram_total_bytes=32 * GiB, ram_available_bytes=20 * GiB, cpu_cores=10, chip="Apple M2 Pro",
+                   macos_version="14.5")
+    drive(test, hw=mac)
+
+
 def test_broken_data_shows_file_and_line_and_start_refuses(tmp_path, monkeypatch) -> None:
     data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "2+2?", "completion": "4"}, "{not json",
                                                {"prompt": "3+3?", "completion": "6"}])

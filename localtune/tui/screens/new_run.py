@@ -35,6 +35,7 @@ from localtune.knobs import KNOB_FIELDS
 from localtune.launch import DEMO_RECIPE, default_run_config, prepare_run, start_worker
 from localtune.models import BUILTIN_NAME, ModelRef, builtin_model_dir, load_tokenizer, resolve_model
 from localtune.plan import Plan, make_plan
+from localtune.profiles import BITSANDBYTES_BACKENDS
 from localtune.runs import RunDir
 from localtune.tui.fmt import gb
 from localtune.tui.widgets import EstimateBar, Toggle
@@ -271,7 +272,11 @@ class NewRunScreen(Screen):
                         yield Input(id=wid, type="integer", compact=True, classes="knob-input")
                 with Horizontal(id="switch-row"):
                     for wid, (_, label) in SWITCH_KNOBS.items():
-                        yield Toggle(label, id=wid, compact=True)
+                        toggle = Toggle(label, id=wid, compact=True)
+                        if wid == "knob-4bit" and self.app.hardware.backend not in BITSANDBYTES_BACKENDS:
+                            toggle.disabled = True  # bitsandbytes does not run here: never offer it
+                            toggle.tooltip = f"bitsandbytes 4-bit does not run on {self.app.hardware.backend}"
+                        yield toggle
                 yield Static("", id="knob-error", classes="error hide-empty")
                 yield EstimateBar(id="estimate")
                 yield Static("", id="plan-advice", classes="hide-empty")
