@@ -28,7 +28,7 @@ from localtune.events import atomic_write_json
 from localtune.runs import RunDir, create_run
 from localtune.tui.app import LocaltuneApp
 from localtune.tui.screens.dashboard import DashboardScreen, step_ticks, thin
-from localtune.tui.state import RunProgress
+from localtune.progress import RunProgress
 from tests.tui_support import FIXED_NOW, GiB, cpu_machine, freeze_clock, step_events, write_events
 
 T0 = FIXED_NOW - 600.0
