@@ -73,6 +73,8 @@ EVENT_FIELDS: dict[str, dict[str, str]] = {
 """Each event kind and its fields, besides `t` and `kind`."""
 
 KINDS = tuple(EVENT_FIELDS)
+END_KINDS = ("finished", "stopped", "failed")
+"""The kinds that end an attempt. A later `started` (a resume) begins a new one."""
 
 
 def append_event(path: Path, kind: str, /, **fields: Any) -> dict[str, Any]:

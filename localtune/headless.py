@@ -1,8 +1,15 @@
 """The headless progress view: follow a run's event log in the terminal until it ends.
 
-Reads `events.jsonl` only (like the TUI dashboard), so it can follow a run started by
-another process. On a terminal it keeps one live panel; elsewhere (a log file, CI) it
-prints one line per step. Ctrl-C asks whether to detach (the run goes on) or stop it.
+Reads `events.jsonl` only, folded by the dashboard's own `RunProgress` (localtune.progress),
+so it can follow a run started by another process and says what the dashboard says. On a
+terminal it keeps one live panel; elsewhere (a log file, CI) it prints one line per step.
+Notable events (start, eval, sample, checkpoint, warnings, the end) print one line each, in
+the fold's words. Ctrl-C asks whether to detach (the run goes on) or stop it.
+
+A log can hold several attempts (a run stopped or crashed, then resumed); `attach` shows
+them all and follows the latest one to its end. An end in the log is final once no other
+worker has taken the run since: a resume that is still loading its model has the run's lock
+before it writes `started`.
 """
 
 from __future__ import annotations
@@ -11,94 +18,37 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
-from localtune.events import EventReader
+from rich.text import Text
+
+from localtune.events import END_KINDS, EventReader
+from localtune.progress import RunProgress, duration, num
 from localtune.runs import RunDir
 
-END_KINDS = ("finished", "failed", "stopped")
 POLL_S = 0.5
 START_GRACE_S = 30.0
-"""How long a worker may take to start before its absence means it died."""
+"""How long a new run's worker may take to start before its absence means it died."""
 
 
-def _fmt_s(s: float | None) -> str:
-    if s is None or s != s:
-        return "-"
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+def progress_line(p: RunProgress, sep: str = "  ") -> str:
+    """'step 12/40  loss 1.2345  lr 1.00e-03  1,234 tok/s  elapsed 0:36  eta 1:24  mem 1.5/24.0 GB'."""
+    mem = (f"{p.memory_used_bytes / 2**30:.1f}/{p.memory_total_bytes / 2**30:.1f} GB"
+           if p.memory_used_bytes and p.memory_total_bytes else "-")
+    return (f"step {p.step}/{p.max_steps or '?'}  loss {num(p.loss)}  lr {num(p.learning_rate, '.2e')}  "
+            f"{num(p.tokens_per_s, ',.0f')} tok/s{sep}elapsed {duration(p.elapsed_s)}  "
+            f"eta {duration(p.eta_s())}  mem {mem}")
 
 
-class _State:
-    def __init__(self) -> None:
-        self.step = 0
-        self.max_steps: int | None = None
-        self.loss: float | None = None
-        self.eval_loss: float | None = None
-        self.lr: float | None = None
-        self.tokens_per_s: float | None = None
-        self.elapsed_s: float | None = None
-        self.memory: str = "-"
-        self.sample: str | None = None
-        self.notes: list[str] = []
-        self.end: dict[str, Any] | None = None
-        self.started_at_step = 0
-        self.step_times: list[tuple[float, int]] = []
-
-    def eta_s(self) -> float | None:
-        if not self.max_steps or len(self.step_times) < 2:
-            return None
-        (t0, s0), (t1, s1) = self.step_times[0], self.step_times[-1]
-        if s1 <= s0:
-            return None
-        return (t1 - t0) / (s1 - s0) * (self.max_steps - s1)
-
-    def apply(self, e: dict[str, Any]) -> str | None:
-        """Fold one event in; return a line worth printing on its own, if any."""
-        k = e.get("kind")
-        if k == "started":
-            self.max_steps = e.get("max_steps")
-            src = f"resumed from {e['resumed_from']}" if e.get("resumed_from") else "from the start"
-            how = f" in {e['precision']}" if e.get("precision") else ""
-            how += ", padding-free" if e.get("padding_free") else ""
-            return f"started on {e.get('device')}{how} ({src}), {self.max_steps} steps"
-        if k == "step":
-            self.step, self.max_steps = e["step"], e.get("max_steps", self.max_steps)
-            self.loss, self.lr = e.get("loss"), e.get("learning_rate")
-            self.tokens_per_s, self.elapsed_s = e.get("tokens_per_s"), e.get("elapsed_s")
-            self.step_times = (self.step_times + [(e["t"], e["step"])])[-20:]
-        elif k == "eval":
-            self.eval_loss = e.get("eval_loss")
-            return f"step {e['step']}: eval loss {self.eval_loss:.4f}"
-        elif k == "hardware":
-            used, total = e.get("memory_used_bytes"), e.get("memory_total_bytes")
-            if used and total:
-                self.memory = f"{used / 2**30:.1f}/{total / 2**30:.1f} GB"
-        elif k == "sample":
-            self.sample = e.get("text", "").strip().replace("\n", " ")
-            return f"step {e['step']}: sample: {self.sample[:100]}"
-        elif k == "checkpoint":
-            return f"step {e['step']}: checkpoint saved"
-        elif k == "thermal_pause":
-            return (f"step {e['step']}: paused: the GPU is at {e.get('temperature_c')} C, over the "
-                    f"{e.get('max_gpu_temp_c')} C limit; waiting for it to cool")
-        elif k == "thermal_resume":
-            return f"step {e['step']}: going on after {e.get('paused_s')} s (GPU at {e.get('temperature_c')} C)"
-        elif k in ("warning", "oom_backoff"):
-            msg = e.get("message") or f"out of memory: micro-batch now {e.get('per_device_train_batch_size')}"
-            self.notes.append(msg)
-            return f"warning: {msg}"
-        elif k in END_KINDS:
-            self.end = e
-        return None
-
-    def line(self, sep: str = "  ") -> str:
-        total = self.max_steps or "?"
-        loss = f"{self.loss:.4f}" if isinstance(self.loss, (int, float)) else "-"
-        lr = f"{self.lr:.2e}" if isinstance(self.lr, (int, float)) else "-"
-        tps = f"{self.tokens_per_s:,.0f}" if isinstance(self.tokens_per_s, (int, float)) else "-"
-        return (f"step {self.step}/{total}  loss {loss}  lr {lr}  {tps} tok/s{sep}"
-                f"elapsed {_fmt_s(self.elapsed_s)}  eta {_fmt_s(self.eta_s())}  mem {self.memory}")
+def outcome(run: RunDir, p: RunProgress, end: dict[str, Any]) -> Text:
+    """The last line: how the run ended and what a person can do next."""
+    if end.get("kind") == "finished":
+        return Text.assemble(("finished", "green"), f": {p.step} steps, mean loss {num(end.get('train_loss'))}; "
+                                                    f"adapter in {end.get('adapter') or run.adapter_dir}")
+    if end.get("kind") == "stopped":
+        where = f" ({end['checkpoint']})" if end.get("checkpoint") else ""
+        return Text(f"stopped at step {p.step}{where}; `localtune resume {run.id}` goes on from there")
+    return Text.assemble(("failed", "red"), f": {end.get('error', '?')}\n  log: {end.get('log') or run.log_path}")
 
 
 def _ask_detach_or_stop() -> str:
@@ -111,45 +61,69 @@ def _ask_detach_or_stop() -> str:
     return "s" if answer.startswith("s") else "d"
 
 
-def follow(run: RunDir, *, out=None, worker_alive=None, offset: int = 0,
+def follow(run: RunDir, *, out=None, worker_alive: Callable[[], bool] | None = None, offset: int = 0,
            bell: bool = False) -> dict[str, Any] | None:
     """Show the run's progress until it ends; return the end event (None when detached).
     With `bell` (`--notify`) the terminal bell rings when the run finishes, stops or fails.
 
-    `worker_alive()` tells whether the worker still runs (default: the run's lock); a worker
-    that is gone without an end event ended by a crash or a kill. `offset` skips the events
-    already in the log (a resumed run's earlier attempts, which end with `stopped`)."""
+    `worker_alive()` tells whether the worker that the caller started still runs (train,
+    resume); without it (attach) the view follows whichever worker holds the run's lock, and
+    a new run's worker gets START_GRACE_S to take it. A worker that is gone without an end
+    event ended by a crash or a kill. `offset` skips the events already in the log (a resumed
+    run's earlier attempts)."""
     from rich.console import Console
     from rich.live import Live
 
     console = Console(file=out or sys.stdout, highlight=False)
     reader = EventReader(run.events_path, offset=offset)
-    st = _State()
-    alive = worker_alive or (lambda: run.live_worker_pid() is not None)
+    p = RunProgress()
+    grace_until = time.time() + START_GRACE_S
+
+    if worker_alive is None:
+        def gone() -> bool:
+            if run.live_worker_pid() is not None:
+                return False
+            return not (run.read_status().get("state") == "created" and time.time() < grace_until)
+
+        def over() -> bool:  # no other worker than the ended attempt's has taken the run
+            pid = run.live_worker_pid()
+            return pid is None or pid == p.pid
+    else:
+        def gone() -> bool:
+            return not worker_alive()
+
+        def over() -> bool:  # the caller's worker is the only attempt after `offset`
+            return True
+
     live = Live(console=console, auto_refresh=False, transient=True) if console.is_terminal else None
-    last_printed_step = -1
-    grace_until = time.time() + START_GRACE_S  # the worker takes a moment to take its lock
+    held: str | None = None  # an end's line, printed once a new attempt follows it (the last gets `outcome`)
+
+    def show(events: list[dict[str, Any]]) -> None:
+        nonlocal held
+        for e in events:
+            line = p.apply(e)
+            if held is not None:
+                console.print(Text(held), soft_wrap=True)
+                held = None
+            if e.get("kind") in END_KINDS:
+                held = line
+            elif line:
+                console.print(Text(line), soft_wrap=True)
+            if e.get("kind") == "step" and not live:
+                console.print(Text(progress_line(p)), soft_wrap=True)
+
     try:
         if live:
             live.start()
         while True:
-            for e in reader.read_new():
-                msg = st.apply(e)
-                if msg:
-                    console.print(msg, soft_wrap=True)
-                if e.get("kind") == "step" and not live and st.step != last_printed_step:
-                    console.print(st.line(), soft_wrap=True)
-                    last_printed_step = st.step
+            worker_gone = p.end is None and gone()  # asked before reading: what it wrote last is read below
+            show(reader.read_new())
             if live:
-                live.update(st.line(sep="\n"), refresh=True)  # two lines fit an 80-column terminal
-            if st.end:
-                break
-            if not alive() and time.time() > grace_until:
-                for e in reader.read_new():
-                    st.apply(e)
-                if not st.end:
-                    st.end = {"kind": "failed", "error": "the worker ended without a word (killed?)",
-                              "log": str(run.log_path)}
+                live.update(progress_line(p, sep="\n"), refresh=True)  # two lines fit an 80-column terminal
+            if p.end is not None:
+                if over():
+                    break
+            elif worker_gone:
                 break
             try:
                 time.sleep(POLL_S)
@@ -170,17 +144,13 @@ def follow(run: RunDir, *, out=None, worker_alive=None, offset: int = 0,
     finally:
         if live and live.is_started:
             live.stop()
-    e = st.end
+    end = p.end or {"kind": "failed", "log": str(run.log_path),
+                    "error": f"the worker ended without a word (killed?); `localtune resume {run.id}` "
+                             "goes on from its last checkpoint"}
     if bell:
         console.file.write("\a")
         console.file.flush()
-    if e["kind"] == "finished":
-        console.print(st.line(), soft_wrap=True)
-        console.print(f"[green]finished[/]: {e['step']} steps, mean loss {e.get('train_loss') or 0:.4f}; "
-                      f"adapter in {e['adapter']}", soft_wrap=True)
-    elif e["kind"] == "stopped":
-        console.print(f"stopped at step {e['step']} ({e.get('checkpoint')}); "
-                      f"`localtune resume {run.id}` goes on from there", soft_wrap=True)
-    else:
-        console.print(f"[red]failed[/]: {e.get('error')}\n  log: {e.get('log', run.log_path)}", soft_wrap=True)
-    return e
+    if end["kind"] == "finished":
+        console.print(Text(progress_line(p)), soft_wrap=True)
+    console.print(outcome(run, p, end), soft_wrap=True)
+    return end

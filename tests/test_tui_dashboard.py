@@ -18,9 +18,8 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any, Awaitable, Callable
 
 import pytest
 
@@ -28,7 +27,8 @@ from localtune.events import atomic_write_json
 from localtune.runs import RunDir, create_run
 from localtune.tui.app import LocaltuneApp
 from localtune.tui.screens.dashboard import DashboardScreen, step_ticks, thin
-from localtune.tui.state import RunProgress
+from localtune.progress import RunProgress
+from tests.helpers import live_worker
 from tests.tui_support import FIXED_NOW, GiB, cpu_machine, freeze_clock, step_events, write_events
 
 T0 = FIXED_NOW - 600.0
@@ -194,20 +194,6 @@ def fabricate_run(run_id: str = "20260921-115000-smollm2-135m", events: list[dic
     atomic_write_json(run.status_path, {"state": state, "created": T0, "updated": T0 + 86, "step": 25,
                                         "max_steps": 40, **status})
     return run
-
-
-@contextmanager
-def live_worker(run: RunDir) -> Iterator[subprocess.Popen]:
-    """A process that passes for the run's worker (it holds the lock and names
-    `localtune.worker` and the run on its command line) and only sleeps."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "localtune.worker",
-                             str(run.path)])
-    try:
-        run.lock_path.write_text(f"{proc.pid}\n")
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def drive(run: RunDir, test: Callable[[LocaltuneApp, Any], Awaitable[None]], size=(100, 30)) -> LocaltuneApp:

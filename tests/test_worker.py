@@ -62,12 +62,13 @@ def _cpu_hardware():
     return hw
 
 
-def make_run(run_id: str, model_dir: Path, data: Path) -> RunDir:
-    """A run as `localtune train` writes it: the plan for this machine with every knob pinned."""
+def make_run(run_id: str, model_dir: Path, data: Path, **knobs: Any) -> RunDir:
+    """A run as `localtune train` writes it: the plan for this machine with every knob pinned
+    (KNOBS, and `knobs` over them)."""
     from localtune.models import resolve_model
     from localtune.plan import make_plan
 
-    plan = make_plan(_cpu_hardware(), resolve_model(str(model_dir)), profile="cpu", pinned=KNOBS)
+    plan = make_plan(_cpu_hardware(), resolve_model(str(model_dir)), profile="cpu", pinned={**KNOBS, **knobs})
     assert plan.fits and plan.backend == "cpu"
     config = {"run": {"model": str(model_dir), "data": str(data), "eval_split": 0.1, "sample_steps": 4},
               "knobs": plan.knobs.to_dict()}

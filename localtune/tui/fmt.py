@@ -1,9 +1,12 @@
-"""Formatting shared by the screens: sizes, ages, durations. `now()` is the one clock the TUI
-reads, so snapshot tests can fix it."""
+"""Formatting shared by the screens: sizes, ages, durations, numbers. `now()` is the one clock
+the TUI reads, so snapshot tests can fix it. Durations and numbers are core's formatters
+(localtune.progress), which the headless view uses too."""
 
 from __future__ import annotations
 
 import time
+
+from localtune.progress import duration, num  # noqa: F401 - for the screens: fmt.duration
 
 GiB = 1024**3
 
@@ -27,14 +30,6 @@ def age(t: float | None) -> str:
     return f"{int(s)}s ago"
 
 
-def duration(s: float | None) -> str:
-    """'4:05' or '1:02:03'; '-' when unknown."""
-    if s is None or s != s:
-        return "-"
-    s = int(max(0, s))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
 def when(t: float | None) -> str:
     """A wall-clock time: 'HH:MM' today, else 'Mon DD HH:MM'."""
     if not t:
@@ -43,7 +38,3 @@ def when(t: float | None) -> str:
     if lt[:3] == ln[:3]:
         return time.strftime("%H:%M", lt)
     return time.strftime("%b %d %H:%M", lt)
-
-
-def num(v: float | None, fmt: str = ".4f") -> str:
-    return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"

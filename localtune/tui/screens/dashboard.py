@@ -31,11 +31,11 @@ from textual.widgets import Footer, RichLog, Static
 from textual.worker import get_current_worker
 from textual_plotext import PlotextPlot
 
-from localtune.events import EventReader
+from localtune.events import END_KINDS, EventReader
+from localtune.progress import RunProgress
 from localtune.runs import RunDir
 from localtune.tui import fmt
 from localtune.tui.messages import EventsRead
-from localtune.tui.state import END_KINDS, RunProgress
 from localtune.tui.widgets import MemoryBar
 
 POLL_S = 0.25

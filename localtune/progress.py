@@ -1,13 +1,17 @@
-"""What the dashboard knows about a run, folded from its event log.
+"""What a viewer knows about a run, folded from its event log: one fold for both views.
 
 `RunProgress.apply(event)` takes the events of `events.jsonl` (localtune.events) one at a
-time and keeps only what the dashboard draws: the loss curves, the latest numbers, the
-machine's readings, the last checkpoint, the latest sample, a short log of notable lines and
-the end event. No Textual here: the folding is plain Python, tested on its own, and a burst
-of thousands of events costs one pass over them, not one redraw each.
+time, in the order of the log, and keeps what the TUI dashboard and the headless view show:
+the loss curves, the latest numbers, the machine's readings, the last checkpoint, the latest
+sample, a short log of notable lines and the end event of the current attempt. `apply` also
+returns the event's line for a running account of the run (what the headless view prints).
+No Textual here: the folding is plain Python, tested on its own, and a burst of thousands of
+events costs one pass over them, not one redraw each.
 
-Like every viewer it ignores kinds and fields it does not know, and it never trusts a field
-to be there or to have the right type (a torn or older log must not crash the dashboard).
+A log can hold several attempts (a run stopped or crashed, then resumed): `started` begins a
+new attempt, so it clears the end of the one before, and steps done again replace the old.
+Like every viewer the fold ignores kinds and fields it does not know, and it never trusts a
+field to be there or to have the right type (a torn or older log must not crash a view).
 """
 
 from __future__ import annotations
@@ -16,11 +20,25 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-END_KINDS = ("finished", "stopped", "failed")
 ETA_WINDOW_STEPS = 20
 """Step events the ETA is measured over: recent enough to follow a change of speed."""
 LOG_LINES = 300
 """Log lines kept; the oldest go first."""
+SAMPLE_LINE_CHARS = 100
+"""How much of a sample the running account shows (the dashboard has a panel for all of it)."""
+
+
+def duration(s: float | None) -> str:
+    """'4:05' or '1:02:03'; '-' when unknown."""
+    if s is None or s != s:
+        return "-"
+    s = int(max(0, s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def num(v: float | None, fmt: str = ".4f") -> str:
+    """`v` in `fmt`; '-' when it is not a number."""
+    return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
 
 
 def _num(e: dict[str, Any], key: str) -> float | None:
@@ -34,7 +52,7 @@ def _int(e: dict[str, Any], key: str) -> int | None:
 
 
 class RunProgress:
-    """The dashboard's view of one run; `apply` each event in the order of the log."""
+    """A viewer's knowledge of one run; `apply` each event in the order of the log."""
 
     def __init__(self) -> None:
         self.train_loss: list[tuple[int, float]] = []
@@ -50,6 +68,8 @@ class RunProgress:
         self.grad_norm: float | None = None
         self.tokens_per_s: float | None = None
         self.elapsed_s: float | None = None
+        self.pid: int | None = None
+        """The worker of the latest attempt (its `started` event's pid)."""
         self.device: str | None = None
         self.precision: str | None = None
         self.memory_used_bytes: int | None = None
@@ -72,7 +92,7 @@ class RunProgress:
         self.log_total = 0
         """Lines ever logged (the log keeps only the last LOG_LINES), so a viewer can tell what is new."""
         self.end: dict[str, Any] | None = None
-        """The finished, stopped or failed event, once there is one."""
+        """The latest attempt's finished, stopped or failed event, once there is one (events.END_KINDS)."""
         self.events_seen = 0
         self._step_times: deque[tuple[float, int]] = deque(maxlen=ETA_WINDOW_STEPS)
 
@@ -89,16 +109,17 @@ class RunProgress:
 
     # ------------------------------------------------------------ folding
 
-    def apply(self, e: dict[str, Any]) -> None:
-        """Fold one event in; unknown kinds and fields are ignored."""
+    def apply(self, e: dict[str, Any]) -> str | None:
+        """Fold one event in; return its line for a running account of the run, or None for
+        the events that only move numbers (steps, hardware readings) and the kinds it does not know."""
         self.events_seen += 1
         fold = getattr(self, f"_on_{e.get('kind')}", None) if isinstance(e.get("kind"), str) else None
-        if fold is not None:
-            fold(e)
+        return fold(e) if fold is not None else None
 
-    def _note(self, line: str, level: str = "info") -> None:
+    def _note(self, line: str, level: str = "info") -> str:
         self.log.append((level, line))
         self.log_total += 1
+        return line
 
     @staticmethod
     def _replace_from(points: list[tuple[int, float]], step: int) -> None:
@@ -106,7 +127,8 @@ class RunProgress:
         while points and points[-1][0] >= step:
             points.pop()
 
-    def _on_started(self, e: dict[str, Any]) -> None:
+    def _on_started(self, e: dict[str, Any]) -> str:
+        self.pid = _int(e, "pid")
         self.max_steps = _int(e, "max_steps") or self.max_steps
         self.device, self.precision = e.get("device"), e.get("precision")
         self.end, self.stopping, self.thermal_pause = None, False, None  # a resume starts a new attempt
@@ -114,7 +136,7 @@ class RunProgress:
         src = f"resumed from {e['resumed_from']}" if e.get("resumed_from") else "from the start"
         how = f" in {self.precision}" if self.precision else ""
         how += ", padding-free" if e.get("padding_free") else ""
-        self._note(f"started on {self.device or '?'}{how} ({src}), {self.max_steps or '?'} steps")
+        return self._note(f"started on {self.device or '?'}{how} ({src}), {self.max_steps or '?'} steps")
 
     def _on_step(self, e: dict[str, Any]) -> None:
         step = _int(e, "step")
@@ -138,17 +160,23 @@ class RunProgress:
                 self._step_times.clear()  # steps done again: the pace starts over
             self._step_times.append((t, step))
 
-    def _on_eval(self, e: dict[str, Any]) -> None:
+    # eval and sample lines go to the running account but not to the log: the dashboard shows
+    # them in the loss chart and the sample panel
+
+    def _on_eval(self, e: dict[str, Any]) -> str | None:
         step, loss = _int(e, "step"), _num(e, "eval_loss")
         if step is None or loss is None:
-            return
+            return None
         self._replace_from(self.eval_loss, step)
         self.eval_loss.append((step, loss))
         self.curves_version += 1
+        return f"step {step}: eval loss {loss:.4f}"
 
-    def _on_sample(self, e: dict[str, Any]) -> None:
-        self.sample = {"step": _int(e, "step"), "prompt": str(e.get("prompt") or ""),
-                       "text": str(e.get("text") or "")}
+    def _on_sample(self, e: dict[str, Any]) -> str:
+        step = _int(e, "step")
+        self.sample = {"step": step, "prompt": str(e.get("prompt") or ""), "text": str(e.get("text") or "")}
+        text = " ".join(self.sample["text"].split())
+        return f"step {'?' if step is None else step}: sample: {text[:SAMPLE_LINE_CHARS]}"
 
     def _on_hardware(self, e: dict[str, Any]) -> None:
         self.memory_used_bytes = _int(e, "memory_used_bytes")
@@ -159,52 +187,52 @@ class RunProgress:
         self.cpu_pct = _num(e, "cpu_pct")
         self.ram_used_bytes = _int(e, "ram_used_bytes")
 
-    def _on_checkpoint(self, e: dict[str, Any]) -> None:
+    def _on_checkpoint(self, e: dict[str, Any]) -> str:
         self.checkpoint_step = _int(e, "step")
         path = e.get("path")
         self.checkpoint_name = (Path(path).name if isinstance(path, str) and path
                                 else f"checkpoint-{self.checkpoint_step}")
         self.checkpoint_t = _num(e, "t")
-        self._note(f"step {self.checkpoint_step}: {self.checkpoint_name} saved")
+        return self._note(f"step {self.checkpoint_step}: {self.checkpoint_name} saved")
 
-    def _on_warning(self, e: dict[str, Any]) -> None:
-        self._note(f"warning: {e.get('message', '')}", "warning")
+    def _on_warning(self, e: dict[str, Any]) -> str:
+        return self._note(f"warning: {e.get('message', '')}", "warning")
 
-    def _on_oom_backoff(self, e: dict[str, Any]) -> None:
+    def _on_oom_backoff(self, e: dict[str, Any]) -> str:
         self._step_times.clear()
         back_to = e.get("resume_from") or "the start"
         micro, accumulation = e.get("per_device_train_batch_size", "?"), e.get("gradient_accumulation_steps", "?")
-        self._note(f"step {e.get('step', '?')}: out of memory; micro-batch now {micro} x {accumulation}, "
-                   f"max length {e.get('max_length', '?')}; back to {back_to}", "warning")
+        return self._note(f"step {e.get('step', '?')}: out of memory; micro-batch now {micro} x {accumulation}, "
+                          f"max length {e.get('max_length', '?')}; back to {back_to}", "warning")
 
-    def _on_thermal_pause(self, e: dict[str, Any]) -> None:
+    def _on_thermal_pause(self, e: dict[str, Any]) -> str:
         self.thermal_pause = e
-        self._note(f"step {e.get('step', '?')}: paused: the GPU is at {e.get('temperature_c', '?')} C, over the "
-                   f"{e.get('max_gpu_temp_c', '?')} C limit; waiting for it to cool", "warning")
+        return self._note(f"step {e.get('step', '?')}: paused: the GPU is at {e.get('temperature_c', '?')} C, "
+                          f"over the {e.get('max_gpu_temp_c', '?')} C limit; waiting for it to cool", "warning")
 
-    def _on_thermal_resume(self, e: dict[str, Any]) -> None:
+    def _on_thermal_resume(self, e: dict[str, Any]) -> str:
         self.thermal_pause = None
         self._step_times.clear()  # the pause is no training pace
-        self._note(f"step {e.get('step', '?')}: going on after {e.get('paused_s', '?')} s "
-                   f"(GPU at {e.get('temperature_c', '?')} C)")
+        return self._note(f"step {e.get('step', '?')}: going on after {e.get('paused_s', '?')} s "
+                          f"(GPU at {e.get('temperature_c', '?')} C)")
 
-    def _on_stopping(self, e: dict[str, Any]) -> None:
+    def _on_stopping(self, e: dict[str, Any]) -> str:
         self.stopping = True
-        self._note(f"stopping ({e.get('reason', 'asked')}): finishing the step and writing a checkpoint")
+        return self._note(f"stopping ({e.get('reason', 'asked')}): finishing the step and writing a checkpoint")
 
-    def _on_finished(self, e: dict[str, Any]) -> None:
+    def _on_finished(self, e: dict[str, Any]) -> str:
         self.end = e
         self.step = _int(e, "step") or self.step
         self.elapsed_s = _num(e, "elapsed_s") or self.elapsed_s
         loss = _num(e, "train_loss")
-        self._note(f"finished: {self.step} steps" + (f", mean loss {loss:.4f}" if loss is not None else "")
-                   + f"; adapter in {e.get('adapter', '?')}")
+        return self._note(f"finished: {self.step} steps" + (f", mean loss {loss:.4f}" if loss is not None else "")
+                          + f"; adapter in {e.get('adapter', '?')}")
 
-    def _on_stopped(self, e: dict[str, Any]) -> None:
+    def _on_stopped(self, e: dict[str, Any]) -> str:
         self.end = e
         self.step = _int(e, "step") or self.step
-        self._note(f"stopped at step {self.step}" + (f" ({e['checkpoint']})" if e.get("checkpoint") else ""))
+        return self._note(f"stopped at step {self.step}" + (f" ({e['checkpoint']})" if e.get("checkpoint") else ""))
 
-    def _on_failed(self, e: dict[str, Any]) -> None:
+    def _on_failed(self, e: dict[str, Any]) -> str:
         self.end = e
-        self._note(f"failed: {e.get('error', '?')} (log: {e.get('log', '?')})", "error")
+        return self._note(f"failed: {e.get('error', '?')} (log: {e.get('log', '?')})", "error")
