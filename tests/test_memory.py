@@ -85,7 +85,7 @@ def test_16bit_weights_match_the_loaded_model(model_dir):
     actual, n4 = _loaded_bytes(model)
     assert n4 == 0 and quantised == 0
     assert base_params == sum(p.numel() for p in model.parameters())
-    assert abs(predicted - actual) / actual < 0.02, (predicted, actual)
+    assert abs(predicted - actual) / actual < 0.001, (predicted, actual)  # the README says: within 0.1%
 
 
 @pytest.mark.slow
@@ -104,7 +104,7 @@ def test_4bit_nf4_weights_match_the_loaded_model(model_dir, double_quant):
     # exactly the decoder linears are quantised: seven per block
     assert n4 == 7 * shape.num_hidden_layers
     assert quantised == sum(p.numel() * 2 for p in model.parameters() if isinstance(p, bnb.nn.Params4bit))
-    assert abs(predicted - actual) / actual < 0.02, (predicted, actual)
+    assert abs(predicted - actual) / actual < 0.001, (predicted, actual)  # the README says: within 0.1%
     # and 4-bit is what the estimate says it is for: far smaller than 16-bit
     sixteen, _, _ = weights_bytes(shape, load_in_4bit=False, double_quant=True, dtype_bytes=2)
     assert predicted < sixteen
