@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from typing import Any
@@ -111,24 +112,37 @@ def _ask_detach_or_stop() -> str:
     return "s" if answer.startswith("s") else "d"
 
 
-def follow(run: RunDir, *, out=None, worker_alive=None, offset: int = 0,
+def _gone_error(run: RunDir, worker: subprocess.Popen | None) -> str:
+    """Why a worker that is gone without an end event ended, in one line."""
+    code = worker.returncode if worker is not None else None
+    how = "" if code is None else (f" (killed by {signal.Signals(-code).name})" if code < 0 else f" (code {code})")
+    if run.lost_worker():
+        return f"the worker exited{how} before it started: {run.log_last_line()}"
+    return f"the worker ended without a word{how or ' (killed?)'}"
+
+
+def follow(run: RunDir, *, out=None, worker: subprocess.Popen | None = None, worker_alive=None, offset: int = 0,
            bell: bool = False) -> dict[str, Any] | None:
     """Show the run's progress until it ends; return the end event (None when detached).
     With `bell` (`--notify`) the terminal bell rings when the run finishes, stops or fails.
 
-    `worker_alive()` tells whether the worker still runs (default: the run's lock); a worker
-    that is gone without an end event ended by a crash or a kill. `offset` skips the events
-    already in the log (a resumed run's earlier attempts, which end with `stopped`)."""
+    `worker`: the worker process this process started; its end is seen at once. Otherwise
+    `worker_alive()` tells whether the worker still runs (default: the run's lock), allowing
+    it START_GRACE_S to start. A worker that is gone without an end event ended by a crash or
+    a kill, or died before it started. `offset` skips the events already in the log (a
+    resumed run's earlier attempts, which end with `stopped`)."""
     from rich.console import Console
     from rich.live import Live
 
     console = Console(file=out or sys.stdout, highlight=False)
     reader = EventReader(run.events_path, offset=offset)
     st = _State()
-    alive = worker_alive or (lambda: run.live_worker_pid() is not None)
+    alive = ((lambda: worker.poll() is None) if worker is not None
+             else worker_alive or (lambda: run.live_worker_pid() is not None))
     live = Live(console=console, auto_refresh=False, transient=True) if console.is_terminal else None
     last_printed_step = -1
-    grace_until = time.time() + START_GRACE_S  # the worker takes a moment to take its lock
+    # a worker found through the lock takes a moment to take it; one we started is known at once
+    grace_until = time.time() + (0.0 if worker is not None else START_GRACE_S)
     try:
         if live:
             live.start()
@@ -148,8 +162,7 @@ def follow(run: RunDir, *, out=None, worker_alive=None, offset: int = 0,
                 for e in reader.read_new():
                     st.apply(e)
                 if not st.end:
-                    st.end = {"kind": "failed", "error": "the worker ended without a word (killed?)",
-                              "log": str(run.log_path)}
+                    st.end = {"kind": "failed", "error": _gone_error(run, worker), "log": str(run.log_path)}
                 break
             try:
                 time.sleep(POLL_S)

@@ -158,7 +158,9 @@ def test_a_run_whose_files_cannot_be_read_is_listed_as_unreadable(runs) -> None:
         await highlight(app, pilot, runs["stopped"])
         table = app.screen.query_one("#runs-table")
         assert str(table.get_row(runs["stopped"].id)[1]) == "unreadable"
-        assert str(app.screen.query_one("#run-detail").content).startswith(f"cannot read {runs['stopped'].path}: ")
+        assert str(app.screen.query_one("#run-detail").content) == (
+            f"{runs['stopped'].config_path}: invalid TOML: Expected ']' at the end of a table declaration "
+            "(at line 1, column 5); correct that line")
         assert table.row_count == 4
 
     drive(check)

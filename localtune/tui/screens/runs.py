@@ -254,6 +254,9 @@ class RunsScreen(Screen):
         run = self.selected_run()
         if run is None:
             return None
+        if self.summaries[run.id]["state"] == "unreadable":  # export and chat read its config.toml
+            self.app.notify_error(self.summaries[run.id]["error"])
+            return None
         if not has_adapter(run):
             self.app.notify_error(no_adapter_reason(self.summaries[run.id]))
             return None
