@@ -205,10 +205,9 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
     from localtune.data import chat_template_for, length_stats, load_data, render, tokenize
     from localtune.hardware import probe
+    from localtune.knobs import check_knob
     from localtune.models import load_tokenizer, resolve_model
     from localtune.plan import make_plan
-
-    from localtune.knobs import check_knob
 
     if args.max_seq_len is not None:
         check_knob("max_length", args.max_seq_len, "--max-seq-len")

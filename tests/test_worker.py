@@ -560,6 +560,19 @@ def test_a_worker_that_dies_before_it_starts_fails_the_run_at_once_with_its_last
     (listed,) = json.loads(out)
     assert (listed["state"], listed["error"]) == ("failed", f"the worker exited before it started: {last_words}")
 
+    # once the install is fixed, resume tries again, and that worker takes the run over
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+    try:
+        rc, out, err = localtune(capsys, "resume", run.id, "--detach")
+        assert rc == 0, err
+        deadline = time.monotonic() + WORKER_TIMEOUT_S
+        while run.read_status().get("launched"):
+            assert time.monotonic() < deadline and workers_of(run), f"the worker did not start; {log_tail(run)}"
+            time.sleep(0.05)
+        assert run.state() != "failed" and run.live_worker_pid() in workers_of(run)
+    finally:
+        kill_workers_of(run)
+
 
 def test_a_worker_on_a_config_edited_into_bad_toml_fails_in_one_line(new_run) -> None:
     run = new_run()

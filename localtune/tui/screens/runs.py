@@ -71,7 +71,7 @@ def read_summaries() -> list[dict[str, Any]]:
             out.append(run.summary())
         except FileNotFoundError:
             continue
-        except (OSError, ValueError) as e:  # e.g. a config.toml edited into bad TOML
+        except (OSError, ValueError) as e:  # a file it cannot open (a bad config.toml is the summary's own error)
             out.append({"id": run.id, "state": "unreadable", "step": 0, "max_steps": None, "loss": None,
                         "model": None, "data": None, "started": None, "updated": None, "path": str(run.path),
                         "error": f"cannot read {run.path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"})
