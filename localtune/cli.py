@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 import traceback
@@ -99,6 +100,8 @@ def build_plan(args: argparse.Namespace):
     from localtune.plan import hypothetical_hardware, make_plan
 
     pinned = _pinned_from_args(args)
+    if args.budget is not None and not (math.isfinite(args.budget) and args.budget > 0):
+        raise UserError(f"--budget: {args.budget!r} is not a memory size; give a positive number of GB, e.g. 24")
     if args.budget is not None or args.backend is not None:
         if args.budget is None or args.backend is None:
             raise UserError("--budget and --backend go together: e.g. --budget 24 --backend cuda")
@@ -202,9 +205,12 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
     from localtune.data import chat_template_for, length_stats, load_data, render, tokenize
     from localtune.hardware import probe
+    from localtune.knobs import check_knob
     from localtune.models import load_tokenizer, resolve_model
     from localtune.plan import make_plan
 
+    if args.max_seq_len is not None:
+        check_knob("max_length", args.max_seq_len, "--max-seq-len")
     loaded = load_data(args.file, format=args.format, skip_bad_rows=True)
     model = resolve_model(args.model, trust_remote_code=args.trust_remote_code)
     max_length = args.max_seq_len or make_plan(probe(), model).knobs.max_length
@@ -281,8 +287,12 @@ def _run_config(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any
     for flag in ("train_on_inputs", "skip_bad_rows", "trust_remote_code", "notify"):
         if getattr(args, flag, False):
             run_cfg[flag] = True
+    if getattr(args, "eval_split", None) is not None:
+        from localtune.config import check_eval_split
+
+        run_cfg["eval_split"] = check_eval_split(args.eval_split)
     if getattr(args, "max_gpu_temp", None) is not None:
-        from localtune.launch import check_max_gpu_temp
+        from localtune.config import check_max_gpu_temp
 
         run_cfg["max_gpu_temp"] = check_max_gpu_temp(args.max_gpu_temp)
     pinned = {**file_cfg["knobs"], **_pinned_from_args(args)}
@@ -325,28 +335,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         from localtune.tui import run_tui
 
         return run_tui(run=run.id)
-    end = follow(run, worker_alive=lambda: proc.poll() is None, bell=bool(run_cfg["notify"]))
+    end = follow(run, worker=proc, bell=bool(run_cfg["notify"]))
     return 1 if end and end["kind"] == "failed" else 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    from localtune.config import check_max_gpu_temp
     from localtune.headless import follow
-    from localtune.launch import check_resumable, resume_run
+    from localtune.launch import resume_run
     from localtune.runs import find_run
 
     run = find_run(args.run)
-    check_resumable(run, force=args.force)
-    if args.notify or args.max_gpu_temp is not None:  # overnight care can be added when resuming
-        from localtune.launch import check_max_gpu_temp
-
-        cfg = run.read_config()
-        if args.notify:
-            cfg["run"]["notify"] = True
-        if args.max_gpu_temp is not None:
-            cfg["run"]["max_gpu_temp"] = check_max_gpu_temp(args.max_gpu_temp)
-        run.write_config(cfg)
+    changes: dict[str, Any] = {}  # overnight care can be added when resuming
+    if args.notify:
+        changes["notify"] = True
+    if args.max_gpu_temp is not None:
+        changes["max_gpu_temp"] = check_max_gpu_temp(args.max_gpu_temp)
     offset = run.events_path.stat().st_size  # follow this attempt, not the ones before it
-    proc, where = resume_run(run, force=args.force)
+    proc, where = resume_run(run, force=args.force, run_changes=changes)
     print(f"run {run.id} resumed {where}, worker pid {proc.pid}")
     if args.detach:
         return 0
@@ -354,8 +360,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         from localtune.tui import run_tui
 
         return run_tui(run=run.id)
-    end = follow(run, worker_alive=lambda: proc.poll() is None, offset=offset,
-                 bell=bool(run.read_config()["run"].get("notify")))
+    end = follow(run, worker=proc, offset=offset, bell=bool(run.read_config()["run"].get("notify")))
     return 1 if end and end["kind"] == "failed" else 0
 
 
@@ -417,9 +422,14 @@ def cmd_runs(args: argparse.Namespace) -> int:
         t.add_column(col, no_wrap=True)
     for r in runs:
         loss = f"{r['loss']:.4f}" if isinstance(r["loss"], (int, float)) else "-"
-        t.add_row(r["id"], r["state"], f"{r['step']}/{r['max_steps'] or '?'}", loss, str(r["model"]),
+        t.add_row(r["id"], r["state"], f"{r['step']}/{r['max_steps'] or '?'}", loss, str(r["model"] or "-"),
                   _age(r["updated"]))
     Console(highlight=False).print(t)
+    problems = [r for r in runs if r["error"]]
+    if problems:  # why each failed or unreadable run is so, one line each (the table has no room)
+        print()
+        for r in problems:
+            print(f"{r['id']}: {r['state']}: {r['error']}")
     return 0
 
 
@@ -492,6 +502,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from localtune.chat import ChatSession
     from localtune.runs import find_run
 
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens: {args.max_new_tokens} is not a length of answer; give 1 or more "
+                        "tokens, e.g. 256")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature: {args.temperature!r} is not a sampling temperature; give 0 (greedy) "
+                        "or more, e.g. 0.7")
     run = find_run(args.run)
     _no_library_progress_bars()
     progress = _StageProgress()

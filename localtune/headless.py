@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from typing import Any, Callable
@@ -61,16 +62,29 @@ def _ask_detach_or_stop() -> str:
     return "s" if answer.startswith("s") else "d"
 
 
-def follow(run: RunDir, *, out=None, worker_alive: Callable[[], bool] | None = None, offset: int = 0,
+def _gone_error(run: RunDir, worker: subprocess.Popen | None) -> str:
+    """Why a worker that is gone without an end event ended, in one line."""
+    code = worker.returncode if worker is not None else None
+    how = "" if code is None else (f" (killed by {signal.Signals(-code).name})" if code < 0 else f" (code {code})")
+    if run.lost_worker():
+        return f"the worker exited{how} before it started: {run.log_last_line()}"
+    return (f"the worker ended without a word{how or ' (killed?)'}; `localtune resume {run.id}` "
+            "goes on from its last checkpoint")
+
+
+def follow(run: RunDir, *, out=None, worker: subprocess.Popen | None = None,
+           worker_alive: Callable[[], bool] | None = None, offset: int = 0,
            bell: bool = False) -> dict[str, Any] | None:
     """Show the run's progress until it ends; return the end event (None when detached).
     With `bell` (`--notify`) the terminal bell rings when the run finishes, stops or fails.
 
-    `worker_alive()` tells whether the worker that the caller started still runs (train,
-    resume); without it (attach) the view follows whichever worker holds the run's lock, and
-    a new run's worker gets START_GRACE_S to take it. A worker that is gone without an end
-    event ended by a crash or a kill. `offset` skips the events already in the log (a resumed
-    run's earlier attempts)."""
+    `worker`: the worker process the caller started (train, resume): its end is seen at once,
+    and a worker that died before it took the run (an import error) is said to have, with the
+    last line of worker.log. `worker_alive()` is the same question asked another way. Without
+    either (attach) the view follows whichever worker holds the run's lock, and a new run's
+    worker gets START_GRACE_S to take it. A worker that is gone without an end event ended by
+    a crash or a kill. `offset` skips the events already in the log (a resumed run's earlier
+    attempts)."""
     from rich.console import Console
     from rich.live import Live
 
@@ -78,6 +92,8 @@ def follow(run: RunDir, *, out=None, worker_alive: Callable[[], bool] | None = N
     reader = EventReader(run.events_path, offset=offset)
     p = RunProgress()
     grace_until = time.time() + START_GRACE_S
+    if worker is not None:
+        worker_alive = lambda: worker.poll() is None  # noqa: E731
 
     if worker_alive is None:
         def gone() -> bool:
@@ -144,9 +160,7 @@ def follow(run: RunDir, *, out=None, worker_alive: Callable[[], bool] | None = N
     finally:
         if live and live.is_started:
             live.stop()
-    end = p.end or {"kind": "failed", "log": str(run.log_path),
-                    "error": f"the worker ended without a word (killed?); `localtune resume {run.id}` "
-                             "goes on from its last checkpoint"}
+    end = p.end or {"kind": "failed", "log": str(run.log_path), "error": _gone_error(run, worker)}
     if bell:
         console.file.write("\a")
         console.file.flush()

@@ -14,13 +14,13 @@ import hashlib
 import os
 import subprocess
 import sys
-import tomllib
+import time
 from pathlib import Path
 from typing import Any
 
+from localtune.config import load_config
 from localtune.errors import UserError
-from localtune.knobs import check_knob
-from localtune.runs import RunDir, create_run, new_run_id
+from localtune.runs import LOCK_FD_ENV, RunDir, RunLock, create_run, new_run_id
 
 DEMO_RECIPE: dict[str, Any] = {
     "max_steps": 30,
@@ -37,44 +37,13 @@ DEMO_RECIPE: dict[str, Any] = {
 }
 """Knobs of the default demo run (the built-in model on the demo set)."""
 
-RUN_KEYS = ("model", "data", "eval_data", "eval_split", "format", "train_on_inputs", "skip_bad_rows",
-            "profile", "trust_remote_code", "sample_prompt", "sample_steps", "max_gpu_temp", "notify")
-"""Keys of the [run] table of config.toml (the [knobs] table holds localtune.knobs.Knobs)."""
-
 
 def read_config_file(path: str) -> dict[str, dict[str, Any]]:
     """A `--config` TOML file: the same [run] and [knobs] tables as a run's config.toml."""
-    p = Path(path).expanduser()
     try:
-        with p.open("rb") as f:
-            data = tomllib.load(f)
+        return load_config(Path(path).expanduser())
     except FileNotFoundError:
         raise UserError(f"--config {path}: no such file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: invalid TOML: {e}") from None
-    for table in data:
-        if table not in ("run", "knobs") or not isinstance(data[table], dict):
-            raise UserError(f"{path}: unknown table '{table}'; a config has [run] and [knobs]")
-    for key in data.get("run", {}):
-        if key not in RUN_KEYS:
-            raise UserError(f"{path}: [run]: unknown key '{key}'; known keys: {', '.join(RUN_KEYS)}")
-    if "max_gpu_temp" in data.get("run", {}):
-        check_max_gpu_temp(data["run"]["max_gpu_temp"], f"{path}: [run] max_gpu_temp")
-    knobs = {k: check_knob(k, v, f"{path}: [knobs]") for k, v in data.get("knobs", {}).items()}
-    return {"run": dict(data.get("run", {})), "knobs": knobs}
-
-
-MAX_GPU_TEMP_RANGE = (40, 105)
-"""Limits `--max-gpu-temp` accepts, in degrees C (GPUs throttle themselves in the 80s-90s)."""
-
-
-def check_max_gpu_temp(value, where: str = "--max-gpu-temp") -> float:
-    """A GPU temperature limit in degrees C, or UserError naming `where`."""
-    lo, hi = MAX_GPU_TEMP_RANGE
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-        raise UserError(f"{where}: {value!r} is not a GPU temperature limit; give degrees C from {lo} to {hi}, "
-                        "e.g. 83")
-    return float(value)
 
 
 def fingerprint(source: str) -> str | None:
@@ -92,9 +61,16 @@ def fingerprint(source: str) -> str | None:
     return h.hexdigest()
 
 
-def start_worker(run: RunDir) -> subprocess.Popen:
+def start_worker(run: RunDir, lock: RunLock | None = None) -> subprocess.Popen:
     """Start `python -m localtune.worker RUN_DIR` in its own session, detached from this
-    terminal: closing the terminal or the TUI does not stop it."""
+    terminal: closing the terminal or the TUI does not stop it.
+
+    The run's lock is taken here (or given: `lock`, taken by the caller before its checks) and
+    handed to the worker as an inherited file descriptor, so no second worker can start on the
+    run in between (UserError when another holds it). The status records `launched` first:
+    a worker that dies before it takes the run over (a broken install) leaves it there, and
+    the run is then shown as failed (RunDir.state)."""
+    lock = lock or run.take_lock()
     env = dict(os.environ)
     # glibc keeps freed blocks below its mmap threshold in the heap, and that threshold climbs
     # (up to 32 MB) as large blocks are freed, so a CPU run's resident memory would grow far past
@@ -104,13 +80,20 @@ def start_worker(run: RunDir) -> subprocess.Popen:
     # 5.1 s against 2.5 s; 2.7 s at 4 MB).
     env.setdefault("MALLOC_MMAP_THRESHOLD_", str(4 << 20))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    log = open(run.log_path, "ab")
+    env[LOCK_FD_ENV] = str(lock.fd)
     try:
-        return subprocess.Popen([sys.executable, "-m", "localtune.worker", str(run.path)],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=env, cwd=str(run.path))
-    finally:
-        log.close()
+        run.write_status(launched=time.time())
+        with open(run.log_path, "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "localtune.worker", str(run.path)],
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, env=env, cwd=str(run.path), pass_fds=(lock.fd,))
+    except BaseException:
+        run.write_status(launched=None)
+        lock.release()
+        raise
+    lock.write_pid(proc.pid)  # the worker writes it too; until then a second launcher names it
+    lock.hand_over()
+    return proc
 
 
 def new_run(*, run_cfg: dict[str, Any], plan, run_id: str | None = None) -> RunDir:
@@ -153,12 +136,27 @@ def prepare_run(run_cfg: dict[str, Any], plan) -> tuple[RunDir, list[str]]:
     return run, list(loaded.warnings)
 
 
-def resume_run(run: RunDir, *, force: bool = False) -> tuple[subprocess.Popen, str]:
+def resume_run(run: RunDir, *, force: bool = False,
+               run_changes: dict[str, Any] | None = None) -> tuple[subprocess.Popen, str]:
     """Start a worker that goes on from the newest complete checkpoint; returns it and where
-    it starts from, in words."""
-    check_resumable(run, force=force)
-    checkpoints = run.complete_checkpoints()
-    proc = start_worker(run)
+    it starts from, in words. `run_changes`: [run] keys to set in config.toml first (overnight
+    care added at resume: notify, max_gpu_temp).
+
+    The run's lock is taken before the checks and held until the worker has it, so two
+    resumes at once (the CLI and the TUI) start one worker; the other gets a UserError."""
+    _refuse_live_worker(run)
+    lock = run.take_lock()
+    try:
+        check_resumable(run, force=force)
+        if run_changes:
+            cfg = run.read_config()
+            cfg["run"].update(run_changes)
+            run.write_config(cfg)
+        checkpoints = run.complete_checkpoints()
+        proc = start_worker(run, lock)
+    except BaseException:
+        lock.release()  # start_worker may have released it already; a second release does nothing
+        raise
     return proc, (f"from {checkpoints[-1].name}" if checkpoints else "from the start (no checkpoint yet)")
 
 
@@ -194,13 +192,17 @@ class RunInputsChanged(UserError):
         """What changed, a phrase each ('the data d.jsonl changed since the run began')."""
 
 
-def check_resumable(run: RunDir, force: bool = False) -> None:
-    """Refuse to resume a completed run, a run with a live worker, or one whose model or data
-    changed since it began (unless `force`)."""
+def _refuse_live_worker(run: RunDir) -> None:
     pid = run.live_worker_pid()
     if pid is not None:
         raise UserError(f"run {run.id} is being trained by worker pid {pid}; it needs no resume "
                         f"(`localtune stop {run.id}` stops it)")
+
+
+def check_resumable(run: RunDir, force: bool = False) -> None:
+    """Refuse to resume a completed run, a run with a live worker, or one whose model or data
+    changed since it began (unless `force`)."""
+    _refuse_live_worker(run)
     state = run.state()
     if state == "completed":
         raise UserError(f"run {run.id} is already completed; export it with `localtune export {run.id}`, "

@@ -74,7 +74,7 @@ from transformers import TrainerCallback
 from localtune.errors import UserError
 from localtune.events import append_event, atomic_write_json, read_events
 from localtune.notify import desktop_notify
-from localtune.runs import RunDir
+from localtune.runs import LOCK_FD_ENV, RunDir
 
 SAMPLE_MAX_NEW_TOKENS = 32
 FAULT_KILL_IN_CHECKPOINT_ENV = "LOCALTUNE_FAULT_KILL_IN_CHECKPOINT"
@@ -694,6 +694,20 @@ def train(run: RunDir, stop: _StopRequest) -> None:
                  tokens=int(trainer.state.num_input_tokens_seen), peak_memory_bytes=_peak_memory_bytes(device))
 
 
+def _take_run(run: RunDir) -> None:
+    """Hold the run's lock: the one the launcher took and handed over (LOCK_FD_ENV names the
+    inherited descriptor), or, for a worker started by hand, a fresh one (UserError when
+    another process holds it). From here on the run is this worker's: the launcher's mark
+    (`launched`, which makes a worker lost before this point show as failed) goes."""
+    fd = os.environ.pop(LOCK_FD_ENV, None)  # not for the processes this one starts
+    if fd is not None:
+        run.adopt_lock(int(fd))
+    else:
+        run.acquire_lock()
+    if run.read_status().get("launched"):
+        run.write_status(launched=None)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -703,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = _StopRequest()
     signal.signal(signal.SIGTERM, stop)
     try:
-        run.acquire_lock()
+        _take_run(run)
     except UserError as e:
         print(f"localtune worker: {e}", file=sys.stderr)
         return 1

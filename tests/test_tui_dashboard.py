@@ -482,6 +482,24 @@ def test_reattach_to_a_training_worker_and_stop_it(tiny_chat_model_dir: Path, lo
     assert 3 <= status["step"] < 400
 
 
+def test_a_worker_that_died_before_it_started_shows_a_failed_banner_with_its_last_words(monkeypatch):
+    freeze_clock(monkeypatch)
+    # a stopped run resumed by a launcher whose worker could not even import: the launcher's
+    # mark in the status, a traceback in worker.log, nobody holding the lock
+    events = [started(), *step_events(1, 7, 40, t0=T0), {"t": T0 + 30, "kind": "stopped", "step": 7,
+                                                         "checkpoint": "checkpoint-7"}]
+    run = fabricate_run(events=events, state="stopped", launched=T0 + 60)
+    run.log_path.write_text("Traceback (most recent call last):\n  ...\nModuleNotFoundError: No module named 'trl'\n")
+
+    async def test(app, pilot):
+        await folded(app, pilot, len(events), "failed")
+        assert shown(app, "dash-end") == ("failed: the worker exited before it started: ModuleNotFoundError: No module "
+                                          f"named 'trl'\nlog: {run.log_path}")
+        assert shown(app, "dash-title").endswith("·  failed")
+
+    drive(run, test)
+
+
 # ---------------------------------------------------------------- snapshots
 
 

@@ -158,8 +158,29 @@ def test_a_run_whose_files_cannot_be_read_is_listed_as_unreadable(runs) -> None:
         await highlight(app, pilot, runs["stopped"])
         table = app.screen.query_one("#runs-table")
         assert str(table.get_row(runs["stopped"].id)[1]) == "unreadable"
-        assert str(app.screen.query_one("#run-detail").content).startswith(f"cannot read {runs['stopped'].path}: ")
+        assert str(app.screen.query_one("#run-detail").content) == (
+            f"{runs['stopped'].config_path}: invalid TOML: Expected ']' at the end of a table declaration "
+            "(at line 1, column 5); correct that line")
         assert table.row_count == 4
+
+    drive(check)
+
+
+def test_a_run_whose_worker_died_before_it_started_is_listed_as_failed_with_its_last_words(runs) -> None:
+    # what a worker that could not even import leaves: the launcher's mark, a traceback, no lock
+    lost = fake_run("20260922-070000-smollm2-135m", "created", 0, 60)
+    lost.write_status(launched=time.time() - 60)
+    lost.log_path.write_text("Traceback (most recent call last):\n"
+                             '  File "<frozen runpy>", line 198, in _run_module_as_main\n'
+                             "ImportError: cannot import name 'TrainerCallback' from 'transformers'\n\n")
+
+    async def check(app, pilot) -> None:
+        await highlight(app, pilot, lost)
+        table = app.screen.query_one("#runs-table")
+        assert str(table.get_row(lost.id)[1]) == "failed"
+        assert str(app.screen.query_one("#run-detail").content) == ("the worker exited before it started: "
+                                                                    "ImportError: cannot import name 'TrainerCallback' "
+                                                                    "from 'transformers'")
 
     drive(check)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -416,6 +417,176 @@ def test_the_lock_refuses_a_second_worker_while_one_is_alive(new_run) -> None:
     assert run.live_worker_pid() is None
     run.acquire_lock()
     run.release_lock()
+
+
+def workers_of(run: RunDir) -> list[int]:
+    """The pids of every `python -m localtune.worker` process on this run, alive now."""
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmd = p.info["cmdline"] or []
+        if "localtune.worker" in cmd and str(run.path) in cmd and p.info["status"] != psutil.STATUS_ZOMBIE:
+            pids.append(p.pid)
+    return pids
+
+
+def kill_workers_of(run: RunDir) -> None:
+    for pid in workers_of(run):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+RACE_HOOK = """
+import os, sys, time
+from pathlib import Path
+
+import localtune.launch as launch
+
+barrier, check = Path(sys.argv[1]), launch.check_resumable
+
+
+def check_then_wait(run, force=False):
+    # the race, made certain: each resume is past its check before either starts a worker
+    # (the other one's arrival, or its end, lets it go on)
+    check(run, force=force)
+    (barrier / str(os.getpid())).touch()
+    deadline = time.monotonic() + 120
+    while len(list(barrier.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+launch.check_resumable = check_then_wait
+from localtune.cli import main
+
+sys.exit(main(sys.argv[2:]))
+"""
+"""`localtune ARGS` (after a barrier folder), with a wait after the resume's check."""
+
+
+def test_two_resumes_at_once_start_one_worker_and_the_other_gets_one_line(new_run, tmp_path: Path) -> None:
+    from tests.helpers import one_line_error
+
+    run = new_run()
+    proc = start_worker(run)
+    signal_after_first_checkpoint(proc, run, signal.SIGTERM)
+    assert wait_worker(proc, run) == 0 and run.state() == "stopped", log_tail(run)
+    stopped_at = run.complete_checkpoints()[-1].name
+
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != FAULT_ENV} | dict(
+        HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
+    resumes = [subprocess.Popen([sys.executable, "-c", RACE_HOOK, str(barrier), "resume", run.id, "--detach"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+               for _ in range(2)]
+    try:
+        ended: dict[int, tuple[int, str, str]] = {}
+        deadline = time.monotonic() + 120
+        while len(ended) < 2:
+            assert time.monotonic() < deadline, "the resumes did not end within 120 s"
+            for p in resumes:
+                if p.pid not in ended and p.poll() is not None:
+                    ended[p.pid] = (p.returncode, *p.communicate())
+                    (barrier / f"ended-{p.pid}").touch()
+            time.sleep(0.02)
+        workers = workers_of(run)  # right after both resumes returned: every worker they started
+
+        assert sorted(rc for rc, _, _ in ended.values()) == [0, 1], ended
+        (winner, (_, out, _)), = [(pid, r) for pid, r in ended.items() if r[0] == 0]
+        _, _, err = next(r for r in ended.values() if r[0] == 1)
+        assert one_line_error(err) == (f"localtune: error: run {run.id} is being started by pid {winner} (another "
+                                       "`localtune resume`, or the TUI); `localtune runs` shows it in a moment")
+        assert out.startswith(f"run {run.id} resumed from {stopped_at}, worker pid "), out
+        worker = int(out.split("worker pid ")[1].split()[0])
+        assert workers == [worker]
+
+        # that one worker takes the run over and trains it; stopping it ends the attempt
+        deadline = time.monotonic() + WORKER_TIMEOUT_S
+        while len(events_of(run, "started")) < 2:
+            assert time.monotonic() < deadline and workers_of(run), f"the worker never started; {log_tail(run)}"
+            time.sleep(0.05)
+        assert run.live_worker_pid() == worker and run.state() == "running"
+        assert not run.read_status().get("launched")  # the worker took the run over
+        os.kill(worker, signal.SIGTERM)
+        while workers_of(run):
+            assert time.monotonic() < deadline, f"the worker did not stop; {log_tail(run)}"
+            time.sleep(0.05)
+        assert [e["resumed_from"] for e in events_of(run, "started")] == [None, stopped_at]
+        assert run.state() == "stopped" and not run.lock_path.exists()
+    finally:
+        for p in resumes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        kill_workers_of(run)
+
+
+def test_a_worker_that_dies_before_it_starts_fails_the_run_at_once_with_its_last_words(
+        new_run, tmp_path: Path, monkeypatch, capsys) -> None:
+    from tests.helpers import run as localtune
+
+    run = new_run()
+    # a broken install: the worker's first `import transformers` raises
+    broken = tmp_path / "broken-site" / "transformers"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise ImportError("transformers is half-installed (test)")\n')
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join((str(broken.parent), str(REPO_ROOT))))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    try:
+        t0 = time.monotonic()
+        rc, out, err = localtune(capsys, "resume", run.id, "--headless")
+        took_s = time.monotonic() - t0
+    finally:
+        kill_workers_of(run)
+    last_words = "ImportError: transformers is half-installed (test)"
+    assert rc == 1, (out, err)
+    assert out.splitlines()[1:] == [f"failed: the worker exited (code 1) before it started: {last_words}",
+                                    f"  log: {run.log_path}"], out
+    assert took_s < 15  # not the 30 s a worker found only through its lock is given to start
+    assert "Traceback" not in out + err
+
+    # the worker never wrote a word to the status; the run shows as failed all the same
+    assert run.read_status()["state"] == "created"
+    assert run.state() == "failed"
+    monkeypatch.setenv("COLUMNS", "200")  # room for the model's long path in the table
+    rc, out, _ = localtune(capsys, "runs")
+    assert rc == 0
+    assert re.search(rf"^{run.id}\s+failed\s", out, re.M), out
+    assert out.splitlines()[-1] == f"{run.id}: failed: the worker exited before it started: {last_words}"
+    rc, out, _ = localtune(capsys, "runs", "--json")
+    (listed,) = json.loads(out)
+    assert (listed["state"], listed["error"]) == ("failed", f"the worker exited before it started: {last_words}")
+
+    # once the install is fixed, resume tries again, and that worker takes the run over
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+    try:
+        rc, out, err = localtune(capsys, "resume", run.id, "--detach")
+        assert rc == 0, err
+        deadline = time.monotonic() + WORKER_TIMEOUT_S
+        while run.read_status().get("launched"):
+            assert time.monotonic() < deadline and workers_of(run), f"the worker did not start; {log_tail(run)}"
+            time.sleep(0.05)
+        assert run.state() != "failed" and run.live_worker_pid() in workers_of(run)
+    finally:
+        kill_workers_of(run)
+
+
+def test_a_worker_on_a_config_edited_into_bad_toml_fails_in_one_line(new_run) -> None:
+    run = new_run()
+    lines = run.config_path.read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("r = "))
+    lines[at] = "r = "  # the value deleted by hand
+    run.config_path.write_text("\n".join(lines) + "\n")
+    proc = start_worker(run)
+    assert wait_worker(proc, run) == 1, log_tail(run)
+    want = f"{run.config_path}: invalid TOML: Invalid value (at line {at + 1}, column 5); correct that line"
+    assert run.read_status()["error"] == want
+    assert events_of(run, "failed")[-1]["error"] == want
+    assert run.state() == "failed" and not run.lock_path.exists()
 
 
 OOM_AT_STEP = 4  # after checkpoint-2: the back-off goes back to it and trains step 3 again

@@ -31,6 +31,7 @@ from textual.widgets import Footer, RichLog, Static
 from textual.worker import get_current_worker
 from textual_plotext import PlotextPlot
 
+from localtune.errors import UserError
 from localtune.events import END_KINDS, EventReader
 from localtune.progress import RunProgress
 from localtune.runs import RunDir
@@ -117,7 +118,7 @@ class DashboardScreen(Screen):
         self._log_shown = 0
         try:
             self.model = short_model(run.read_config().get("run", {}).get("model"))
-        except (OSError, ValueError):  # a half-written run folder still gets a dashboard
+        except (OSError, ValueError, UserError):  # a half-written or hand-broken run folder still gets a dashboard
             self.model = "?"
 
     # ------------------------------------------------------------ layout
@@ -172,7 +173,9 @@ class DashboardScreen(Screen):
             # an end event: read the state now, so the title does not say "running" for a second
             fresh_state = time.monotonic() >= next_state_at or any(e.get("kind") in END_KINDS for e in events)
             if fresh_state:
-                state, status = self.run.state(), self.run.read_status()
+                status = self.run.read_status()
+                state, error = self.run.state_and_error(status)
+                status = {**status, "error": error}  # a worker lost before it started has its error here only
                 next_state_at = time.monotonic() + STATE_POLL_S
             for i in range(0, len(events), EVENTS_PER_MESSAGE):
                 self.post_message(EventsRead(events[i:i + EVENTS_PER_MESSAGE], state, status))
@@ -243,6 +246,9 @@ class DashboardScreen(Screen):
         if end and end.get("kind") == "failed":
             line = Text.assemble(("failed: ", "bold red"), str(end.get("error", "?")),
                                  ("\nlog: ", "dim"), str(end.get("log") or self.run.log_path))
+        elif state == "failed":  # no failed event: a worker killed early, or one that died before it started
+            line = Text.assemble(("failed: ", "bold red"), str(self.status.get("error") or "?"),
+                                 ("\nlog: ", "dim"), str(self.run.log_path))
         elif end and end.get("kind") == "finished":
             line = Text.assemble(("finished", "bold green"), f": {end.get('step', '?')} steps; adapter in ",
                                  str(end.get("adapter", self.run.adapter_dir)), ("  (e: export)", "dim"))
@@ -253,9 +259,6 @@ class DashboardScreen(Screen):
         elif state == "interrupted":
             line = Text.assemble(("interrupted", "bold red"), ": the worker is gone without a word",
                                  ("; r resumes from the last checkpoint", "dim"))
-        elif state == "failed":  # the status says so but the log has no end event (a worker killed early)
-            line = Text.assemble(("failed: ", "bold red"), str(self.status.get("error") or "?"),
-                                 ("\nlog: ", "dim"), str(self.run.log_path))
         banner = self.query_one("#dash-end", Static)
         banner.display = line is not None
         if line is not None:

@@ -71,7 +71,7 @@ def read_summaries() -> list[dict[str, Any]]:
             out.append(run.summary())
         except FileNotFoundError:
             continue
-        except (OSError, ValueError) as e:  # e.g. a config.toml edited into bad TOML
+        except (OSError, ValueError) as e:  # a file it cannot open (a bad config.toml is the summary's own error)
             out.append({"id": run.id, "state": "unreadable", "step": 0, "max_steps": None, "loss": None,
                         "model": None, "data": None, "started": None, "updated": None, "path": str(run.path),
                         "error": f"cannot read {run.path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"})
@@ -253,6 +253,9 @@ class RunsScreen(Screen):
     def _run_with_adapter(self) -> RunDir | None:
         run = self.selected_run()
         if run is None:
+            return None
+        if self.summaries[run.id]["state"] == "unreadable":  # export and chat read its config.toml
+            self.app.notify_error(self.summaries[run.id]["error"])
             return None
         if not has_adapter(run):
             self.app.notify_error(no_adapter_reason(self.summaries[run.id]))
