@@ -142,6 +142,8 @@ def _load_model(path: str, knobs, precision, device: str, trust_remote_code: boo
     if knobs.load_in_4bit and not getattr(model, "is_loaded_in_4bit", False):
         raise RuntimeError(f"{path} did not load in 4 bits although the plan asks for it (bitsandbytes "
                            f"{importlib.metadata.version('bitsandbytes')})")
+    if knobs.load_in_4bit and device == "cpu":
+        keep_4bit_weights_trainable(model)
     # no KV cache in training; padding-free batches need this too: transformers finds the row
     # boundaries in position_ids only when there is no cache
     model.config.use_cache = False
@@ -169,6 +171,25 @@ def _trainable_token_indices(model, tokenizer, added_tokens: list[str]) -> dict[
     if not tied:
         targets[names[out]] = ids
     return targets
+
+
+def keep_4bit_weights_trainable(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference in the middle of training.
+
+    bitsandbytes 0.50, on a CPU with AVX512-BF16, repacks a Linear4bit's weight into an
+    inference-only layout the first time the layer runs in eval mode without gradients (a sample
+    generation, an evaluation), for good; from then on its matmul bypasses autograd, so the
+    gradients that should flow through the frozen base weights to the LoRA layers below are
+    lost, silently (measured on a tiny Llama: the first layer's LoRA gradient off by 80% after
+    one eval forward), and training goes on the slower kernel too. Returns the layers changed."""
+    import bitsandbytes as bnb
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit) and getattr(m, "support_avx512bf16_for_cpu", False):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def _padding_free(backend: str, precision) -> bool:
