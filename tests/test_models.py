@@ -10,8 +10,8 @@ import pytest
 
 from localtune import models
 from localtune.errors import UserError
-from localtune.models import (ModelShape, builtin_gguf_path, ensure_builtin_model, resolve_model,
-                              shape_from_config, shape_from_gguf)
+from localtune.models import (ModelShape, builtin_gguf_path, ensure_builtin_model, load_tokenizer, resolve_model,
+                              shape_from_config, shape_from_gguf, weights_location)
 
 SMOLLM2_SHAPE = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                      head_dim=64, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
@@ -19,6 +19,44 @@ SMOLLM2_SHAPE = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=
 
 def _read_config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+
+
+def handmade_gguf(path: Path, arch: str = "llama", qtype: str = "F32", **extra_kv: int) -> Path:
+    """A minimal GGUF file: the metadata localtune plans from, a 4-token vocabulary and one
+    32x64 tensor of type `qtype` (zeros), plus `extra_kv` as uint16 keys (dots for __)."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("handmade")
+    w.add_embedding_length(64)
+    w.add_block_count(1)
+    w.add_head_count(4)
+    w.add_feed_forward_length(128)
+    w.add_vocab_size(32)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b", "c", "d"])
+    for key, value in extra_kv.items():
+        w.add_uint16(key.replace("__", "."), value)
+    t = gguf.GGMLQuantizationType[qtype]
+    block, size = gguf.GGML_QUANT_SIZES[t]
+    if qtype == "F32":
+        w.add_tensor("token_embd.weight", np.zeros((32, 64), dtype=np.float32))
+    else:
+        w.add_tensor("token_embd.weight", np.zeros((32, 64 // block * size), dtype=np.uint8), raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def tiny_gguf(model_dir: Path, path: Path, quant: str) -> Path:
+    """`model_dir` (a Hugging Face folder) written as a GGUF file by localtune's own exporter."""
+    from localtune.gguf_export import write_gguf
+
+    write_gguf(model_dir, path, quant, name="tiny-chat")
+    return path
 
 
 # ---------------------------------------------------------------- shapes
@@ -109,6 +147,122 @@ def test_builtin_model_is_converted_only_once(builtin_model_dir, monkeypatch):
     assert ensure_builtin_model() == first
     assert time.perf_counter() - start < 1.0
     assert weights.stat().st_mtime_ns == mtime
+
+
+# ---------------------------------------------------------------- a GGUF file someone has
+
+
+def test_the_quantisation_is_read_from_the_file():
+    import gguf
+
+    from localtune.models import gguf_quantisation
+
+    assert gguf_quantisation(gguf.GGUFReader(str(builtin_gguf_path()))) == "Q4_1"
+
+
+@pytest.mark.slow
+def test_a_gguf_file_is_converted_once_into_the_cache_and_its_quantisation_named(tiny_chat_model_dir, tmp_path,
+                                                                                   localtune_home, monkeypatch):
+    """A quantised GGUF file trains from a safetensors copy in the cache: converted on first use
+    (with a note and a warning naming the quantisation), used as it is after that, converted
+    again when the file changes. The tokenizer comes from the copy too."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gguf = tiny_gguf(tiny_chat_model_dir, tmp_path / "tiny-chat.Q8_0.gguf", "q8_0")
+    ref = resolve_model(str(gguf))
+    assert (ref.kind, ref.location) == ("gguf", str(gguf))
+    said: list[str] = []
+    folder = Path(weights_location(ref, log=said.append))
+    assert folder.parent == localtune_home / "cache" / "models" / "gguf"
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    assert "quantization_config" not in _read_config(folder)
+    assert len(said) == 2, said
+    assert said[0].startswith(f"converting tiny-chat.Q8_0.gguf (Q8_0, ") and str(folder) in said[0]
+    assert said[1].startswith("tiny-chat.Q8_0.gguf is Q8_0: its weights were quantised") and "16-bit" in said[1]
+
+    # the copy computes what the original model does, up to Q8_0's rounding
+    ids = torch.tensor([[1, 9690, 198, 2683, 359, 253]])
+    with torch.no_grad():
+        original = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir, dtype=torch.float32)(ids).logits
+        converted = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(ids).logits
+    assert converted.shape == original.shape
+    assert (converted - original).abs().max().item() < 0.01
+    assert Path(load_tokenizer(resolve_model(str(gguf))).name_or_path) == folder
+
+    # a second use converts nothing
+    weights = folder / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    real_load = AutoModelForCausalLM.from_pretrained
+
+    def no_reload(*a, **k):
+        raise AssertionError("the GGUF file was converted again")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_reload)
+    said.clear()
+    start = time.perf_counter()
+    assert weights_location(resolve_model(str(gguf)), log=said.append) == str(folder)
+    assert time.perf_counter() - start < 1.0
+    assert weights.stat().st_mtime_ns == mtime
+    assert len(said) == 1 and said[0].startswith("tiny-chat.Q8_0.gguf is Q8_0")
+
+    # the file replaced (another quantisation under the same name): converted again, in place
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", real_load)
+    tiny_gguf(tiny_chat_model_dir, gguf, "q4_0")
+    said.clear()
+    assert weights_location(ref, log=said.append) == str(folder)
+    assert said[0].startswith("converting tiny-chat.Q8_0.gguf (Q4_0, ")
+    assert said[1].startswith("tiny-chat.Q8_0.gguf is Q4_0")
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]
+
+
+@pytest.mark.slow
+def test_an_ollama_blob_without_the_gguf_extension_is_a_gguf_file(tiny_chat_model_dir, tmp_path):
+    blob = tiny_gguf(tiny_chat_model_dir, tmp_path / "sha256-6a0746a1ec1aef3e7ec53868f220ff6e389f6f8ef87a01d77c96807de94ca2aa", "q8_0")
+    ref = resolve_model(str(blob))
+    assert ref.kind == "gguf" and ref.shape.hidden_size == 64
+
+
+@pytest.mark.parametrize("arch, qtype, extra, message", [
+    ("rwkv6", "F32", {}, r"cannot load GGUF architecture 'rwkv6'"),
+    ("llama", "Q8_1", {}, r"it holds Q8_1 tensors, which transformers [0-9.]+ cannot dequantise"),
+    ("llama", "F32", {"split__count": 3}, r"one part of a model split into 3 files.*llama-gguf-split --merge"),
+])
+def test_a_gguf_file_transformers_cannot_load_is_refused_at_once(tmp_path, arch, qtype, extra, message):
+    path = handmade_gguf(tmp_path / "model.gguf", arch, qtype, **extra)
+    with pytest.raises(UserError, match=message) as e:
+        resolve_model(str(path))
+    assert str(e.value).startswith(f"--model {path}: ") and "\n" not in str(e.value)
+
+
+def bin_only_folder(tmp_path: Path) -> Path:
+    """A Hugging Face folder whose weights are a PyTorch pickle (config.json + pytorch_model.bin)."""
+    import torch
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "old-model"
+    folder.mkdir()
+    LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, vocab_size=256).save_pretrained(folder)
+    torch.save({"lm_head.weight": torch.zeros(256, 64)}, folder / "pytorch_model.bin")
+    return folder
+
+
+def test_a_folder_with_only_bin_weights_is_refused_with_the_command_that_converts_it(tmp_path):
+    folder = bin_only_folder(tmp_path)
+    with pytest.raises(UserError) as e:
+        resolve_model(str(folder))
+    msg = str(e.value)
+    assert msg.startswith(f"--model {folder}: the folder has only PyTorch .bin weights (pytorch_model.bin)")
+    assert "safetensors only" in msg and "pickle" in msg
+    assert f"from_pretrained('{folder}', use_safetensors=False).save_pretrained('{folder}-safetensors')" in msg
+    assert "\n" not in msg
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "pytorch_model.bin"]
+
+
+def test_a_folder_with_safetensors_beside_bin_weights_is_accepted(tiny_llama_dir):
+    (tiny_llama_dir / "pytorch_model.bin").write_bytes(b"")
+    assert resolve_model(str(tiny_llama_dir)).kind == "folder"
 
 
 # ---------------------------------------------------------------- what the user did wrong

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
@@ -101,3 +103,83 @@ def test_unknown_run_names(capsys):
         assert "no run 'nope'" in one_line_error(err)
     rc, out, _ = run(capsys, "runs")
     assert rc == 0 and "no runs yet" in out
+
+
+# ---------------------------------------------------------------- a model from elsewhere
+
+
+@pytest.mark.slow
+def test_train_from_a_quantised_gguf_file_then_export_and_chat(tmp_path, localtune_home):
+    """A Q4_1 GGUF file someone has (the built-in model's, copied: it was quantised by
+    llama.cpp, not by us) trains like the built-in model: converted once into the cache with a
+    warning naming Q4_1; a second run converts nothing; export and chat load that copy."""
+    from localtune.demo import demo_dataset_path
+    from localtune.models import builtin_gguf_path
+
+    gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    shutil.copy(builtin_gguf_path(), gguf)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(demo_dataset_path().read_text(encoding="utf-8").splitlines()[:8]) + "\n")
+    args = ("train", "--headless", "--model", str(gguf), "--data", str(data), "--set", "per_device_train_batch_size=2",
+            "--set", "gradient_accumulation_steps=1", "--set", "max_length=64")
+    r = localtune(*args, "--set", "max_steps=3")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "finished: 3 steps" in r.stdout
+    assert "warning: converting SmolLM2-135M-Instruct.Q4_1.gguf (Q4_1, 135 M parameters)" in r.stdout
+    assert ("warning: SmolLM2-135M-Instruct.Q4_1.gguf is Q4_1: its weights were quantised, so training starts "
+            "from the dequantised Q4_1 weights") in r.stdout
+    (folder,) = (localtune_home / "cache" / "models" / "gguf").iterdir()
+    weights = folder / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+
+    r = localtune(*args, "--set", "max_steps=1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "finished: 1 steps" in r.stdout
+    assert "converting" not in r.stdout
+    assert "warning: SmolLM2-135M-Instruct.Q4_1.gguf is Q4_1" in r.stdout
+    assert weights.stat().st_mtime_ns == mtime
+    runs = list_runs()
+    assert len(runs) == 2
+    for rd in runs:  # the run names the file it was given, nothing of the cache
+        with rd.config_path.open("rb") as f:
+            assert tomllib.load(f)["run"]["model"] == str(gguf)
+        assert str(folder) not in rd.config_path.read_text() + rd.plan_path.read_text()
+
+    rid = runs[-1].id
+    r = localtune("export", rid, "--format", "adapter", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    adapter = json.loads(r.stdout)["path"]
+    with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as f:
+        assert json.load(f)["base_model_name_or_path"] == str(folder)
+
+    r = subprocess.run([sys.executable, "-m", "localtune", "chat", rid, "--max-new-tokens", "4"],
+                       input="What is the capital of France?\n/quit\n", capture_output=True, text=True,
+                       timeout=600, env=os.environ.copy())
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "tuned> " in r.stdout and "Traceback" not in r.stderr
+    assert weights.stat().st_mtime_ns == mtime
+    assert len(list(folder.parent.iterdir())) == 1
+
+
+@pytest.mark.parametrize("command", [("plan",), ("train", "--detach"), ("data", "inspect")])
+def test_a_folder_with_only_bin_weights_is_one_line_before_any_work(capsys, tmp_path, command):
+    from tests.test_models import bin_only_folder
+
+    folder = bin_only_folder(tmp_path)
+    rc, out, err = run(capsys, *command, "--model", str(folder))
+    assert rc == 1
+    line = one_line_error(err)
+    assert f"--model {folder}: the folder has only PyTorch .bin weights" in line and "safetensors only" in line
+    assert list_runs() == []
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "pytorch_model.bin"]
+
+
+@pytest.mark.parametrize("command", [("plan",), ("train", "--detach")])
+def test_a_gguf_file_transformers_cannot_dequantise_is_one_line_before_any_run(capsys, tmp_path, command):
+    from tests.test_models import handmade_gguf
+
+    path = handmade_gguf(tmp_path / "odd.gguf", "llama", "Q8_1")
+    rc, out, err = run(capsys, *command, "--model", str(path))
+    assert rc == 1
+    assert f"--model {path}: it holds Q8_1 tensors, which transformers" in one_line_error(err)
+    assert list_runs() == []

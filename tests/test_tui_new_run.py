@@ -239,6 +239,22 @@ def test_a_model_that_cannot_be_found_is_shown_in_red() -> None:
     drive(test)
 
 
+def test_a_model_folder_with_only_bin_weights_is_shown_in_red(tmp_path) -> None:
+    from tests.test_models import bin_only_folder
+
+    folder = bin_only_folder(tmp_path)
+
+    async def test(app, pilot) -> None:
+        await paste_into(pilot, "#model-input", str(folder))
+        status = shown(app, "#model-status")
+        assert f"--model {folder}: the folder has only PyTorch .bin weights" in status
+        assert "safetensors only" in status
+        assert app.screen.query_one("#model-status").content.style == "red"
+        assert f"the model: --model {folder}" in shown(app, "#start-note")
+
+    drive(test)
+
+
 def test_the_file_picker_lists_data_files_and_folders(tmp_path) -> None:
     folder = tmp_path / "data"
     (folder / "more").mkdir(parents=True)
