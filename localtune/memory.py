@@ -49,7 +49,11 @@ logits
     The loss spike: `tokens * V * (a + 4 + 4)`: the lm_head output in the compute dtype, the
     float32 log-softmax that cross-entropy saves (transformers upcasts logits before the loss),
     and its float32 gradient during backward. For a 128k vocabulary this is often the largest
-    activation of all.
+    activation of all. Where a run trains the rows of added tokens, peft's TrainableTokens
+    forms a full merged copy of the output layer (base rows + trained rows) and trl's fused
+    LM head a full gradient for it: `2 * V * h` more bytes of the weights' dtype while the loss is
+    computed (measured on the CPU: 2.0 x V x h x 4 bytes, tied or untied; the merged input
+    embeddings and their gradient come and go outside that peak).
 overhead
     What the framework costs beyond the tensors: the CUDA context and cuBLAS workspaces
     (~0.5 GiB, not counted by `torch.cuda.max_memory_allocated`), ~0.25 GiB for Metal,
@@ -262,6 +266,10 @@ def estimate(shape: ModelShape, knobs: Knobs, device: str | DeviceFacts) -> Memo
     dequant_buffer = max(i * o for i, o in shape.linear_layers().values()) * 2 if knobs.load_in_4bit else 0
     activations += dequant_buffer
     logits = tokens * shape.vocab_size * (a + 4 + 4)
+    # trained token rows: peft merges them into a full copy of the output layer, and its full
+    # gradient is formed, while the loss is computed (measured: 2.0 x V x h x 4 bytes on the CPU)
+    token_rows_transient = 2 * shape.vocab_size * h * precision.weights_bytes if shape.added_tokens else 0
+    logits += token_rows_transient
     transient = adapter + activations + logits
     return MemoryEstimate(
         weights_bytes=w_bytes,
@@ -275,6 +283,7 @@ def estimate(shape: ModelShape, knobs: Knobs, device: str | DeviceFacts) -> Memo
         base_params=base_params,
         tokens_per_micro_batch=tokens,
         details={"compute_dtype_bytes": a, "weights_dtype": precision.weights_dtype, "quantised_params": quantised,
+                 "token_rows_transient_bytes": token_rows_transient,
                  "activation_bytes_per_token_per_block": full_block,
                  "dequant_buffer_bytes": dequant_buffer},
     )

@@ -55,7 +55,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -589,28 +589,32 @@ def resolve_model(spec: str | None, *, trust_remote_code: bool = False) -> Model
         cfg = _read_config_json(cfg_path)
         _check_remote_code(cfg, str(cfg_path), trust_remote_code)
         _check_safetensors(path, spec)
-        return ModelRef(spec, "folder", str(path.resolve()), shape_from_config(cfg, str(cfg_path)), trust_remote_code)
+        shape = replace(shape_from_config(cfg, str(cfg_path)), added_tokens=tokens_the_template_adds(tokenizer_files_in(path)))
+        return ModelRef(spec, "folder", str(path.resolve()), shape, trust_remote_code)
     if path.is_file():
         if not _is_gguf_file(path):
             raise UserError(f"--model {spec}: a model file must be .gguf; for a Hugging Face model pass its folder")
         path = path.resolve()
         converted = converted_gguf_dir(path)
         if converted is not None:  # checked when it was converted; its config.json is read in milliseconds
-            return ModelRef(spec, "gguf", str(path), shape_from_config(_read_config_json(converted / "config.json"),
-                                                                       str(converted / "config.json")))
+            shape = shape_from_config(_read_config_json(converted / "config.json"), str(converted / "config.json"))
+            return ModelRef(spec, "gguf", str(path),
+                            replace(shape, added_tokens=tokens_the_template_adds(tokenizer_files_in(converted))))
         reader = _open_gguf(path)
         shape = _shape_from_gguf_reader(reader, path)
         problem = _gguf_problem(path, reader)
         if problem:
             raise UserError(f"--model {spec}: {problem}")
-        return ModelRef(spec, "gguf", str(path), shape)
+        return ModelRef(spec, "gguf", str(path), replace(shape, added_tokens=gguf_template_added_tokens(reader)))
     looks_local = spec.startswith((".", "/", "~")) or spec.lower().endswith(".gguf") or os.sep in spec.strip("/").replace("/", "", 1)
     if looks_local:
         raise UserError(f"--model {spec}: no such file or folder")
     cfg_path = _hub_config(spec)
     cfg = _read_config_json(cfg_path)
     _check_remote_code(cfg, f"{spec} config.json", trust_remote_code)
-    return ModelRef(spec, "hub", spec, shape_from_config(cfg, f"{spec} config.json"), trust_remote_code)
+    shape = replace(shape_from_config(cfg, f"{spec} config.json"),
+                    added_tokens=tokens_the_template_adds(tokenizer_files_on_hub(spec)))
+    return ModelRef(spec, "hub", spec, shape, trust_remote_code)
 
 
 def _note(message: str) -> None:
@@ -709,13 +713,11 @@ def tokenizer_files_on_hub(repo_id: str) -> dict[str, Path | None]:
     return out
 
 
-def gguf_template_added_tokens(path: Path) -> int:
-    """tokens_the_template_adds for a GGUF file, from its metadata (chat template, token list)."""
-    from gguf import GGUFReader
-
+def gguf_template_added_tokens(reader: Any) -> int:
+    """tokens_the_template_adds for a GGUF file (its open GGUFReader), from its metadata: the
+    chat template and the token list."""
     from localtune.data import CHATML_TOKENS
 
-    reader = GGUFReader(str(path))
     if "tokenizer.chat_template" in reader.fields:
         return 0
     field = reader.fields.get("tokenizer.ggml.tokens")

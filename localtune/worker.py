@@ -192,6 +192,20 @@ def keep_4bit_weights_trainable(model) -> int:
     return n
 
 
+def _expose_bias_of_token_wrappers(model) -> None:
+    """trl's fused LM head reads `lm_head.weight` and `lm_head.bias` off the output layer. Where
+    peft trains token rows of that layer (`trainable_token_indices`), the layer is a
+    TrainableTokensWrapper, whose `weight` is the base weight with the trained rows merged in
+    (differentiable, as the fused head needs) but which answers only `weight` of its wrapped
+    layer's attributes (peft 0.21), so reading `bias` raised AttributeError. Give each wrapper
+    its layer's bias (None for every model localtune knows)."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    for m in model.modules():
+        if isinstance(m, TrainableTokensWrapper) and "bias" not in m.__dict__:
+            object.__setattr__(m, "bias", getattr(m.token_adapter.base_layer, "bias", None))
+
+
 def _padding_free(backend: str, precision) -> bool:
     """Whether batches go padding-free: each micro-batch's rows laid end to end in one row,
     with position_ids restarting at every row, so no compute goes to padding (on
@@ -667,6 +681,7 @@ def train(run: RunDir, stop: _StopRequest) -> None:
                                    eval_dataset=truncated(full_eval, knobs.max_length),
                                    processing_class=tokenizer, peft_config=peft_config_for(model),
                                    callbacks=[*extra_callbacks, Events()])
+        _expose_bias_of_token_wrappers(trainer.model)
         started_at = time.time()
         try:
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)

@@ -123,3 +123,87 @@ def test_a_worker_trains_the_added_token_rows_and_the_run_exports_and_chats(tmp_
     assert rc == 0, err
     session = ChatSession.load(run)
     assert isinstance(session.reply([{"role": "user", "content": "Hi"}], max_new_tokens=4), str)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_the_added_rows_learn_through_trls_fused_lm_head(tmp_path, tied):
+    """SFTTrainer scores tokens through trl's fused LM head, which reads the output layer's
+    `weight` and `bias` itself. The trained rows must reach it: predicting `<|im_end|>` gives the
+    rows of that token a gradient, in lm_head (untied) or in the shared embeddings (tied)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.trainer.utils import add_fused_lm_head
+
+    from localtune.data import chat_template_for
+    from localtune.worker import _expose_bias_of_token_wrappers, _trainable_token_indices
+
+    folder = base_model_without_template(tmp_path / "base", tied=tied)
+    tok = AutoTokenizer.from_pretrained(folder)
+    template = chat_template_for(tok)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.resize_token_embeddings(len(tok))
+    add_fused_lm_head(model)  # as SFTTrainer does, before peft wraps the model
+    indices = _trainable_token_indices(model, tok, template.added_tokens)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=indices))
+    _expose_bias_of_token_wrappers(peft_model)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = torch.tensor([[tok.convert_tokens_to_ids("Hi"), end, tok.convert_tokens_to_ids("Bye"), end]])
+    out = peft_model(input_ids=ids, labels=ids, fused_lm_head=True)
+    (-out.log_probs.sum()).backward()
+    out_layer = "lm_head" if not tied else "embed_tokens"
+    (delta,) = [p for n, p in peft_model.named_parameters() if out_layer in n and "trainable_tokens_delta" in n]
+    row = indices["embed_tokens"].index(end)
+    assert delta.grad is not None and delta.grad[row].abs().sum().item() > 0
+
+
+_MEASURE = r"""
+import gc, json, resource, sys
+import psutil, torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+from trl.trainer.utils import add_fused_lm_head
+from localtune.worker import _expose_bias_of_token_wrappers
+tokens, tied, V, h = sys.argv[1] == "1", sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
+cfg = LlamaConfig(hidden_size=h, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                  intermediate_size=256, vocab_size=V, tie_word_embeddings=tied)
+model = LlamaForCausalLM(cfg)
+add_fused_lm_head(model)
+rows = {"embed_tokens": [V - 2, V - 1]} if tied else {"embed_tokens": [V - 2, V - 1], "lm_head": [V - 2, V - 1]}
+model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=rows if tokens else None))
+_expose_bias_of_token_wrappers(model)
+x = torch.randint(0, V, (1, 64))
+gc.collect()
+before = psutil.Process().memory_info().rss
+(-model(input_ids=x, labels=x, fused_lm_head=True).log_probs.sum()).backward()
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before))
+"""
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_the_estimate_counts_the_merged_output_layer_of_trained_rows(tmp_path, tied):
+    """Training token rows costs more than the rows: peft merges them into a full copy of the
+    output layer, and the fused LM head forms its full gradient. The peak a forward and backward
+    adds with the rows trained, against without, is the estimate's extra within 25% (measured in
+    a fresh process whose allocator returns freed blocks: MALLOC_MMAP_THRESHOLD_)."""
+    from localtune.models import ModelShape
+
+    V, h = 64000, 512
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parent.parent),
+                                                     os.environ.get("PYTHONPATH")) if p)}
+
+    def peak(tokens: bool) -> int:
+        r = subprocess.run([sys.executable, "-c", _MEASURE, "1" if tokens else "0", "1" if tied else "0", str(V), str(h)],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return int(r.stdout.strip().splitlines()[-1])
+
+    measured = peak(True) - peak(False)
+    shape = ModelShape(model_type="llama", hidden_size=h, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=4, head_dim=h // 4, intermediate_size=256, vocab_size=V,
+                       tie_word_embeddings=tied, added_tokens=2)
+    est = estimate(shape, Knobs(r=4, target_modules=["q_proj"]), "cpu")
+    extra = est.details["token_rows_transient_bytes"]
+    assert extra == 2 * V * h * 4
+    assert abs(measured - extra) <= 0.25 * extra, (measured, extra)
