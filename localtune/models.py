@@ -674,12 +674,13 @@ def _has_chat_template(files: dict[str, Path | None]) -> bool:
 def tokens_the_template_adds(files: dict[str, Path | None]) -> int:
     """How many special tokens a run adds to this tokenizer (localtune.data.chat_template_for):
     none when it has a chat template; else ChatML's tokens its vocabulary lacks (both, where the
-    vocabulary cannot be read without loading the tokenizer: an upper bound of two rows).
+    vocabulary cannot be read without loading the tokenizer: an upper bound of two rows). None
+    either where there are no tokenizer files to read (a config.json alone, as `plan` takes).
     `files` maps the tokenizer's file names to their local paths (None: absent)."""
     from localtune.data import CHATML_TOKENS
 
-    if _has_chat_template(files):
-        return 0
+    if _has_chat_template(files) or not (files.get("tokenizer_config.json") or files.get("tokenizer.json")):
+        return 0  # a template; or no tokenizer here at all (nothing to tell: the worker finds out)
     vocab = _vocab_of_tokenizer_json(files["tokenizer.json"]) if files.get("tokenizer.json") else None
     if vocab is None:
         return len(CHATML_TOKENS)
