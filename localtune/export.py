@@ -581,23 +581,71 @@ def _llama_cpp_available() -> bool:
     return True
 
 
-def _llama_cpp_check(path: Path) -> str:
-    """Load the GGUF file with llama.cpp and answer one held-out prompt greedily (through the
-    chat template inside the file). Returns the answer."""
+def llama_cpp_model(path: str | Path, **kw: Any):
+    """llama.cpp's `Llama` over the GGUF file at `path` (keyword arguments as `Llama` takes them),
+    with llama.cpp's extra buffer types off. Those repack the weights for the CPU's matrix
+    extensions when it loads a file, AMX among them; on a virtual machine that reports AMX
+    without letting a process use it (this project's CI machine) the first matmul crashes the
+    whole process (SIGSEGV in ggml_backend_amx_mul_mat). Off, llama.cpp runs the plain CPU
+    kernels: the same arithmetic for a check, a little slower. llama-cpp-python 0.3.36 has no
+    argument for it, so its default model parameters are adjusted while the file loads."""
+    import llama_cpp.llama_cpp as low
     from llama_cpp import Llama
 
-    from localtune.demo import heldout_prompts
+    defaults = low.llama_model_default_params
 
+    def without_extra_buffers():
+        params = defaults()
+        if hasattr(params, "use_extra_bufts"):
+            params.use_extra_bufts = False
+        return params
+
+    low.llama_model_default_params = without_extra_buffers
+    try:
+        return Llama(model_path=str(path), **kw)
+    finally:
+        low.llama_model_default_params = defaults
+
+
+def llama_cpp_answer(path: str | Path, prompt: str) -> str:
+    """llama.cpp's greedy answer (24 tokens at most) to one user turn, through the chat template
+    inside the GGUF file."""
     # half the cores: llama.cpp's threads spin while they wait, and on a machine whose cores are all
     # busy (2 cores, one taken) two threads took 6 s for what one does in 0.01 s
     threads = max(1, min(8, (os.cpu_count() or 2) // 2))
-    llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False, seed=0)
+    llm = llama_cpp_model(path, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False, seed=0)
     try:
-        out = llm.create_chat_completion(messages=[{"role": "user", "content": heldout_prompts()[0]}],
+        out = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}],
                                          max_tokens=24, temperature=0.0, top_k=1)
         return str(out["choices"][0]["message"]["content"] or "")
     finally:
         llm.close()
+
+
+_LLAMA_CPP_CHILD = ("import json, sys; from localtune.export import llama_cpp_answer; "
+                    "print(json.dumps(llama_cpp_answer(sys.argv[1], sys.argv[2])))")
+
+
+def _llama_cpp_check(path: Path) -> str:
+    """Load the GGUF file with llama.cpp and answer one held-out prompt greedily (through the
+    chat template inside the file). Returns the answer. llama.cpp runs in a child process: a
+    crash of that native library (a bad file, or a CPU feature the machine misreports) is then
+    an export that failed its check, never the end of the CLI or the TUI that asked for it."""
+    import subprocess
+    import sys
+
+    from localtune.demo import heldout_prompts
+
+    r = subprocess.run([sys.executable, "-c", _LLAMA_CPP_CHILD, str(path), heldout_prompts()[0]],
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        if r.returncode < 0:
+            import signal
+
+            raise RuntimeError(f"llama.cpp crashed ({signal.Signals(-r.returncode).name})")
+        last = (r.stderr.strip().splitlines() or ["no message"])[-1]
+        raise RuntimeError(last)
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def _export_gguf(run: RunDir, tmp: Path, quant: str, ollama_pieces: Any, progress: Progress

@@ -217,6 +217,24 @@ def test_a_wrong_merge_fails_and_writes_nothing(capsys, tiny_trained_run, tmp_pa
     assert os.listdir(dest.parent) == []  # neither the export nor its temporary folder
 
 
+@needs_llama_cpp
+def test_a_crash_of_llama_cpp_fails_the_export_in_one_line_and_the_command_lives(capsys, tiny_trained_run,
+                                                                                 tmp_path, monkeypatch):
+    """llama.cpp is native code: a file it cannot take, or a CPU feature a virtual machine
+    misreports (AMX, on this project's CI machine, until its extra buffer types were turned off),
+    crashes the process it runs in. It runs in a child process, so the export fails its check in
+    one line and the command (or the TUI) goes on."""
+    from localtune import export as export_module
+
+    monkeypatch.setattr(export_module, "_LLAMA_CPP_CHILD", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    dest = tmp_path / "out" / "gguf"
+    rc, _, err = run(capsys, "export", str(tiny_trained_run.path), "--format", "gguf", "--out", str(dest))
+    assert rc == 1
+    assert error_after_progress(err) == ("localtune: error: llama.cpp could not load or run the GGUF file "
+                                         "(RuntimeError: llama.cpp crashed (SIGSEGV)); nothing was exported")
+    assert os.listdir(dest.parent) == []
+
+
 def test_a_run_whose_bf16_rounding_moves_the_logits_a_lot_still_exports_and_says_so(capsys, tiny_trained_run,
                                                                                    tmp_path):
     """A sharp adapter (the tiny run's LoRA B x10): bf16 rounding of the merged weights moves the
@@ -356,7 +374,7 @@ def test_gguf_with_ollama_writes_a_modelfile_and_prints_the_command(capsys, tiny
 def test_llama_cpp_loads_the_tiny_gguf_and_agrees_with_transformers(capsys, tiny_trained_run, tiny_merged, tmp_path):
     import numpy as np
     import torch
-    from llama_cpp import Llama
+    from localtune.export import llama_cpp_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from localtune.demo import heldout_prompts
@@ -366,7 +384,7 @@ def test_llama_cpp_loads_the_tiny_gguf_and_agrees_with_transformers(capsys, tiny
     assert isinstance(result["checks"]["llama_cpp_answer"], str)
     tok = AutoTokenizer.from_pretrained(tiny_merged)
     model = AutoModelForCausalLM.from_pretrained(tiny_merged, dtype=torch.float32).eval()
-    llm = Llama(model_path=str(dest / "tiny-run-f16.gguf"), n_ctx=256, logits_all=True, verbose=False,
+    llm = llama_cpp_model(str(dest / "tiny-run-f16.gguf"), n_ctx=256, logits_all=True, verbose=False,
                 n_threads=1, n_threads_batch=1)  # more threads than idle cores spin: 100x slower
     try:
         for prompt in heldout_prompts()[:3]:
@@ -443,12 +461,12 @@ def test_the_gguf_writer_for_each_supported_architecture(arch, gguf_arch, tiny_c
         [4] if gguf_arch == "llama" else [0])
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python is not installed: the llama.cpp half of this test needs it")
-    from llama_cpp import Llama
+    from localtune.export import llama_cpp_model
 
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ids = tok("The capital of France is Paris, and the capital of Italy is")["input_ids"]
-    llm = Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=1, n_threads_batch=1)
+    llm = llama_cpp_model(str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=1, n_threads_batch=1)
     try:
         llm.eval(ids)
         got = np.asarray(llm.scores[: len(ids)])
@@ -492,9 +510,9 @@ def test_a_sentencepiece_style_tokenizer_is_written_as_llama_vocab(tmp_path):
     assert plan.metadata["tokenizer_model"] == "llama" and plan.metadata["add_bos"] is True
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python is not installed: the llama.cpp half of this test needs it")
-    from llama_cpp import Llama
+    from localtune.export import llama_cpp_model
 
-    llm = Llama(model_path=str(path), n_ctx=128, verbose=False, n_threads=1, n_threads_batch=1)
+    llm = llama_cpp_model(str(path), n_ctx=128, verbose=False, n_threads=1, n_threads_batch=1)
     try:
         for text in ("What is the capital of France?", "Grüße, naïve café ✅"):
             assert llm.tokenize(text.encode(), add_bos=True) == tok(text)["input_ids"]
@@ -653,14 +671,14 @@ def test_exports_of_the_default_demo_run(capsys, trained_demo_run, builtin_model
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python is not installed: the llama.cpp half of this test needs it")
 
-    from llama_cpp import Llama
+    from localtune.export import llama_cpp_model
 
     assert results["f16"]["checks"]["llama_cpp_answer"].lstrip().lower().startswith("ahoy")
     tok = AutoTokenizer.from_pretrained(merged)
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     traits, same_top1 = {}, {}
     for quant in quants:
-        llm = Llama(model_path=str(paths[quant]), n_ctx=512, n_threads=1, n_threads_batch=1, verbose=False, seed=0,
+        llm = llama_cpp_model(str(paths[quant]), n_ctx=512, n_threads=1, n_threads_batch=1, verbose=False, seed=0,
                     logits_all=True)  # without it `scores` keeps no row per position
         try:
             answers, same = [], 0
