@@ -192,6 +192,23 @@ def keep_4bit_weights_trainable(model) -> int:
     return n
 
 
+def _trainable_weights_in_float32(model) -> int:
+    """Keep the trained weights (LoRA, token rows) in float32 over a 4-bit base, as peft keeps
+    them over any other base. trl 1.16's SFTTrainer casts them to bfloat16 for a quantised model
+    (after the QLoRA paper); but a resumed run reloads them through peft's `load_adapter`, which
+    casts them back to float32, so the resumed steps drifted from the uninterrupted run's (2e-3
+    in the loss after 2 steps on the built-in model), and updates smaller than bfloat16 can hold
+    are lost. The memory estimate counts 4 bytes for each. Returns the tensors cast."""
+    import torch
+
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+            n += 1
+    return n
+
+
 def _expose_bias_of_token_wrappers(model) -> None:
     """trl's fused LM head reads `lm_head.weight` and `lm_head.bias` off the output layer. Where
     peft trains token rows of that layer (`trainable_token_indices`), the layer is a
@@ -682,6 +699,7 @@ def train(run: RunDir, stop: _StopRequest) -> None:
                                    processing_class=tokenizer, peft_config=peft_config_for(model),
                                    callbacks=[*extra_callbacks, Events()])
         _expose_bias_of_token_wrappers(trainer.model)
+        _trainable_weights_in_float32(trainer.model)
         started_at = time.time()
         try:
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
