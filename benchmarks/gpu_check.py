@@ -778,8 +778,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if s.cuda:
             if not torch.cuda.is_available():
-                print(f"gpu_check: CUDA is not available (torch {torch.__version__}); on a machine without a GPU "
-                      "run --rehearse-on-cpu", file=sys.stderr)
+                failed.append(f"CUDA is not available (torch {torch.__version__}); on a machine without a GPU "
+                              "run --rehearse-on-cpu")
                 return 1
             p = torch.cuda.get_device_properties(0)
             report["gpu"] = {"name": p.name, "total_bytes": p.total_memory, "capability": f"{p.major}.{p.minor}",
@@ -869,7 +869,7 @@ def write_outputs(out: Path, report: dict[str, Any], s: Settings, failed: list[s
     gpu = report.get("gpu")
     machine = (f"{gpu['name']}, {gpu['total_bytes'] / GiB:.0f} GiB, capability {gpu['capability']}, CUDA "
                f"{gpu['cuda']}; every run capped at {CAP_GB} GiB" if gpu else
-               f"this CPU, {os.cpu_count()} cores (a rehearsal: tiny sizes, no CUDA)")
+               f"this CPU, {os.cpu_count()} cores (a rehearsal: tiny sizes, no CUDA)" if not s.cuda else "no GPU found")
     parts = [f"# gpu_check, {report['date']} ({report['mode']})", "", f"machine: {machine}",
              "versions: " + ", ".join(f"{k} {x}" for k, x in v.items()),
              f"weights: {report['weights']}: memory and speed do not depend on their values", ""]

@@ -82,7 +82,8 @@ run() {
         echo "== packages (pip show; /tmp/site holds the carried ones)"
         python3 -m pip show torch transformers peft trl bitsandbytes accelerate datasets gguf tokenizers \
             huggingface-hub safetensors pyarrow fsspec flash-attn 2>/dev/null | grep -E '^(Name|Version|Location):' | paste - - - || true
-        python3 -c 'import bitsandbytes, trl, peft, datasets, transformers; print("imports ok: bitsandbytes", bitsandbytes.__version__, "| trl", trl.__version__, "| peft", peft.__version__, "| datasets", datasets.__version__, "| transformers", transformers.__version__)'
+        python3 -c 'import bitsandbytes, trl, peft, datasets, transformers; print("imports ok: bitsandbytes", bitsandbytes.__version__, "| trl", trl.__version__, "| peft", peft.__version__, "| datasets", datasets.__version__, "| transformers", transformers.__version__)' \
+            || echo "gpu_check: an import FAILED (above); the stages that need it will say so"
     } 2>&1 | tee "$OUT/versions.txt"
     set -o pipefail
     python3 benchmarks/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"
