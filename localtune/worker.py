@@ -52,6 +52,13 @@ Test-only switch: with `LOCALTUNE_FAULT_OOM_AT_STEP=N` in the environment the wo
 `torch.cuda.OutOfMemoryError("CUDA out of memory (injected by LOCALTUNE_FAULT_OOM_AT_STEP)")`
 at the start of optimizer step N, once per process (it does not fire again after the back-off),
 on any backend. The tests use it to check the out-of-memory back-off. Never set it otherwise.
+
+Benchmark-only switch: with `LOCALTUNE_CUDA_MEMORY_CAP_GB=N` in the environment a worker that
+trains on CUDA lets torch's allocator use at most N GiB of its GPU
+(`torch.cuda.set_per_process_memory_fraction`), as if the card had N GiB, and at exit writes one
+line to worker.log: `localtune worker: cuda memory peak: max_memory_allocated=A
+max_memory_reserved=R` (bytes). `benchmarks/gpu_check.py` uses it to measure a 24 GB card's run
+on a larger GPU. Never set it otherwise.
 """
 
 from __future__ import annotations
@@ -83,6 +90,8 @@ FAULT_OOM_AT_STEP_ENV = "LOCALTUNE_FAULT_OOM_AT_STEP"
 """Test-only: the optimizer step at whose start an out-of-memory error is injected, once."""
 FAULT_ENOSPC_IN_CHECKPOINT_ENV = "LOCALTUNE_FAULT_ENOSPC_IN_CHECKPOINT"
 """Test-only: the step whose checkpoint meets a full disk (see the module docstring)."""
+CUDA_MEMORY_CAP_ENV = "LOCALTUNE_CUDA_MEMORY_CAP_GB"
+"""Benchmark-only: GiB of the GPU the worker may use, and its peaks in worker.log (see the module docstring)."""
 MIN_BACKOFF_MAX_LENGTH = 64
 """The out-of-memory back-off halves max_length down to this, and no further."""
 THERMAL_POLL_S = 10.0
@@ -120,6 +129,24 @@ def _use_device(device: str) -> None:
         import torch
 
         torch.cuda.set_device(torch.device(device))
+
+
+def _cap_cuda_memory(device: str) -> None:
+    """Benchmark-only (LOCALTUNE_CUDA_MEMORY_CAP_GB): cap torch's allocator on the training GPU
+    at that many GiB and report the peaks at exit (see the module docstring)."""
+    cap_gb = os.environ.get(CUDA_MEMORY_CAP_ENV)
+    if not cap_gb or not device.startswith("cuda"):
+        return
+    import atexit
+
+    import torch
+
+    dev = torch.device(device)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, float(cap_gb) * 2**30 / total), dev)
+    atexit.register(lambda: print(f"localtune worker: cuda memory peak: max_memory_allocated="
+                                  f"{torch.cuda.max_memory_allocated(dev)} max_memory_reserved="
+                                  f"{torch.cuda.max_memory_reserved(dev)}", file=sys.stderr, flush=True))
 
 
 def _load_model(path: str, knobs, precision, device: str, trust_remote_code: bool):
@@ -505,6 +532,7 @@ def train(run: RunDir, stop: _StopRequest) -> None:
     hardware = Hardware.from_dict(plan["hardware"])  # what the launch probe found
     device = _device_of(backend, plan)
     _use_device(device)
+    _cap_cuda_memory(device)  # benchmark-only; nothing unless LOCALTUNE_CUDA_MEMORY_CAP_GB is set
     from localtune.precision import DeviceFacts, precision_for
 
     # the live device's own facts (its compute capability, the running macOS), not the probe's
