@@ -8,7 +8,8 @@ or peft reads them without a glossary: `r`, `lora_alpha`, `lora_dropout`, `targe
 (transformers `TrainingArguments`); `save_minutes` (localtune's own: a checkpoint by the clock,
 for long steps that `save_steps` alone would leave unguarded for hours); `max_length`, `packing` (trl `SFTConfig`);
 `load_in_4bit`, `bnb_4bit_quant_type`, `bnb_4bit_use_double_quant`, `bnb_4bit_compute_dtype`
-(transformers `BitsAndBytesConfig`).
+(transformers `BitsAndBytesConfig`); `method` (localtune's: sft, dpo or orpo), `beta`, `loss_type`
+(trl `DPOConfig` / `ORPOConfig`).
 
 `warmup_steps` follows transformers 5: an integer is a step count, a float below 1 a
 fraction of the total steps (the old `warmup_ratio` is gone there, so it is gone here).
@@ -38,6 +39,12 @@ OPTIMIZERS = (
 SCHEDULERS = ("linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup")
 DTYPES = ("bfloat16", "float16", "float32")
 QUANT_TYPES = ("nf4", "fp4")
+METHODS = ("sft", "dpo", "orpo")
+"""Training methods: supervised fine-tuning, then the preference methods (localtune.methods)."""
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+"""trl 1.16 DPOConfig's `loss_type` values that need nothing else (its 'sft' term is left out:
+that is what `--method sft` is for)."""
 
 
 def _knob(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
@@ -52,6 +59,15 @@ def _knob(default: Any, doc: str, *, lo: float | None = None, hi: float | None =
 class Knobs:
     """Every setting of a run that a profile, `--set` or `config.toml` may give."""
 
+    # --- the training method (trl's trainers) ---
+    method: str = _knob("sft", "Training method: sft (supervised fine-tuning on answers), dpo (preference pairs "
+                        "against a frozen reference) or orpo (preference pairs, no reference model).",
+                        choices=METHODS)
+    beta: float = _knob(0.1, "DPO: how far the policy may move from the reference (trl DPOConfig.beta); ORPO: "
+                        "the weight of the odds-ratio term (trl ORPOConfig.beta). Not used by sft.",
+                        lo=1e-6, hi=1e3)
+    loss_type: str = _knob("sigmoid", "DPO loss (trl DPOConfig.loss_type): sigmoid is the DPO paper's. Not used by "
+                           "sft or orpo.", choices=DPO_LOSS_TYPES)
     # --- LoRA (peft LoraConfig) ---
     r: int = _knob(16, "LoRA rank: the width of the low-rank update.", lo=1, hi=1024)
     lora_alpha: float = _knob(32, "LoRA scale numerator; the update is scaled by lora_alpha / r.", lo=1e-6, hi=1e6)
