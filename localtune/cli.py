@@ -307,14 +307,24 @@ def _wants_tui(args: argparse.Namespace) -> bool:
 def cmd_train(args: argparse.Namespace) -> int:
     from localtune.hardware import probe
     from localtune.headless import follow
-    from localtune.launch import DEMO_RECIPE, prepare_run, start_worker
+    from localtune.launch import continue_from, prepare_run, start_worker, with_method_defaults
     from localtune.models import resolve_model
     from localtune.plan import make_plan
 
     run_cfg, pinned = _run_config(args)
-    if run_cfg["data"] == "demo":
-        pinned = {**DEMO_RECIPE, **pinned}
+    if args.method is not None:
+        pinned["method"] = args.method
     model = resolve_model(run_cfg["model"], trust_remote_code=bool(run_cfg["trust_remote_code"]))
+    from_spec = args.from_run or run_cfg.get("from_run")  # --from, or from_run in a --config file
+    if from_spec:
+        pinned.setdefault("method", "dpo")
+        if pinned["method"] == "sft":
+            raise UserError(f"--from {from_spec}: continuing a run's adapter is for preference tuning; "
+                            "use --method dpo or --method orpo (or leave --method out: dpo)")
+        src, lora = continue_from(from_spec, model)
+        pinned.update(lora)
+        run_cfg["from_run"], run_cfg["from_adapter"] = src.id, str(src.adapter_dir)
+    run_cfg, pinned = with_method_defaults(run_cfg, pinned)
     plan = make_plan(probe(), model, profile=run_cfg.get("profile"), pinned=pinned)
     if not plan.fits:
         raise UserError(f"the run does not fit this machine (estimate {plan.estimate.total_bytes / GiB:.1f} GB, "
@@ -326,7 +336,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if run_cfg.get("max_gpu_temp") and plan.backend != "cuda":
         print(f"note: --max-gpu-temp watches an NVIDIA GPU; this run trains on {plan.backend}, so it has no effect")
     proc = start_worker(run)
-    print(f"run {run.id} started: {plan.model.display_name} on {run_cfg['data']}, worker pid {proc.pid}")
+    how = "" if plan.knobs.method == "sft" else f" with {plan.knobs.method.upper()}"
+    if run_cfg.get("from_run"):
+        how += f", continuing run {run_cfg['from_run']}"
+    print(f"run {run.id} started: {plan.model.display_name}{how} on {run_cfg['data']}, worker pid {proc.pid}")
     print(f"  folder: {run.path}")
     if args.detach:
         print(f"  it runs in the background: `localtune runs` lists it, `localtune stop {run.id}` stops it")
@@ -615,6 +628,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-on-inputs", action="store_true", help="train on every token, not only the answers")
     p.add_argument("--skip-bad-rows", action="store_true", help="leave bad rows out instead of stopping")
     p.add_argument("--config", default=None, help="a TOML file with [run] and [knobs] tables, as a run's config.toml")
+    p.add_argument("--method", choices=("sft", "dpo", "orpo"), default=None,
+                   help="sft (default): learn the answers; dpo / orpo: learn which of two answers is preferred "
+                        "(prompt/chosen/rejected pairs; with the demo data, the preference demo)")
+    p.add_argument("--from", dest="from_run", default=None, metavar="RUN",
+                   help="continue a finished run's adapter with --method dpo (default) or orpo; DPO's reference "
+                        "is then that run's model")
     _add_run_options(p)
     p.add_argument("--detach", action="store_true", help="start the run and return at once")
     p.set_defaults(func=cmd_train)

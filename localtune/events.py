@@ -26,6 +26,8 @@ EVENT_FIELDS: dict[str, dict[str, str]] = {
         "precision": "what it computes in, e.g. 'bfloat16', 'float32', 'bfloat16 autocast' (over float32 "
                      "weights, on CPUs with native bf16), 'nf4 weights, bfloat16 compute'",
         "padding_free": "whether batches are laid end to end without padding (or packed)",
+        "method": "the training method: 'sft', 'dpo' or 'orpo'",
+        "from_run": "the run whose adapter this one continues (dpo, orpo), or null",
     },
     "step": {
         "step": "optimizer steps done",
@@ -71,6 +73,22 @@ EVENT_FIELDS: dict[str, dict[str, str]] = {
     "failed": {"error": "what went wrong, one line", "log": "the worker log with the traceback"},
 }
 """Each event kind and its fields, besides `t` and `kind`."""
+
+METHOD_FIELDS: dict[str, dict[str, str]] = {
+    "step": {
+        "rewards_chosen": "dpo, orpo: the chosen answers' mean implicit reward (beta x log-ratio to the reference)",
+        "rewards_rejected": "dpo, orpo: the rejected answers' mean implicit reward",
+        "reward_margin": "dpo, orpo: mean of chosen minus rejected reward",
+        "reward_accuracy": "dpo, orpo: fraction of pairs whose chosen reward is the higher",
+        "log_odds_ratio": "orpo: mean log odds ratio of chosen over rejected",
+        "nll_loss": "orpo: the chosen answers' negative log-likelihood",
+    },
+    "eval": {
+        "eval_reward_accuracy": "dpo, orpo: preference accuracy on the evaluation pairs",
+        "eval_reward_margin": "dpo, orpo: mean reward margin on the evaluation pairs",
+    },
+}
+"""Fields a kind carries only for some training methods (an SFT run's events have none of them)."""
 
 KINDS = tuple(EVENT_FIELDS)
 END_KINDS = ("finished", "stopped", "failed")

@@ -291,6 +291,9 @@ def _run_facts(run: RunDir) -> dict[str, Any]:
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
         "finished": time.strftime("%Y-%m-%d %H:%M", time.localtime(end["t"])) if end.get("t") else None,
         "elapsed_s": end.get("elapsed_s"),
+        "from_run": cfg["run"].get("from_run"),
+        "reward_accuracy": next((e["eval_reward_accuracy"] for e in reversed(evals) if "eval_reward_accuracy" in e), None),
+        "reward_margin": next((e["eval_reward_margin"] for e in reversed(evals) if "eval_reward_margin" in e), None),
     }
 
 
@@ -307,11 +310,29 @@ def _base_display(run: RunDir) -> tuple[str, str | None]:
     return spec, spec
 
 
+def _method_rows(method: str, k: dict[str, Any], f: dict[str, Any]) -> list[str]:
+    """The card's rows on how the run trained: SFT, or DPO / ORPO with beta (and DPO's loss),
+    the run whose adapter it continued, and the held-out preference accuracy."""
+    if method == "sft":
+        return ["| method | supervised fine-tuning (SFT) |"]
+    name = {"dpo": "direct preference optimisation (DPO", "orpo": "odds-ratio preference optimisation (ORPO"}[method]
+    how = f"{name}, beta {k.get('beta')}" + (f", loss {k.get('loss_type')}" if method == "dpo" else "") + ")"
+    rows = [f"| method | {how} |"]
+    if f.get("from_run"):
+        rows.append(f"| started from | run `{f['from_run']}`'s adapter"
+                    + (" (the DPO reference: that run's model)" if method == "dpo" else "") + " |")
+    if f.get("reward_accuracy") is not None:
+        rows.append(f"| held-out preference accuracy | {f['reward_accuracy']:.3f} (reward margin "
+                    f"{f['reward_margin'] if f['reward_margin'] is not None else '-'}) |")
+    return rows
+
+
 def model_card(run: RunDir, kind: str, base_location: str) -> str:
     """README.md for an adapter or merged export."""
     f = _run_facts(run)
     base, hub_id = _base_display(run)
     k = f["knobs"]
+    method = str(k.get("method") or "sft")
 
     def num(v: Any) -> str:
         return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
@@ -320,7 +341,7 @@ def model_card(run: RunDir, kind: str, base_location: str) -> str:
     if hub_id:
         front.append(f"base_model: {hub_id}")
     front += [f"library_name: {'peft' if kind == 'adapter' else 'transformers'}",
-              "tags:", "- localtune", "- lora", "- sft", "---", ""]
+              "tags:", "- localtune", "- lora", f"- {method}", "---", ""]
     what = ("A LoRA adapter" if kind == "adapter" else "The base model with a LoRA adapter merged in")
     targets = k.get("target_modules")
     lines = front + [
@@ -331,6 +352,7 @@ def model_card(run: RunDir, kind: str, base_location: str) -> str:
         f"| base model files | `{base_location}` |",
         f"| data | `{f['data']}` ({f['format'] or '?'}; {f['train_rows'] if f['train_rows'] is not None else '?'} "
         f"training rows, {f['eval_rows'] or 0} evaluation rows) |",
+        *_method_rows(method, k, f),
         f"| LoRA | r {k.get('r')}, alpha {k.get('lora_alpha')}, dropout {k.get('lora_dropout')}, targets "
         f"{', '.join(targets) if isinstance(targets, list) else targets} |",
         f"| training | {f['steps']} optimizer steps, micro-batch {k.get('per_device_train_batch_size')} x "

@@ -35,6 +35,47 @@ DEMO_RECIPE: dict[str, Any] = {
     "eval_steps": 10,
     "logging_steps": 1,
 }
+
+PREFERENCE_DEMO_RECIPE: dict[str, Any] = {
+    "max_steps": 30,
+    "per_device_train_batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 5e-5,
+    "lr_scheduler_type": "linear",
+    "warmup_steps": 3,
+    "max_length": 192,
+    "lora_dropout": 0.0,
+    "save_steps": 10,
+    "eval_steps": 10,
+    "logging_steps": 1,
+}
+"""What `localtune train --method dpo` (or orpo) runs on the preference demo set (localtune.demo)."""
+
+DEMO_PREFERENCE = "demo-preference"
+"""The [run] data value that stands for the shipped preference pairs (localtune.data.resolve_source)."""
+DEMO_PREFERENCE_EVAL = "demo-preference-eval"
+"""... and for their held-out pairs."""
+
+
+def with_method_defaults(run_cfg: dict[str, Any], pinned: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's [run] table and pinned knobs once the method has its say: with the demo data,
+    the demo of the method (SFT: the demo set and DEMO_RECIPE; DPO and ORPO: the preference
+    pairs, their held-out pairs for evaluation unless other evaluation data is given, and
+    PREFERENCE_DEMO_RECIPE). What the user pinned wins."""
+    from localtune.data import DEMO
+
+    method = pinned.get("method", "sft")
+    run_cfg = dict(run_cfg)
+    if method == "sft":
+        if run_cfg.get("data") == DEMO:
+            return run_cfg, {**DEMO_RECIPE, **pinned}
+        return run_cfg, dict(pinned)
+    if run_cfg.get("data") in (DEMO, DEMO_PREFERENCE):
+        run_cfg["data"] = DEMO_PREFERENCE
+        if not run_cfg.get("eval_data") and not run_cfg.get("eval_split"):
+            run_cfg["eval_data"] = DEMO_PREFERENCE_EVAL
+        return run_cfg, {**PREFERENCE_DEMO_RECIPE, **pinned}
+    return run_cfg, dict(pinned)
 """Knobs of the default demo run (the built-in model on the demo set)."""
 
 
@@ -59,6 +100,37 @@ def fingerprint(source: str) -> str | None:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+LORA_KNOBS = ("r", "lora_alpha", "lora_dropout", "target_modules")
+"""The adapter's shape: a run that continues another run's adapter trains that adapter, so it
+takes these from that run (the plan and the estimate then count the adapter it trains)."""
+
+
+def continue_from(spec: str, model) -> tuple[RunDir, dict[str, Any]]:
+    """The finished run whose adapter a preference run (`--from RUN`) continues, and the knobs
+    it pins (LORA_KNOBS, that run's values). Refused in one line: a run that did not finish or
+    has no adapter, a run of another base model."""
+    from localtune.runs import find_run
+
+    src = find_run(spec)
+    state = src.state()
+    adapter = src.adapter_dir
+    if state != "completed" or not (adapter / "adapter_config.json").is_file():
+        why = f"it is {state}" if state != "completed" else f"its adapter folder {adapter} is missing"
+        raise UserError(f"--from {spec}: run {src.id} has no finished adapter to continue ({why}); "
+                        f"continue from a completed run (`localtune runs` lists them)")
+    cfg = src.read_config()
+    theirs, ours = cfg["run"].get("model"), model.spec
+    same = theirs == ours
+    if not same and model.kind != "hub":
+        recorded = cfg["run"].get("model_sha256")
+        same = recorded is not None and recorded == fingerprint(model.location)
+    if not same:
+        raise UserError(f"--from {spec}: run {src.id} trained {theirs!r}, not {ours!r}; its adapter fits only "
+                        f"that base model: train with --model {theirs} (or start without --from)")
+    pinned = {k: cfg["knobs"][k] for k in LORA_KNOBS if k in cfg["knobs"]}
+    return src, pinned
 
 
 def start_worker(run: RunDir, lock: RunLock | None = None) -> subprocess.Popen:

@@ -1,0 +1,32 @@
+"""Odds-ratio preference optimisation: trl's ORPOTrainer (trl.experimental.orpo in trl 1.16) on
+prompt / chosen / rejected pairs. No reference model: the loss is the chosen answer's NLL plus
+`beta` times the log odds ratio of chosen over rejected, so one model is in memory whatever the
+adapter. With `--from RUN` the policy continues that run's adapter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from localtune.methods import Method, Setup, training_arguments
+from localtune.methods.dpo import PREFERENCE_EVAL_METRICS, PREFERENCE_STEP_METRICS, PreferenceData, policy_model, prepare_pairs
+
+
+class ORPO(Method):
+    name = "orpo"
+    step_metrics = {**PREFERENCE_STEP_METRICS, "log_odds_ratio": "log_odds_ratio", "nll_loss": "nll_loss"}
+    eval_metrics = PREFERENCE_EVAL_METRICS
+
+    def prepare(self, setup: Setup, knobs) -> PreferenceData:
+        return prepare_pairs(setup, self.name, setup.seed)
+
+    def trainer(self, setup: Setup, data: PreferenceData, model: Any, knobs, callbacks: list) -> tuple[type, dict[str, Any]]:
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        model, peft_config = policy_model(setup, model, knobs)
+        args = ORPOConfig(**training_arguments(setup, knobs, has_eval=data.eval is not None),
+                          max_length=knobs.max_length, beta=knobs.beta)
+        return ORPOTrainer, dict(model=model, args=args, processing_class=setup.tokenizer, callbacks=callbacks,
+                                 train_dataset=data.train, eval_dataset=data.eval, peft_config=peft_config)
+
+    def card(self, knobs, setup: Setup) -> dict[str, Any]:
+        return {"method": self.name, "beta": knobs.beta, "from_run": setup.from_run}
