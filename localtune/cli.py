@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 from localtune import __version__
 from localtune.errors import UserError
+from localtune.knobs import METHODS
 
 GiB = 1024**3
 
@@ -200,36 +201,8 @@ def _marked_example(text: str, spans: list[tuple[int, int]]):
     return out
 
 
-def cmd_data_inspect(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from localtune.data import chat_template_for, length_stats, load_data, render, tokenize
-    from localtune.hardware import probe
-    from localtune.knobs import check_knob
-    from localtune.models import load_tokenizer, resolve_model
-    from localtune.plan import make_plan
-
-    if args.max_seq_len is not None:
-        check_knob("max_length", args.max_seq_len, "--max-seq-len")
-    loaded = load_data(args.file, format=args.format, skip_bad_rows=True)
-    model = resolve_model(args.model, trust_remote_code=args.trust_remote_code)
-    max_length = args.max_seq_len or make_plan(probe(), model).knobs.max_length
-    tokenizer = load_tokenizer(model)
-    template = chat_template_for(tokenizer)
-    ds = tokenize(loaded.examples, tokenizer, template, train_on_inputs=args.train_on_inputs)
-    lengths = ds["length"]
-    stats = length_stats(lengths, max_length)
-    trained = sum(sum(m) for m in ds["assistant_masks"])
-    example = loaded.examples[0]
-    text, spans, _ = render(example, tokenizer, template, args.train_on_inputs)
-    bad = bool(loaded.skipped) and not args.skip_bad_rows
-    if args.json:
-        _print_json({**loaded.summary(), "forced_format": args.format is not None, "model": model.spec,
-                     "chat_template": template.to_dict(), "tokens": stats, "total_tokens": sum(lengths),
-                     "trained_tokens": trained,
-                     "example": {"where": example.where, "text": text, "trained_spans": spans}})
-        return 1 if bad else 0
-    con = Console(highlight=False)
+def _inspect_header(con, args: argparse.Namespace, loaded, model, template) -> None:
+    """The lines `data inspect` shows for every kind of file: the source, format, rows, problems."""
     how = "forced with --format" if args.format else "detected"
     con.print(f"[bold]Data[/]      {loaded.source}", soft_wrap=True)
     con.print(f"[bold]Format[/]    {loaded.format} ({how})")
@@ -243,6 +216,124 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
             con.print(f"[yellow]Warning[/]   {w}", soft_wrap=True)
     tmpl = "the model's own" if template.source == "model" else "ChatML (the model has none; tokens added: " + (", ".join(template.added_tokens) or "none") + ")"
     con.print(f"[bold]Model[/]     {model.display_name}; chat template: {tmpl}", soft_wrap=True)
+
+
+def _inspect_footer(con, loaded, bad: bool) -> int:
+    if bad:
+        con.print(f"\n[red]Training would stop on the {len(loaded.skipped)} bad rows: fix them, "
+                  "or pass --skip-bad-rows to leave them out.[/]", soft_wrap=True)
+        return 1
+    return 0
+
+
+def _inspect_pairs(args: argparse.Namespace, loaded, model, tokenizer, template, max_length: int) -> int:
+    """`data inspect` of preference pairs: the tokens trl's DPOTrainer (or ORPOTrainer, with
+    --method orpo) trains, per pair the prompt and the two answers."""
+    from rich.console import Console
+    from rich.text import Text
+
+    from localtune.data import length_stats, pair_texts, tokenize_pairs
+
+    method = args.method if args.method in ("dpo", "orpo") else "dpo"
+    trainer = "DPOTrainer" if method == "dpo" else "ORPOTrainer"
+    pairs = tokenize_pairs(loaded.examples, tokenizer, method)
+    n_prompt = [len(t["prompt_ids"]) for t in pairs]
+    n_chosen = [len(t["chosen_ids"]) for t in pairs]
+    n_rejected = [len(t["rejected_ids"]) for t in pairs]
+    longest = [p + max(c, r) for p, c, r in zip(n_prompt, n_chosen, n_rejected)]
+    stats = length_stats(longest, max_length)
+
+    def spread(values: list[int]) -> dict[str, Any]:
+        return {k: v for k, v in length_stats(values, max_length).items() if k in ("min", "median", "p95", "max")}
+
+    full_prompts = sum(n >= max_length for n in n_prompt)
+    trained = sum(n_chosen) + sum(n_rejected)
+    total = sum(n_prompt) + trained
+    example, tokens = loaded.examples[0], pairs[0]
+    texts = pair_texts(tokens, tokenizer)
+    bad = bool(loaded.skipped) and not args.skip_bad_rows
+    if args.json:
+        _print_json({**loaded.summary(), "forced_format": args.format is not None, "method": method,
+                     "model": model.spec, "chat_template": template.to_dict(), "tokens": stats,
+                     "prompt_tokens": spread(n_prompt), "chosen_tokens": spread(n_chosen),
+                     "rejected_tokens": spread(n_rejected), "prompts_filling_max_length": full_prompts,
+                     "total_tokens": total, "trained_tokens": trained,
+                     "example": {"where": example.where, **texts,
+                                 "tokens": {"prompt": n_prompt[0], "chosen": n_chosen[0], "rejected": n_rejected[0],
+                                            "longest_pair": longest[0]}}})
+        return 1 if bad else 0
+    con = Console(highlight=False)
+    _inspect_header(con, args, loaded, model, template)
+
+    def line(values: list[int]) -> str:
+        s = spread(values)
+        return f"min {s['min']} · median {s['median']:g} · max {s['max']}"
+
+    con.print(f"[bold]Tokens[/]    prompt {line(n_prompt)}; chosen {line(n_chosen)}; rejected {line(n_rejected)}"
+              f"  ({total} in all, {trained} in the answers)", soft_wrap=True)
+    if stats["rows_over_max_length"]:
+        n = stats["rows_over_max_length"]
+        con.print(f"[yellow]Too long[/]  {n} pair{'s' * (n != 1)} exceed{'s' * (n == 1)} max_length {max_length} "
+                  f"(prompt + the longer answer) by up to {stats['max_excess_tokens']} tokens "
+                  f"(median {stats['median_excess_tokens']:g}); they will be truncated", soft_wrap=True)
+    else:
+        con.print(f"[bold]Length[/]    every pair fits max_length {max_length} (prompt + the longer answer: "
+                  f"at most {stats['max']} tokens)")
+    if full_prompts:
+        one = full_prompts == 1
+        fate = ("leaves " + ("that pair" if one else "those pairs") + " out" if method == "dpo"
+                else "cuts " + ("its answers" if one else "their answers") + " to nothing")
+        con.print(f"[yellow]Too long[/]  {full_prompts} prompt{'s' * (not one)} alone fill{'s' * one} max_length "
+                  f"{max_length}; trl's {trainer} {fate}", soft_wrap=True)
+    con.print(f"\n[bold]Example[/] ({example.where}) as trl's {trainer} tokenizes it: the prompt, then each "
+              "answer between « and »:", soft_wrap=True)
+    con.print(f"[bold]Prompt[/]    {n_prompt[0]} tokens")
+    con.print(Text(texts["prompt"], style="dim"), soft_wrap=True)
+    for key, n in (("chosen", n_chosen[0]), ("rejected", n_rejected[0])):
+        con.print(f"[bold]{key.capitalize():9}[/] {n} tokens (with the prompt: {n_prompt[0] + n} of max_length "
+                  f"{max_length})")
+        con.print(Text("«" + texts[key] + "»", style="bold green"), soft_wrap=True)
+    return _inspect_footer(con, loaded, bad)
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from localtune.data import chat_template_for, length_stats, load_data, render, tokenize
+    from localtune.formats import is_preference
+    from localtune.hardware import probe
+    from localtune.knobs import check_knob
+    from localtune.models import load_tokenizer, resolve_model
+    from localtune.plan import make_plan
+
+    if args.max_seq_len is not None:
+        check_knob("max_length", args.max_seq_len, "--max-seq-len")
+    loaded = load_data(args.file, format=args.format, skip_bad_rows=True, method=args.method)
+    pairs = is_preference(loaded.format)
+    if pairs and args.train_on_inputs:
+        raise UserError("--train-on-inputs is for supervised fine-tuning; dpo and orpo score the chosen and rejected "
+                        "answers after the prompt")
+    model = resolve_model(args.model, trust_remote_code=args.trust_remote_code)
+    max_length = args.max_seq_len or make_plan(probe(), model).knobs.max_length
+    tokenizer = load_tokenizer(model)
+    template = chat_template_for(tokenizer)
+    if pairs:
+        return _inspect_pairs(args, loaded, model, tokenizer, template, max_length)
+    ds = tokenize(loaded.examples, tokenizer, template, train_on_inputs=args.train_on_inputs)
+    lengths = ds["length"]
+    stats = length_stats(lengths, max_length)
+    trained = sum(sum(m) for m in ds["assistant_masks"])
+    example = loaded.examples[0]
+    text, spans, _ = render(example, tokenizer, template, args.train_on_inputs)
+    bad = bool(loaded.skipped) and not args.skip_bad_rows
+    if args.json:
+        _print_json({**loaded.summary(), "forced_format": args.format is not None, "method": "sft",
+                     "model": model.spec, "chat_template": template.to_dict(), "tokens": stats,
+                     "total_tokens": sum(lengths), "trained_tokens": trained,
+                     "example": {"where": example.where, "text": text, "trained_spans": spans}})
+        return 1 if bad else 0
+    con = Console(highlight=False)
+    _inspect_header(con, args, loaded, model, template)
     con.print(f"[bold]Tokens[/]    min {stats['min']} · median {stats['median']:g} · p95 {stats['p95']} · max {stats['max']}"
               f"  ({sum(lengths)} in all, {trained} trained on)")
     if stats["rows_over_max_length"]:
@@ -253,20 +344,25 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
         con.print(f"[bold]Length[/]    every row fits max_length {max_length}")
     con.print(f"\n[bold]Example[/] ({example.where}); the trained part is between « and »:")
     con.print(_marked_example(text, spans), soft_wrap=True)
-    if bad:
-        con.print(f"\n[red]Training would stop on the {len(loaded.skipped)} bad rows: fix them, "
-                  "or pass --skip-bad-rows to leave them out.[/]", soft_wrap=True)
-        return 1
-    return 0
+    return _inspect_footer(con, loaded, bad)
 
 
 def cmd_data_formats(args: argparse.Namespace) -> int:
-    from localtune.formats import FORMATS
+    from localtune.formats import FORMATS, PREFERENCE_METHODS, SFT_METHODS
 
-    for f in FORMATS.values():
-        opt = f" (optional: {', '.join(f.optional)})" if f.optional else ""
-        print(f"{f.name:18} {f.description}; keys: {', '.join(f.required)}{opt}")
-        print(f"{'':18} {json.dumps(f.example)}")
+    groups = ((SFT_METHODS, "Supervised fine-tuning (--method sft, the default) reads:"),
+              (PREFERENCE_METHODS, "Preference pairs, for --method dpo and --method orpo:"))
+    for methods, title in groups:
+        print(title)
+        for f in FORMATS.values():
+            if f.methods != methods:
+                continue
+            opt = f" (optional: {', '.join(f.optional)})" if f.optional else ""
+            print(f"  {f.name:20} {f.description}; keys: {', '.join(f.required)}{opt}")
+            for example in (f.example, *f.more_examples):
+                print(f"  {'':20} {json.dumps(example)}")
+    print("The format is detected from each row's keys (a row with chosen and rejected is a preference pair); "
+          "--format NAME forces one.")
     return 0
 
 
@@ -670,6 +766,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                    help="report rows longer than N tokens (default: the plan's max_length)")
     p.add_argument("--format", default=None, help="force a format instead of detecting it (see `localtune data formats`)")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="check the file for this training method (default: any format; preference pairs are shown "
+                        "as trl's DPOTrainer tokenizes them, or its ORPOTrainer with --method orpo)")
     p.add_argument("--skip-bad-rows", action="store_true", help="bad rows are left out, not a failure")
     p.add_argument("--train-on-inputs", action="store_true", help="train on every token, not only the answers")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model that needs its own Python code")

@@ -1,20 +1,27 @@
 """Training data: read a file, check every row, render it with the model's chat template and
 mark which tokens are trained on.
 
-    load_data(source, format=None, skip_bad_rows=False) -> LoadedData     (validated rows)
+    load_data(source, format=None, skip_bad_rows=False, method="sft") -> LoadedData (validated rows)
     chat_template_for(tokenizer) -> ChatTemplate                          (ChatML when none)
     tokenize(examples, tokenizer, template, train_on_inputs=False)        -> datasets.Dataset
     split_eval(examples, fraction, seed)                                  -> (train, eval)
+    preference_dataset(examples)                  -> datasets.Dataset (prompt, chosen, rejected)
+    tokenize_pairs(examples, tokenizer, "dpo")    -> the ids trl's DPOTrainer (or ORPOTrainer) trains
 
 Sources: a `.jsonl`, `.json` (a list, or an object holding one), `.csv`, `.parquet` file, a
 folder written by `datasets`' `save_to_disk`, or a Hugging Face dataset id (when online or
 cached). The formats are defined in `localtune.formats`.
 
+`method` says which formats the rows may be in: supervised rows for sft, preference pairs
+(`PreferenceExample`) for dpo and orpo, any for None (to inspect a file). A file of the other
+kind is one line naming the format found and the one needed.
+
 Every row is checked before any training: malformed JSON, a missing field, a wrong type, an
 empty assistant turn, an unknown role, a conversation that does not alternate, non-UTF-8
-bytes, an empty file, several formats in one file. Each problem names the file and line (or
-row index). By default loading stops with the first 10 problems and the total; with
-`skip_bad_rows` the bad rows are left out and counted. Duplicate rows are a warning. The
+bytes, an empty file, several formats in one file; for a preference pair also chosen and
+rejected that are the same, or conversations whose prompts (the turns before the last) differ.
+Each problem names the file and line (or row index). By default loading stops with the first
+10 problems and the total; with `skip_bad_rows` the bad rows are left out and counted. Duplicate rows are a warning. The
 user's files are only ever read.
 
 The tokenized dataset has `input_ids` and `assistant_masks` (1 = trained on), the columns
@@ -38,12 +45,15 @@ import statistics
 from bisect import bisect_left
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
 
 from localtune.errors import UserError
-from localtune.formats import CONVERSATION, FORMATS, PROMPT_COMPLETION, ROLES, SHAREGPT_ROLES, TEXT, detect
+from localtune.formats import (CONVERSATION, FORMATS, PREFERENCE_CONVERSATION, PREFERENCE_METHODS,
+                               PREFERENCE_TEXT, PROMPT_COMPLETION, ROLES, SHAREGPT_ROLES, SFT_METHODS, TEXT, detect,
+                               formats_for, is_preference)
 
 MAX_PROBLEMS_SHOWN = 10
+E = TypeVar("E")
 DEMO = "demo"
 """The name that stands for the demo dataset shipped inside the package."""
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -86,13 +96,40 @@ class Example:
         return json.dumps([self.messages, self.prompt, self.completion, self.text], sort_keys=True)
 
 
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class PreferenceExample:
+    """One valid preference pair in its canonical shape: trl's explicit-prompt form.
+
+    PREFERENCE_CONVERSATION: `prompt` is every turn before the answer (a list of role/content
+    messages, at least one user turn), `chosen` and `rejected` are the answer as a one-message
+    list [{"role": "assistant", "content": ...}]. PREFERENCE_TEXT: all three are strings, as the
+    user wrote them (trl concatenates prompt and answer and appends the EOS token)."""
+
+    where: str
+    shape: str
+    prompt: Messages | str
+    chosen: Messages | str
+    rejected: Messages | str
+
+    def key(self) -> str:
+        return json.dumps([self.prompt, self.chosen, self.rejected], sort_keys=True)
+
+    def row(self) -> dict[str, Any]:
+        """The row trl's DPOTrainer and ORPOTrainer read."""
+        return {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
+
+
 @dataclass
 class LoadedData:
     """Validated rows of one source, and what was left out or looked odd."""
 
     source: str
     format: str
-    examples: list[Example]
+    examples: list[Example] | list[PreferenceExample]
+    """Example for a supervised format, PreferenceExample for a preference one."""
     total_rows: int
     skipped: list[Problem] = field(default_factory=list)
     """Bad rows left out (only with skip_bad_rows)."""
@@ -100,7 +137,8 @@ class LoadedData:
     duplicates: int = 0
 
     def summary(self) -> dict[str, Any]:
-        return {"source": self.source, "format": self.format, "rows": self.total_rows,
+        return {"source": self.source, "format": self.format, "methods": list(FORMATS[self.format].methods),
+                "rows": self.total_rows,
                 "valid_rows": len(self.examples), "skipped_rows": len(self.skipped),
                 "skipped": [str(p) for p in self.skipped], "duplicates": self.duplicates,
                 "warnings": list(self.warnings)}
@@ -308,11 +346,13 @@ class _RowError(Exception):
     pass
 
 
-def _check_turns(turns: list[tuple[str, str]], label: str) -> list[dict[str, str]]:
+def _check_turns(turns: list[tuple[str, str]], label: str, name: Any = None) -> list[dict[str, str]]:
     """Roles must be an optional system turn, then user/assistant alternating, ending with the
-    assistant (the part that is trained on); assistant turns must not be empty."""
+    assistant (the part that is trained on); assistant turns must not be empty. `name(i)` says
+    where turn i came from (default: label[i])."""
     if not turns:
         raise _RowError(f"'{label}' is empty")
+    name = name or (lambda i: f"{label}[{i}]")
     messages = [{"role": r, "content": c} for r, c in turns]
     start = 1 if turns[0][0] == "system" else 0
     if start == len(turns):
@@ -320,12 +360,14 @@ def _check_turns(turns: list[tuple[str, str]], label: str) -> list[dict[str, str
     for i, (role, content) in enumerate(turns[start:], start):
         expected = "user" if (i - start) % 2 == 0 else "assistant"
         if role != expected:
-            what = "a system message after the first turn" if role == "system" else f"a second '{role}' turn in a row"
-            raise _RowError(f"{label}[{i}] is {what}; turns must alternate user/assistant after an optional system message")
+            what = ("a system message after the first turn" if role == "system"
+                    else "an assistant turn before any user turn" if i == start
+                    else f"a second '{role}' turn in a row")
+            raise _RowError(f"{name(i)} is {what}; turns must alternate user/assistant after an optional system message")
         if role == "assistant" and not content.strip():
-            raise _RowError(f"{label}[{i}] (assistant) is empty")
+            raise _RowError(f"{name(i)} (assistant) is empty")
         if role == "user" and not content.strip():
-            raise _RowError(f"{label}[{i}] (user) is empty")
+            raise _RowError(f"{name(i)} (user) is empty")
     if turns[-1][0] != "assistant":
         raise _RowError(f"the last turn is '{turns[-1][0]}'; a conversation must end with an assistant turn to train on")
     return messages
@@ -351,14 +393,85 @@ def _turns(row: dict[str, Any], key: str, role_key: str, text_key: str, roles: d
     return out
 
 
-def to_example(row: Any, fmt: str, where: str) -> Example:
+def _and(words: tuple[str, ...] | list[str], last: str = "and") -> str:
+    return ", ".join(words[:-1]) + f" {last} " + words[-1] if len(words) > 1 else "".join(words)
+
+
+def _preference_text(row: dict[str, Any], where: str) -> PreferenceExample:
+    values = {}
+    for key in ("prompt", "chosen", "rejected"):
+        if isinstance(row.get(key), list):
+            raise _RowError(f"'{key}' must be a string, got list (chosen and rejected conversations are the "
+                            "preference_messages format)")
+        values[key] = _text_field(row, key)
+    if values["chosen"].strip() == values["rejected"].strip():
+        raise _RowError("'chosen' and 'rejected' are the same answer; a pair must differ to show a preference")
+    return PreferenceExample(where, PREFERENCE_TEXT, values["prompt"], values["chosen"], values["rejected"])
+
+
+def _preference_conversation(row: dict[str, Any], where: str) -> PreferenceExample:
+    """Both conversations end with the assistant's answer; what comes before it (inside them, or
+    in a separate prompt) is the prompt, which must be the same for both."""
+    roles = {r: r for r in ROLES}
+    answers = {}
+    for key in ("chosen", "rejected"):
+        answers[key] = _turns(row, key, "role", "content", roles)
+        if not answers[key]:
+            raise _RowError(f"'{key}' is empty")
+    prompt: list[tuple[str, str]] = []
+    prompt_name: Any = lambda i: f"prompt[{i}]"  # noqa: E731
+    given = row.get("prompt")
+    if isinstance(given, str):
+        if not given.strip():
+            raise _RowError("'prompt' is empty")
+        # trl's reading of a string prompt beside conversations: they hold the prompt (as in
+        # HuggingFaceH4/ultrafeedback_binarized); when they hold only the answer, it is the user turn
+        if answers["chosen"][0][0] == "assistant" and answers["rejected"][0][0] == "assistant":
+            prompt = [("user", given)]
+            prompt_name = lambda i: "prompt"  # noqa: E731
+    elif given is not None:
+        prompt = _turns(row, "prompt", "role", "content", roles)
+        if not prompt:
+            raise _RowError("'prompt' is empty")
+        for key, turns in answers.items():
+            if turns[:len(prompt)] == prompt:
+                raise _RowError(f"'{key}' repeats the prompt; beside a separate 'prompt', chosen and rejected hold "
+                                "only the answer")
+    full = {}
+    for key, turns in answers.items():
+        if turns[-1][0] != "assistant":
+            raise _RowError(f"the last turn of '{key}' is '{turns[-1][0]}'; chosen and rejected must end with the "
+                            "assistant's answer")
+        n = len(prompt)
+        full[key] = _check_turns(prompt + turns, key,
+                                 lambda i, key=key, n=n: prompt_name(i) if i < n else f"{key}[{i - n}]")
+    chosen, rejected = full["chosen"], full["rejected"]
+    if chosen[:-1] != rejected[:-1]:
+        if len(chosen) != len(rejected):
+            diff = (f"'chosen' has {len(answers['chosen']) - 1} turns before its answer, 'rejected' "
+                    f"{len(answers['rejected']) - 1}")
+        else:
+            i = next(i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b) - len(prompt)
+            diff = f"chosen[{i}] and rejected[{i}] differ"
+        raise _RowError(f"{diff}; a pair shares its prompt (every turn before the last) and differs only in the "
+                        "assistant's last answer")
+    if chosen[-1]["content"].strip() == rejected[-1]["content"].strip():
+        raise _RowError("'chosen' and 'rejected' end with the same answer; a pair must differ to show a preference")
+    return PreferenceExample(where, PREFERENCE_CONVERSATION, chosen[:-1], chosen[-1:], rejected[-1:])
+
+
+def to_example(row: Any, fmt: str, where: str) -> Example | PreferenceExample:
     """Check one row against `fmt` and return it in canonical shape; raise _RowError if bad."""
     if not isinstance(row, dict):
         raise _RowError(f"a row must be a JSON object, got {type(row).__name__}")
     spec = FORMATS[fmt]
     missing = [k for k in spec.required if k not in row]
     if missing:
-        raise _RowError(f"missing '{missing[0]}' ({fmt} rows need {' and '.join(spec.required)})")
+        raise _RowError(f"missing '{missing[0]}' ({fmt} rows need {_and(spec.required)})")
+    if fmt == "preference":
+        return _preference_text(row, where)
+    if fmt == "preference_messages":
+        return _preference_conversation(row, where)
     if fmt == "messages":
         turns = _turns(row, "messages", "role", "content", {r: r for r in ROLES})
         return Example(where, CONVERSATION, messages=_check_turns(turns, "messages"))
@@ -382,13 +495,49 @@ def to_example(row: Any, fmt: str, where: str) -> Example:
     return Example(where, TEXT, text=_text_field(row, "text"))
 
 
-def load_data(source: str | os.PathLike, *, format: str | None = None, skip_bad_rows: bool = False) -> LoadedData:
+def _kind(fmt: str) -> str:
+    return "preference pairs, for --method dpo or orpo" if is_preference(fmt) else "supervised fine-tuning"
+
+
+def _needed(method: str) -> str:
+    """What `method` reads, in words, for the mismatch line."""
+    if method in PREFERENCE_METHODS:
+        return ("preference pairs (preference: prompt/chosen/rejected, or preference_messages: chosen/rejected "
+                "conversations)")
+    return f"supervised fine-tuning rows ({_and(formats_for(method), 'or')})"
+
+
+class MethodMismatch(UserError):
+    """The file holds rows for another training method: one line, the format found and the one needed."""
+
+    def __init__(self, source: str, fmt: str, method: str, *, forced: bool = False):
+        self.format, self.method = fmt, method
+        if forced:
+            what = "--method dpo or orpo" if is_preference(fmt) else "supervised fine-tuning"
+            found = f"--format {fmt} is for {what}"
+        else:
+            found = f"these rows are {fmt} ({_kind(fmt)})"
+        super().__init__(f"{source}: {found}; --method {method} needs {_needed(method)}; see localtune data formats")
+
+
+def load_data(source: str | os.PathLike, *, format: str | None = None, skip_bad_rows: bool = False,
+              method: str | None = "sft") -> LoadedData:
     """Read and check every row of `source`. Raises DataError listing the problems unless
-    `skip_bad_rows`, in which case bad rows are left out and listed in `skipped`."""
+    `skip_bad_rows`, in which case bad rows are left out and listed in `skipped`.
+
+    `method` (sft, dpo or orpo) limits the formats to those it reads: the examples are Example
+    for sft, PreferenceExample for dpo and orpo. A file (or a --format) for the other kind of
+    method raises MethodMismatch, one line. None reads every format (inspecting a file)."""
     source = resolve_source(source)
     name = str(source)
     if format is not None and format not in FORMATS:
         raise UserError(f"--format {format!r}: unknown format; use one of {', '.join(FORMATS)}")
+    if method is not None and method not in (*SFT_METHODS, *PREFERENCE_METHODS):
+        known = ", ".join((*SFT_METHODS, *PREFERENCE_METHODS))
+        raise UserError(f"--method {method!r}: unknown method; use one of {known}")
+    allowed = formats_for(method)
+    if format is not None and format not in allowed:
+        raise MethodMismatch(name, format, method, forced=True)
     rows = list(read_rows(source))
     # a reader yields the problem under the source's bare name when the file as a whole is
     # unreadable (the Problem itself may still name a line: bad JSON or UTF-8 in a .json/.csv)
@@ -400,18 +549,24 @@ def load_data(source: str | os.PathLike, *, format: str | None = None, skip_bad_
 
     chosen = format
     detected: dict[str, list[str]] = {}
+    elsewhere: dict[str, list[str]] = {}
+    """Rows in none of the method's formats but in another method's."""
     for where, row in rows:
         if not isinstance(row, Problem):
-            f = detect(row)
+            f = detect(row, allowed)
             if f is not None:
                 detected.setdefault(f, []).append(where)
+            elif (other := detect(row)) is not None:
+                elsewhere.setdefault(other, []).append(where)
     if chosen is None:
+        if sum(map(len, elsewhere.values())) > sum(map(len, detected.values())):
+            raise MethodMismatch(name, max(elsewhere, key=lambda f: len(elsewhere[f])), method)
         if not detected:
             if all(isinstance(r, Problem) for _, r in rows):  # nothing readable: show why
                 raise DataError(name, [r for _, r in rows], len(rows))
             keys = sorted(rows[0][1]) if isinstance(rows[0][1], dict) else []
             raise UserError(f"{name}: no row is in a known format (first row's keys: {', '.join(keys) or 'none'}); "
-                            f"expected one of: " + "; ".join(f"{f.name} ({', '.join(f.required)})" for f in FORMATS.values()))
+                            f"expected one of: " + "; ".join(f"{f} ({', '.join(FORMATS[f].required)})" for f in allowed))
         chosen = max(detected, key=lambda f: len(detected[f]))
 
     problems: list[Problem] = []
@@ -419,14 +574,15 @@ def load_data(source: str | os.PathLike, *, format: str | None = None, skip_bad_
         others = ", ".join(f"{len(w)} {f} (first at {w[0]})" for f, w in detected.items() if f != chosen)
         problems.append(Problem(name, f"rows in several formats: {len(detected[chosen])} {chosen}, {others}; "
                                 f"one file holds one format (or force one with --format)"))
-    examples: list[Example] = []
+    examples: list[Example | PreferenceExample] = []
     for where, row in rows:
         if isinstance(row, Problem):
             problems.append(row)
             continue
-        f = detect(row)
+        f = detect(row, allowed) or detect(row)
         if format is None and f is not None and f != chosen:
-            problems.append(Problem(where, f"this row is {f}, the file is {chosen}"))
+            kind = f" ({_kind(f)})" if is_preference(f) != is_preference(chosen) else ""
+            problems.append(Problem(where, f"this row is {f}{kind}, the file is {chosen}"))
             continue
         try:
             examples.append(to_example(row, chosen, where))
@@ -458,8 +614,9 @@ def load_data(source: str | os.PathLike, *, format: str | None = None, skip_bad_
     return LoadedData(name, chosen, examples, total, skipped=row_problems, warnings=warnings, duplicates=duplicates)
 
 
-def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Hold out `fraction` of the rows for evaluation: the same rows for the same seed."""
+def split_eval(examples: list[E], fraction: float, seed: int) -> tuple[list[E], list[E]]:
+    """Hold out `fraction` of the rows for evaluation: the same rows for the same seed. Works
+    alike on Example and PreferenceExample lists (a pair is held out whole)."""
     if not 0 < fraction < 1:
         raise UserError(f"--eval-split must be between 0 and 1 (e.g. 0.05), got {fraction:g}")
     n_eval = max(1, round(len(examples) * fraction))
@@ -668,6 +825,8 @@ def tokenize(examples: list[Example], tokenizer: Any, template: ChatTemplate, *,
     if not getattr(tokenizer, "is_fast", False):
         raise UserError("this model's tokenizer has no fast (Rust) version, which localtune needs to map "
                         "the trained text to tokens")
+    if any(isinstance(e, PreferenceExample) for e in examples):
+        raise TypeError("tokenize() is for supervised rows; preference pairs go through preference_dataset()")
     large = len(examples) >= 20_000  # below this, worker start-up costs more than it saves
     ds = datasets.Dataset.from_dict(_as_columns(examples))
     if num_proc is None:
@@ -683,6 +842,152 @@ def tokenize(examples: list[Example], tokenizer: Any, template: ChatTemplate, *,
     finally:
         if bars:
             datasets.enable_progress_bars()
+
+
+# ---------------------------------------------------------------- preference pairs (dpo, orpo)
+
+
+def preference_dataset(examples: list[PreferenceExample]):
+    """The pairs as the datasets.Dataset trl's DPOTrainer and ORPOTrainer take: columns `prompt`,
+    `chosen` and `rejected`, in trl's explicit-prompt form. Conversations stay conversations
+    (lists of {"role", "content"}: the prompt turns, and the one assistant answer), so trl renders
+    them with the tokenizer's chat template; plain strings stay strings (trl concatenates prompt
+    and answer and ends the answer with the EOS token).
+
+    The worker calls it as
+
+        loaded = load_data(data, format=fmt, skip_bad_rows=skip, method=knobs.method)  # dpo / orpo
+        train, held = split_eval(loaded.examples, eval_split, knobs.seed)   # or load_data(eval_data, ...)
+        template = chat_template_for(tokenizer)   # sets the template on the tokenizer (ChatML if none)
+        DPOTrainer(model, args=DPOConfig(...), train_dataset=preference_dataset(train),
+                   eval_dataset=preference_dataset(held), processing_class=tokenizer)
+
+    with the tokenizer that chat_template_for has seen, so the pairs are rendered with the same
+    template as SFT rows and as `localtune data inspect` shows them (see tokenize_pairs). The
+    rows keep their order; a file holds one shape, and mixing shapes here is refused."""
+    import datasets
+
+    if not examples:
+        raise ValueError("preference_dataset() needs at least one pair")
+    if not all(isinstance(e, PreferenceExample) for e in examples):
+        raise TypeError("preference_dataset() takes PreferenceExample rows: load_data(..., method='dpo' or 'orpo')")
+    shapes = {e.shape for e in examples}
+    if len(shapes) > 1:
+        raise ValueError(f"preference pairs of several shapes ({', '.join(sorted(shapes))}): one dataset holds one")
+    return datasets.Dataset.from_dict({"prompt": [e.prompt for e in examples],
+                                       "chosen": [e.chosen for e in examples],
+                                       "rejected": [e.rejected for e in examples]})
+
+
+def _common_prefix_length(ids: list[int], other: list[int]) -> int:
+    n = 0
+    for a, b in zip(ids, other):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def _orpo_ids(prompt: str, chosen: str, rejected: str, tokenizer: Any) -> dict[str, list[int]]:
+    """trl 1.16 ORPOTrainer.tokenize_row (decoder-only) on the rendered texts."""
+    def enc(text: str) -> list[int]:
+        return list(_encode([text], tokenizer, False)[0][0])
+
+    prompt_ids = enc(prompt)
+
+    def split(answer: str) -> tuple[list[int], list[int]]:  # build_tokenized_answer
+        full = enc(prompt + answer)
+        start = len(prompt_ids)
+        if prompt_ids != full[:start]:
+            start -= 1
+        return full[:start], full[start:]
+
+    (cp, ca), (rp, ra) = split(chosen), split(rejected)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is not None:
+        cp = cp if cp and cp[0] == bos else [bos, *cp]
+        rp = rp if rp and rp[0] == bos else [bos, *rp]
+    ca = ca if ca and ca[-1] == eos else [*ca, eos]
+    ra = ra if ra and ra[-1] == eos else [*ra, eos]
+    # the sequences trl trains are cp + ca and rp + ra (labels from the end of cp, rp); cp and rp
+    # differ only when a token merges across the boundary: show their common part as the prompt
+    n = _common_prefix_length(cp, rp)
+    return {"prompt_ids": cp[:n], "chosen_ids": (cp + ca)[n:], "rejected_ids": (rp + ra)[n:]}
+
+
+def tokenize_pairs(examples: list[PreferenceExample], tokenizer: Any, method: str = "dpo",
+                   batch_size: int = 500) -> list[dict[str, list[int]]]:
+    """For each pair, the token ids trl 1.16 trains: {"prompt_ids", "chosen_ids", "rejected_ids"};
+    the prompt is context, each answer the completion that is scored.
+
+    dpo (DPOTrainer `_prepare_dataset`: add_eos and tokenize_fn). Conversations: the prompt
+    rendered with the chat template and its generation prompt, and the prompt followed by each
+    answer rendered whole (the template's own special tokens, none added). Strings: the answer
+    gets the EOS token unless it ends with it, and the tokenizer adds its special tokens (a BOS,
+    for Llama). The prompt is the tokens the prompt alone shares with both prompt+answer
+    sequences (trl's common-prefix rule: a template that renders the prompt differently alone,
+    or a token merging across the boundary, moves the cut), and each answer is the rest.
+
+    orpo (trl.experimental.orpo ORPOTrainer: maybe_apply_chat_template, then tokenize_row).
+    Conversations are rendered to text first (the prompt is the characters the three renderings
+    share); texts are tokenized without special tokens, the tokenizer's BOS is put before a
+    prompt that does not start with it and its EOS token after an answer that does not end with
+    it (after a chat template's own end-of-turn and newline too).
+
+    Render with the tokenizer chat_template_for has set up."""
+    if method not in PREFERENCE_METHODS:
+        raise ValueError(f"tokenize_pairs: method must be one of {', '.join(PREFERENCE_METHODS)}, got {method!r}")
+    out: list[dict[str, list[int]]] = []
+    eos = tokenizer.eos_token or ""
+    batches: list[list[PreferenceExample]] = []
+    for e in examples:  # runs of one shape, at most batch_size long
+        if not batches or len(batches[-1]) == batch_size or batches[-1][0].shape != e.shape:
+            batches.append([])
+        batches[-1].append(e)
+    for batch in batches:
+        conversation = batch[0].shape == PREFERENCE_CONVERSATION
+        if conversation:
+            prompts = tokenizer.apply_chat_template([e.prompt for e in batch], tokenize=False,
+                                                    add_generation_prompt=True)
+            with_chosen = tokenizer.apply_chat_template([e.prompt + e.chosen for e in batch], tokenize=False)
+            with_rejected = tokenizer.apply_chat_template([e.prompt + e.rejected for e in batch], tokenize=False)
+        else:
+            prompts = [e.prompt for e in batch]
+            if method == "orpo":
+                with_chosen = [e.prompt + e.chosen for e in batch]
+                with_rejected = [e.prompt + e.rejected for e in batch]
+            else:
+                with_chosen = [e.prompt + (e.chosen if e.chosen.endswith(eos) else e.chosen + eos) for e in batch]
+                with_rejected = [e.prompt + (e.rejected if e.rejected.endswith(eos) else e.rejected + eos)
+                                 for e in batch]
+        if method == "orpo":
+            for p, c, r in zip(prompts, with_chosen, with_rejected):
+                if conversation:
+                    n = min(_common_prefix_length(p, c), _common_prefix_length(p, r))
+                    p = p[:n]
+                out.append(_orpo_ids(p, c[len(p):], r[len(p):], tokenizer))
+            continue
+        # apply_chat_template(tokenize=True) encodes without special tokens; a plain string with them
+        add_special = not conversation
+        p_ids, _ = _encode(list(prompts), tokenizer, add_special)
+        c_ids, _ = _encode(list(with_chosen), tokenizer, add_special)
+        r_ids, _ = _encode(list(with_rejected), tokenizer, add_special)
+        for p, c, r in zip(p_ids, c_ids, r_ids):
+            n = min(_common_prefix_length(p, c), _common_prefix_length(p, r))
+            out.append({"prompt_ids": list(p[:n]), "chosen_ids": list(c[n:]), "rejected_ids": list(r[n:])})
+    return out
+
+
+def pair_texts(tokens: dict[str, list[int]], tokenizer: Any) -> dict[str, str]:
+    """The text of a pair's prompt, chosen and rejected tokens (tokenize_pairs), each answer as
+    it reads after the prompt."""
+    prompt = tokenizer.decode(tokens["prompt_ids"], skip_special_tokens=False)
+    out = {"prompt": prompt}
+    for key in ("chosen", "rejected"):
+        whole = tokenizer.decode(tokens["prompt_ids"] + tokens[f"{key}_ids"], skip_special_tokens=False)
+        out[key] = (whole[len(prompt):] if whole.startswith(prompt)
+                    else tokenizer.decode(tokens[f"{key}_ids"], skip_special_tokens=False))
+    return out
 
 
 def length_stats(lengths: list[int], max_length: int) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import pytest
 from localtune.data import (CHATML_TEMPLATE, CHATML_TOKENS, DataError, Example, chat_template_for, length_stats,
                             load_data, render, split_eval, tokenize)
 from localtune.errors import UserError
-from localtune.formats import CONVERSATION, FORMATS, PROMPT_COMPLETION, TEXT, detect
+from localtune.formats import CONVERSATION, FORMATS, PROMPT_COMPLETION, TEXT, detect, formats_for
 
 SYSTEM = {"role": "system", "content": "Be terse."}
 
@@ -146,7 +146,7 @@ def tree_digest(path: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("kind", FILE_KINDS)
-@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("fmt", formats_for("sft"))  # the preference formats: test_preference_data.py
 def test_every_format_loads_from_every_file_type(tmp_path, fmt, kind):
     path, first_where = write(kind, tmp_path, ROWS[fmt])
     before = tree_digest(path)
@@ -194,7 +194,8 @@ def test_forced_format_that_the_rows_do_not_have_names_each_row(tmp_path):
 def test_unknown_forced_format_lists_the_formats(tmp_path):
     path = write_jsonl(tmp_path / "text.jsonl", ROWS["text"])
     with pytest.raises(UserError, match="--format 'chatml': unknown format; use one of "
-                                        "messages, sharegpt, alpaca, prompt_completion, text"):
+                                        "messages, sharegpt, alpaca, prompt_completion, text, preference, "
+                                        "preference_messages$"):
         load_data(path, format="chatml")
 
 
