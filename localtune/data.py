@@ -294,12 +294,21 @@ def _rows_hub(dataset_id: str) -> Iterator[tuple[str, Any]]:
     yield from _rows_table(ds.to_list(), dataset_id)
 
 
+DEMO_PREFERENCE, DEMO_PREFERENCE_EVAL = "demo-preference", "demo-preference-eval"
+
+
 def resolve_source(source: str | os.PathLike) -> str | os.PathLike:
-    """`demo` stands for the demo set shipped inside the package; anything else is itself."""
+    """`demo` stands for the demo set shipped inside the package, `demo-preference` and
+    `demo-preference-eval` for the preference demo's pairs and its held-out pairs (what
+    `--method dpo` trains on with the demo data); anything else is itself."""
     if str(source) == DEMO:
         from localtune.demo import demo_dataset_path
 
         return demo_dataset_path()
+    if str(source) in (DEMO_PREFERENCE, DEMO_PREFERENCE_EVAL):
+        from localtune import demo
+
+        return demo.preference_dataset_path() if str(source) == DEMO_PREFERENCE else demo.preference_eval_path()
     return source
 
 

@@ -51,10 +51,6 @@ PREFERENCE_DEMO_RECIPE: dict[str, Any] = {
 }
 """What `localtune train --method dpo` (or orpo) runs on the preference demo set (localtune.demo)."""
 
-DEMO_PREFERENCE = "demo-preference"
-"""The [run] data value that stands for the shipped preference pairs (localtune.data.resolve_source)."""
-DEMO_PREFERENCE_EVAL = "demo-preference-eval"
-"""... and for their held-out pairs."""
 
 
 def with_method_defaults(run_cfg: dict[str, Any], pinned: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -62,7 +58,7 @@ def with_method_defaults(run_cfg: dict[str, Any], pinned: dict[str, Any]) -> tup
     the demo of the method (SFT: the demo set and DEMO_RECIPE; DPO and ORPO: the preference
     pairs, their held-out pairs for evaluation unless other evaluation data is given, and
     PREFERENCE_DEMO_RECIPE). What the user pinned wins."""
-    from localtune.data import DEMO
+    from localtune.data import DEMO, DEMO_PREFERENCE, DEMO_PREFERENCE_EVAL
 
     method = pinned.get("method", "sft")
     run_cfg = dict(run_cfg)
@@ -198,9 +194,10 @@ def prepare_run(run_cfg: dict[str, Any], plan) -> tuple[RunDir, list[str]]:
 
     fmt = run_cfg.get("format") or None
     skip = bool(run_cfg.get("skip_bad_rows"))
-    loaded = load_data(run_cfg["data"], format=fmt, skip_bad_rows=skip)
+    method = plan.knobs.method
+    loaded = load_data(run_cfg["data"], format=fmt, skip_bad_rows=skip, method=method)
     if run_cfg.get("eval_data"):
-        load_data(run_cfg["eval_data"], format=fmt, skip_bad_rows=skip)
+        load_data(run_cfg["eval_data"], format=fmt, skip_bad_rows=skip, method=method)
     elif run_cfg.get("eval_split"):
         split_eval(loaded.examples, float(run_cfg["eval_split"]), plan.knobs.seed)
     run = new_run(run_cfg=run_cfg, plan=plan)

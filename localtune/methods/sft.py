@@ -33,11 +33,10 @@ def load_rows(setup: Setup, method: str, seed: int):
     rcfg = setup.rcfg
     fmt = rcfg.get("format") or None
     skip = bool(rcfg.get("skip_bad_rows"))
-    by_method = {} if method == "sft" else {"method": method}
-    loaded = load_data(rcfg["data"], format=fmt, skip_bad_rows=skip, **by_method)
+    loaded = load_data(rcfg["data"], format=fmt, skip_bad_rows=skip, method=method)
     train_rows, eval_rows = loaded.examples, []
     if rcfg.get("eval_data"):
-        eval_rows = load_data(rcfg["eval_data"], format=fmt, skip_bad_rows=skip, **by_method).examples
+        eval_rows = load_data(rcfg["eval_data"], format=fmt, skip_bad_rows=skip, method=method).examples
     elif float(rcfg.get("eval_split", 0) or 0) > 0:
         train_rows, eval_rows = split_eval(loaded.examples, float(rcfg["eval_split"]), seed)
     atomic_write_json(setup.run.path / "data.json", {
