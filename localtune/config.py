@@ -21,8 +21,9 @@ from localtune.errors import UserError
 from localtune.knobs import check_knob
 
 RUN_KEYS = ("model", "data", "eval_data", "eval_split", "format", "train_on_inputs", "skip_bad_rows",
-            "profile", "trust_remote_code", "sample_prompt", "sample_steps", "max_gpu_temp", "notify")
-"""Keys of the [run] table a person may set (the [knobs] table holds localtune.knobs.Knobs)."""
+            "profile", "trust_remote_code", "sample_prompt", "sample_steps", "max_gpu_temp", "notify", "from_run")
+"""Keys of the [run] table a person may set (the [knobs] table holds localtune.knobs.Knobs).
+`from_run`: the id of the completed run whose adapter a dpo or orpo run goes on training."""
 
 RUN_DIR_KEYS = ("model_sha256", "data_sha256")
 """[run] keys that only a run's own config.toml has: what launch recorded to detect a changed
@@ -76,7 +77,7 @@ def _check_sample_steps(value: Any, where: str) -> int:
 
 RUN_CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "model": _check_str, "data": _check_str, "eval_data": _check_str, "format": _check_str,
-    "profile": _check_str, "sample_prompt": _check_str,
+    "profile": _check_str, "sample_prompt": _check_str, "from_run": _check_str,
     "train_on_inputs": _check_bool, "skip_bad_rows": _check_bool, "trust_remote_code": _check_bool,
     "notify": _check_bool,
     "eval_split": check_eval_split, "sample_steps": _check_sample_steps, "max_gpu_temp": check_max_gpu_temp,
