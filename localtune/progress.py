@@ -210,7 +210,8 @@ class RunProgress:
         self.log_odds_ratio = _num(e, "log_odds_ratio")
         self.nll_loss = _num(e, "nll_loss")
         changed = False
-        for points, value in ((self.reward_margins, self.reward_margin), (self.reward_accuracies, self.reward_accuracy)):
+        for points, value in ((self.reward_margins, self.reward_margin),
+                              (self.reward_accuracies, self.reward_accuracy)):
             if value is not None or (points and points[-1][0] >= step):
                 self._replace_from(points, step)
                 if value is not None:

@@ -576,7 +576,8 @@ def test_progress_folds_a_dpo_run_its_rewards_and_its_eval_accuracy():
     assert p.eval_reward_accuracies == [(8, 0.625), (16, 0.8125)]
     assert (p.eval_reward_accuracy, p.eval_reward_margin) == (0.8125, 0.311)
     assert p.eval_loss == [(8, 0.6412), (16, 0.5873)]  # the eval loss is still the loss chart's
-    assert log_lines(p)[0] == f"started dpo on cpu in float32, padding-free (from the start), 24 steps; continues run {SFT_RUN}'s adapter"
+    assert log_lines(p)[0] == ("started dpo on cpu in float32, padding-free (from the start), 24 steps; "
+                               f"continues run {SFT_RUN}'s adapter")
 
     # a resume at checkpoint-8 trains steps 9.. again: their rewards are replaced, not doubled
     version = p.rewards_version
@@ -636,7 +637,8 @@ def test_dashboard_of_a_dpo_run_shows_rewards_beside_the_loss(monkeypatch):
         assert shown(app, "dash-pref") == "margin 0.560   acc 1.00"
         assert shown(app, "dash-pref-eval") == "eval acc 0.81   margin 0.311"
         assert shown(app, "dash-loss") == f"loss {0.6931 * 0.95**16:.4f}   eval 0.5873"
-        assert f"started dpo on cpu in float32, padding-free (from the start), 24 steps; continues run {SFT_RUN}'s adapter" in shown_log(app)
+        assert ("started dpo on cpu in float32, padding-free (from the start), 24 steps; "
+                f"continues run {SFT_RUN}'s adapter") in shown_log(app)
         # the chart is drawn with both series and the eval accuracy in its legend
         assert screen._rewards_version == screen.progress.rewards_version > 0
         chart = str(screen.query_one("#dash-rewards").render())
