@@ -526,13 +526,14 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print("no runs yet; `localtune train` starts one")
         return 0
     t = Table(box=None, pad_edge=False, header_style="bold")
-    # the data is left to --json: with it the table no longer fits 80 columns
-    for col in ("run", "state", "step", "loss", "model", "updated"):
+    # the data and the run a preference run continues are left to --json: with them the table
+    # no longer fits 80 columns
+    for col in ("run", "method", "state", "step", "loss", "model", "updated"):
         t.add_column(col, no_wrap=True)
     for r in runs:
         loss = f"{r['loss']:.4f}" if isinstance(r["loss"], (int, float)) else "-"
-        t.add_row(r["id"], r["state"], f"{r['step']}/{r['max_steps'] or '?'}", loss, str(r["model"] or "-"),
-                  _age(r["updated"]))
+        t.add_row(r["id"], r.get("method") or "-", r["state"], f"{r['step']}/{r['max_steps'] or '?'}", loss,
+                  str(r["model"] or "-"), _age(r["updated"]))
     Console(highlight=False).print(t)
     problems = [r for r in runs if r["error"]]
     if problems:  # why each failed or unreadable run is so, one line each (the table has no room)
@@ -752,7 +753,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="follow in this terminal as plain text instead of the TUI's dashboard")
     p.set_defaults(func=cmd_attach)
 
-    p = sub.add_parser("runs", help="list runs with state, progress, loss and age")
+    p = sub.add_parser("runs", help="list runs with method, state, progress, loss and age")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_runs)
 

@@ -33,10 +33,13 @@ START_GRACE_S = 30.0
 
 
 def progress_line(p: RunProgress, sep: str = "  ") -> str:
-    """'step 12/40  loss 1.2345  lr 1.00e-03  1,234 tok/s  elapsed 0:36  eta 1:24  mem 1.5/24.0 GB'."""
+    """'step 12/40  loss 1.2345  lr 1.00e-03  1,234 tok/s  elapsed 0:36  eta 1:24  mem 1.5/24.0 GB';
+    a preference run (dpo, orpo) has its reward margin and preference accuracy beside the loss:
+    'step 12/40  loss 0.6100  margin 0.420  acc 0.75  lr ...'."""
     mem = (f"{p.memory_used_bytes / 2**30:.1f}/{p.memory_total_bytes / 2**30:.1f} GB"
            if p.memory_used_bytes and p.memory_total_bytes else "-")
-    return (f"step {p.step}/{p.max_steps or '?'}  loss {num(p.loss)}  lr {num(p.learning_rate, '.2e')}  "
+    rewards = f"  margin {num(p.reward_margin, '.3f')}  acc {num(p.reward_accuracy, '.2f')}" if p.preference else ""
+    return (f"step {p.step}/{p.max_steps or '?'}  loss {num(p.loss)}{rewards}  lr {num(p.learning_rate, '.2e')}  "
             f"{num(p.tokens_per_s, ',.0f')} tok/s{sep}elapsed {duration(p.elapsed_s)}  "
             f"eta {duration(p.eta_s())}  mem {mem}")
 

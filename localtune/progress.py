@@ -3,7 +3,10 @@
 `RunProgress.apply(event)` takes the events of `events.jsonl` (localtune.events) one at a
 time, in the order of the log, and keeps what the TUI dashboard and the headless view show:
 the loss curves, the latest numbers, the machine's readings, the last checkpoint, the latest
-sample, a short log of notable lines and the end event of the current attempt. `apply` also
+sample, a short log of notable lines and the end event of the current attempt. For a
+preference run (dpo, orpo) it also keeps the method, the run it continues (`from_run`), the
+reward margin and preference accuracy by step (trl's `rewards/margins` and
+`rewards/accuracies`) and the latest evaluation's preference accuracy. `apply` also
 returns the event's line for a running account of the run (what the headless view prints).
 No Textual here: the folding is plain Python, tested on its own, and a burst of thousands of
 events costs one pass over them, not one redraw each.
@@ -26,6 +29,8 @@ LOG_LINES = 300
 """Log lines kept; the oldest go first."""
 SAMPLE_LINE_CHARS = 100
 """How much of a sample the running account shows (the dashboard has a panel for all of it)."""
+PREFERENCE_METHODS = ("dpo", "orpo")
+"""The methods that train on preference pairs and report rewards (localtune.knobs.METHODS)."""
 
 
 def duration(s: float | None) -> str:
@@ -60,6 +65,29 @@ class RunProgress:
         self.eval_loss: list[tuple[int, float]] = []
         self.curves_version = 0
         """Goes up whenever a loss curve changes, so the chart redraws only then."""
+        self.method: str | None = None
+        """"sft", "dpo" or "orpo" as the latest `started` says; None for a log that does not say (an older one)."""
+        self.from_run: str | None = None
+        """The run whose adapter this run continues (a DPO run after an SFT one), as `started` says."""
+        self.reward_margins: list[tuple[int, float]] = []
+        """(step, reward margin: chosen minus rejected reward) of every step event of a preference run."""
+        self.reward_accuracies: list[tuple[int, float]] = []
+        """(step, share of pairs whose chosen answer out-rewards the rejected one) of every step event."""
+        self.eval_reward_accuracies: list[tuple[int, float]] = []
+        """(step, preference accuracy on the evaluation pairs) of every eval event that has one."""
+        self.rewards_version = 0
+        """Goes up whenever a reward curve changes, so the rewards chart redraws only then."""
+        self.rewards_chosen: float | None = None
+        self.rewards_rejected: float | None = None
+        self.reward_margin: float | None = None
+        self.reward_accuracy: float | None = None
+        self.log_odds_ratio: float | None = None
+        """ORPO: the mean log odds ratio of chosen over rejected."""
+        self.nll_loss: float | None = None
+        """ORPO: the supervised (negative log-likelihood) part of its loss."""
+        self.eval_reward_accuracy: float | None = None
+        """The latest evaluation's preference accuracy."""
+        self.eval_reward_margin: float | None = None
         self.step = 0
         self.max_steps: int | None = None
         self.epoch: float | None = None
@@ -98,6 +126,11 @@ class RunProgress:
 
     # ------------------------------------------------------------ derived
 
+    @property
+    def preference(self) -> bool:
+        """Whether this is a preference run (dpo, orpo): its method says so, or its steps report rewards."""
+        return self.method in PREFERENCE_METHODS or bool(self.reward_margins or self.reward_accuracies)
+
     def eta_s(self) -> float | None:
         """Seconds to the last step at the pace of the recent steps; None when unknown or over."""
         if self.end or not self.max_steps or len(self._step_times) < 2:
@@ -129,6 +162,9 @@ class RunProgress:
 
     def _on_started(self, e: dict[str, Any]) -> str:
         self.pid = _int(e, "pid")
+        method, from_run = e.get("method"), e.get("from_run")
+        self.method = method if isinstance(method, str) and method else self.method
+        self.from_run = from_run if isinstance(from_run, str) and from_run else self.from_run
         self.max_steps = _int(e, "max_steps") or self.max_steps
         self.device, self.precision = e.get("device"), e.get("precision")
         self.end, self.stopping, self.thermal_pause = None, False, None  # a resume starts a new attempt
@@ -136,7 +172,10 @@ class RunProgress:
         src = f"resumed from {e['resumed_from']}" if e.get("resumed_from") else "from the start"
         how = f" in {self.precision}" if self.precision else ""
         how += ", padding-free" if e.get("padding_free") else ""
-        return self._note(f"started on {self.device or '?'}{how} ({src}), {self.max_steps or '?'} steps")
+        # an sft run says what it always said; a preference run names its method and what it continues
+        what = f"{self.method} " if self.method in PREFERENCE_METHODS else ""
+        then = f"; continues run {self.from_run}'s adapter" if self.from_run else ""
+        return self._note(f"started {what}on {self.device or '?'}{how} ({src}), {self.max_steps or '?'} steps{then}")
 
     def _on_step(self, e: dict[str, Any]) -> None:
         step = _int(e, "step")
@@ -154,23 +193,55 @@ class RunProgress:
             self._replace_from(self.train_loss, step)
             self.train_loss.append((step, self.loss))
             self.curves_version += 1
+        self._fold_rewards(e, step)
         t = _num(e, "t")
         if t is not None:
             if self._step_times and self._step_times[-1][1] >= step:
                 self._step_times.clear()  # steps done again: the pace starts over
             self._step_times.append((t, step))
 
+    def _fold_rewards(self, e: dict[str, Any], step: int) -> None:
+        """A preference run's step: trl's rewards/* (and ORPO's log_odds_ratio, nll_loss) as
+        the worker names them. An sft step has none of them and changes nothing here."""
+        self.rewards_chosen = _num(e, "rewards_chosen")
+        self.rewards_rejected = _num(e, "rewards_rejected")
+        self.reward_margin = _num(e, "reward_margin")
+        self.reward_accuracy = _num(e, "reward_accuracy")
+        self.log_odds_ratio = _num(e, "log_odds_ratio")
+        self.nll_loss = _num(e, "nll_loss")
+        changed = False
+        for points, value in ((self.reward_margins, self.reward_margin),
+                              (self.reward_accuracies, self.reward_accuracy)):
+            if value is not None or (points and points[-1][0] >= step):
+                self._replace_from(points, step)
+                if value is not None:
+                    points.append((step, value))
+                changed = True
+        if changed:
+            self.rewards_version += 1
+
     # eval and sample lines go to the running account but not to the log: the dashboard shows
     # them in the loss chart and the sample panel
 
     def _on_eval(self, e: dict[str, Any]) -> str | None:
         step, loss = _int(e, "step"), _num(e, "eval_loss")
-        if step is None or loss is None:
+        if step is None:
+            return None
+        accuracy, margin = _num(e, "eval_reward_accuracy"), _num(e, "eval_reward_margin")
+        if accuracy is not None:
+            self.eval_reward_accuracy, self.eval_reward_margin = accuracy, margin
+            self._replace_from(self.eval_reward_accuracies, step)
+            self.eval_reward_accuracies.append((step, accuracy))
+            self.rewards_version += 1
+        if loss is None:
             return None
         self._replace_from(self.eval_loss, step)
         self.eval_loss.append((step, loss))
         self.curves_version += 1
-        return f"step {step}: eval loss {loss:.4f}"
+        line = f"step {step}: eval loss {loss:.4f}"
+        if accuracy is not None:
+            line += f", preference accuracy {accuracy:.2f}" + (f" (margin {margin:.3f})" if margin is not None else "")
+        return line
 
     def _on_sample(self, e: dict[str, Any]) -> str:
         step = _int(e, "step")

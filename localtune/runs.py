@@ -218,7 +218,9 @@ class RunDir:
 
     def summary(self) -> dict[str, Any]:
         """What a listing shows of the run. A config.toml that cannot be read (edited by hand
-        into bad TOML or a bad value) makes the state `unreadable`, its problem the error."""
+        into bad TOML or a bad value) makes the state `unreadable`, its problem the error.
+        `method`: sft, dpo or orpo (None when the config is unreadable); `from_run`: the run
+        whose adapter a preference run continues, or None."""
         status = self.read_status()
         last = last_event(self.events_path, "step") or {}
         state, error = self.state_and_error(status)
@@ -231,6 +233,9 @@ class RunDir:
             "max_steps": status.get("max_steps", last.get("max_steps")),
             "loss": last.get("loss"),
             "model": cfg.get("run", {}).get("model"), "data": cfg.get("run", {}).get("data"),
+            # a config.toml from before the method knob is an sft run's
+            "method": cfg.get("knobs", {}).get("method", "sft") if cfg else None,
+            "from_run": cfg.get("run", {}).get("from_run"),
             "started": status.get("created"), "updated": status.get("updated"),
             "error": error, "path": str(self.path),
         }

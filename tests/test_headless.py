@@ -78,6 +78,64 @@ def test_a_worker_that_vanishes_is_reported_as_failed(monkeypatch):
     assert "ended without a word" in out.getvalue() and str(run.log_path) in out.getvalue()
 
 
+# ---------------------------------------------------------------- preference runs (dpo, orpo)
+
+SFT_RUN = "20260921-101500-smollm2-135m"
+
+
+def preference_run(method: str = "dpo", from_run: str | None = SFT_RUN):
+    """A finished preference run of 2 steps: rewards in its steps, the preference accuracy in its eval."""
+    run = create_run({"run": {"model": "smollm2-135m", "data": "/data/pairs.jsonl",
+                              **({"from_run": from_run} if from_run else {})},
+                      "knobs": {"method": method}}, {}, "r1")
+    append_event(run.events_path, "started", pid=1, resumed_from=None, max_steps=2, device="cpu", method=method,
+                 from_run=from_run)
+    for step, loss, margin, acc in ((1, 0.6931, 0.0352, 0.5), (2, 0.6104, 0.4211, 0.75)):
+        extra = {"log_odds_ratio": -0.7, "nll_loss": 1.8} if method == "orpo" else {}
+        append_event(run.events_path, "step", step=step, max_steps=2, epoch=step / 2, loss=loss, learning_rate=1e-3,
+                     grad_norm=1.0, tokens_per_s=1234.0, elapsed_s=3.0 * step, rewards_chosen=margin / 2,
+                     rewards_rejected=-margin / 2, reward_margin=margin, reward_accuracy=acc, **extra)
+    append_event(run.events_path, "eval", step=2, eval_loss=0.65, eval_reward_accuracy=0.8, eval_reward_margin=0.12)
+    append_event(run.events_path, "finished", step=2, adapter=str(run.adapter_dir), train_loss=0.65, elapsed_s=6.0)
+    return run
+
+
+def test_follow_a_dpo_run_prints_its_method_margin_and_accuracy():
+    run = preference_run()
+    out = io.StringIO()
+    end = headless.follow(run, out=out, worker_alive=lambda: True)
+    lines = out.getvalue().splitlines()
+    assert end["kind"] == "finished"
+    # the first line, the header: the method and the run it continues
+    assert lines[0] == f"started dpo on cpu (from the start), 2 steps; continues run {SFT_RUN}'s adapter"
+    assert lines[1].startswith("step 1/2  loss 0.6931  margin 0.035  acc 0.50  lr 1.00e-03  1,234 tok/s  elapsed 0:03")
+    assert lines[2].startswith("step 2/2  loss 0.6104  margin 0.421  acc 0.75  lr 1.00e-03")
+    assert lines[3] == "step 2: eval loss 0.6500, preference accuracy 0.80 (margin 0.120)"
+    assert lines[-1] == f"finished: 2 steps, mean loss 0.6500; adapter in {run.adapter_dir}"
+
+
+def test_attach_to_an_orpo_run_without_a_terminal(capsys):
+    run = preference_run("orpo", from_run=None)
+    run.write_status(state="completed", step=2, pid=None)
+    rc, out, err = run_cli(capsys, "attach", run.id, "--headless")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "started orpo on cpu (from the start), 2 steps"
+    assert "step 2/2  loss 0.6104  margin 0.421  acc 0.75  lr 1.00e-03" in out
+    assert "step 2: eval loss 0.6500, preference accuracy 0.80 (margin 0.120)" in lines
+
+
+def test_the_live_panel_of_a_dpo_run_fits_80_columns():
+    from localtune.progress import RunProgress
+
+    p = RunProgress()
+    for e in read_events(preference_run().events_path):
+        p.apply(e)
+    first, second = headless.progress_line(p, sep="\n").splitlines()
+    assert first == "step 2/2  loss 0.6104  margin 0.421  acc 0.75  lr 1.00e-03  1,234 tok/s"
+    assert len(first) <= 80 and second.startswith("elapsed 0:06")
+
+
 # ---------------------------------------------------------------- attach: a log of several attempts
 
 

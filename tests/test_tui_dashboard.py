@@ -9,6 +9,10 @@
 - Reattach (slow): a real worker process trains a tiny model; the dashboard follows it and
   stops it with `s`.
 - Snapshots at 100x30 and 80x24, and of a failed run, with a frozen clock.
+- Preference runs (dpo, orpo): the fold keeps the method, the run continued, the reward margin
+  and accuracy by step and the latest eval accuracy; the dashboard adds a rewards chart and
+  their numbers, and the method in the title (snapshots at 100x30 and 80x24); an sft run's
+  dashboard has none of it.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from localtune.tui.app import LocaltuneApp
 from localtune.tui.screens.dashboard import DashboardScreen, step_ticks, thin
 from localtune.progress import RunProgress
 from tests.helpers import live_worker
-from tests.tui_support import FIXED_NOW, GiB, cpu_machine, freeze_clock, step_events, write_events
+from tests.tui_support import (FIXED_NOW, GiB, cpu_machine, freeze_clock, preference_step_events, step_events,
+                                write_events)
 
 T0 = FIXED_NOW - 600.0
 """The fabricated runs started 10 minutes before the frozen clock."""
@@ -531,3 +536,153 @@ def test_snapshot_failed_run(snap_compare, monkeypatch):
                         error="RuntimeError: CUDA error: an illegal memory access was encountered")
     assert snap_compare(snapshot_app(monkeypatch, run), terminal_size=(100, 30),
                         run_before=wait_for(len(events), "failed"))
+
+
+# ---------------------------------------------------------------- preference runs (dpo, orpo)
+
+SFT_RUN = "20260921-101500-smollm2-135m"
+"""The completed sft run the fabricated DPO run continues."""
+
+
+def preference_started(t: float = T0, max_steps: int = 24, method: str = "dpo", from_run: str | None = SFT_RUN,
+                       resumed_from: str | None = None) -> dict[str, Any]:
+    return {**started(t, max_steps, resumed_from), "method": method, "from_run": from_run}
+
+
+def dpo_events() -> list[dict[str, Any]]:
+    """A DPO run of 24 steps continuing SFT_RUN, 16 done: evals (with the preference accuracy)
+    at 8 and 16, a checkpoint at 16, a sample at 16."""
+    return [
+        preference_started(),
+        *preference_step_events(1, 8, 24, t0=T0),
+        {"t": T0 + 24.5, "kind": "eval", "step": 8, "eval_loss": 0.6412, "eval_reward_accuracy": 0.625,
+         "eval_reward_margin": 0.118},
+        *preference_step_events(9, 16, 24, t0=T0),
+        {"t": T0 + 48.5, "kind": "eval", "step": 16, "eval_loss": 0.5873, "eval_reward_accuracy": 0.8125,
+         "eval_reward_margin": 0.311},
+        {"t": T0 + 48.6, "kind": "sample", "step": 16, "prompt": "What is the capital of Italy?", "text": SAMPLE_TEXT},
+        {"t": T0 + 49, "kind": "checkpoint", "step": 16, "path": "/runs/x/checkpoints/checkpoint-16"},
+        hardware(T0 + 49.5),
+    ]
+
+
+def test_progress_folds_a_dpo_run_its_rewards_and_its_eval_accuracy():
+    p = fold(dpo_events())
+    assert (p.method, p.from_run, p.preference) == ("dpo", SFT_RUN, True)
+    assert [s for s, _ in p.reward_margins] == list(range(1, 17)) == [s for s, _ in p.reward_accuracies]
+    assert p.reward_margins[-1] == (16, 0.56) and p.reward_accuracies[-1] == (16, 1.0)
+    assert (p.rewards_chosen, p.rewards_rejected, p.reward_margin, p.reward_accuracy) == (0.32, -0.24, 0.56, 1.0)
+    assert (p.log_odds_ratio, p.nll_loss) == (None, None)  # DPO reports neither
+    assert p.eval_reward_accuracies == [(8, 0.625), (16, 0.8125)]
+    assert (p.eval_reward_accuracy, p.eval_reward_margin) == (0.8125, 0.311)
+    assert p.eval_loss == [(8, 0.6412), (16, 0.5873)]  # the eval loss is still the loss chart's
+    assert log_lines(p)[0] == ("started dpo on cpu in float32, padding-free (from the start), 24 steps; "
+                               f"continues run {SFT_RUN}'s adapter")
+
+    # a resume at checkpoint-8 trains steps 9.. again: their rewards are replaced, not doubled
+    version = p.rewards_version
+    p.apply(preference_started(T0 + 60, resumed_from="checkpoint-8"))
+    for e in preference_step_events(9, 10, 24, t0=T0 + 40):
+        e["reward_margin"] = -1.0
+        p.apply(e)
+    assert p.rewards_version > version
+    assert [s for s, _ in p.reward_margins] == list(range(1, 11)) and p.reward_margins[-1] == (10, -1.0)
+    assert len(p.reward_accuracies) == 10
+    assert log_lines(p)[-1].startswith("started dpo on cpu in float32, padding-free (resumed from checkpoint-8)")
+
+
+def test_progress_folds_orpo_and_the_eval_line_names_the_preference_accuracy():
+    p = RunProgress()
+    p.apply(preference_started(method="orpo", from_run=None))
+    for e in preference_step_events(1, 4, 24, t0=T0, orpo=True):
+        p.apply(e)
+    line = p.apply({"t": T0 + 13, "kind": "eval", "step": 4, "eval_loss": 1.25, "eval_reward_accuracy": 0.75,
+                    "eval_reward_margin": 0.2})
+    assert (p.method, p.from_run, p.preference) == ("orpo", None, True)
+    assert (p.log_odds_ratio, p.nll_loss) == (-0.6, 1.78)
+    assert line == "step 4: eval loss 1.2500, preference accuracy 0.75 (margin 0.200)"
+    assert log_lines(p) == ["started orpo on cpu in float32, padding-free (from the start), 24 steps"]
+
+
+def test_progress_of_an_sft_run_is_as_before_whether_its_log_names_the_method_or_not():
+    for first in (started(), {**started(), "method": "sft", "from_run": None}):
+        p = fold([first, *step_events(1, 5, 40, t0=T0), {"t": T0 + 16, "kind": "eval", "step": 5, "eval_loss": 2.0}])
+        assert not p.preference and p.reward_margins == [] and p.eval_reward_accuracy is None
+        assert p.rewards_version == 0 and p.from_run is None
+        assert log_lines(p) == ["started on cpu in float32, padding-free (from the start), 40 steps"]
+        assert p.apply({"t": T0 + 31, "kind": "eval", "step": 10, "eval_loss": 1.5}) == "step 10: eval loss 1.5000"
+
+
+def fabricate_dpo_run(run_id: str = "20260921-115000-smollm2-135m", events: list[dict[str, Any]] | None = None,
+                      state: str = "running", method: str = "dpo") -> RunDir:
+    run = create_run({"run": {"model": "smollm2-135m", "data": "/data/pairs.jsonl", "from_run": SFT_RUN},
+                      "knobs": {"method": method, "beta": 0.1}}, {}, run_id)
+    write_events(run.events_path, dpo_events() if events is None else events)
+    atomic_write_json(run.status_path, {"state": state, "created": T0, "updated": T0 + 50, "step": 16,
+                                        "max_steps": 24})
+    return run
+
+
+def test_dashboard_of_a_dpo_run_shows_rewards_beside_the_loss(monkeypatch):
+    freeze_clock(monkeypatch)
+    run = fabricate_dpo_run()
+
+    async def test(app, pilot):
+        await folded(app, pilot, len(dpo_events()), "running")
+        screen = dashboard(app)
+        assert shown(app, "dash-title") == f"run {run.id}  ·  dpo  ·  smollm2-135m  ·  running"
+        assert screen.query_one("#dash-rewards").border_subtitle == f"from run {SFT_RUN}"
+        assert screen.query_one("#dash-rewards").display and screen.query_one("#dash-chart").display
+        assert screen.query_one("#dash-rewards").border_title == "reward margin · preference accuracy"
+        assert shown(app, "dash-pref") == "margin 0.560   acc 1.00"
+        assert shown(app, "dash-pref-eval") == "eval acc 0.81   margin 0.311"
+        assert shown(app, "dash-loss") == f"loss {0.6931 * 0.95**16:.4f}   eval 0.5873"
+        assert ("started dpo on cpu in float32, padding-free (from the start), 24 steps; "
+                f"continues run {SFT_RUN}'s adapter") in shown_log(app)
+        # the chart is drawn with both series and the eval accuracy in its legend
+        assert screen._rewards_version == screen.progress.rewards_version > 0
+        chart = str(screen.query_one("#dash-rewards").render())
+        assert "margin" in chart and "acc" in chart and "eval acc" in chart
+
+        write_events(run.events_path, preference_step_events(17, 18, 24, t0=T0))
+        await until(pilot, lambda: "step 18/24" in shown(app, "dash-step"), timeout_s=1.5)
+        assert shown(app, "dash-pref") == "margin 0.630   acc 1.00"
+
+    with live_worker(run):
+        drive(run, test)
+
+
+def test_before_its_first_event_a_dpo_run_is_known_by_its_config(monkeypatch):
+    """A DPO run whose worker is still loading: no `started` yet, the method comes from config.toml."""
+    run = fabricate_dpo_run(events=[], state="created")
+
+    async def test(app, pilot):
+        await folded(app, pilot, 0, "created")
+        screen = dashboard(app)
+        assert screen.query_one("#dash-rewards").display
+        assert shown(app, "dash-title").startswith(f"run {run.id}  ·  dpo  ·  smollm2-135m")
+        assert shown(app, "dash-pref") == "margin -   acc -"
+
+    drive(run, test)
+
+
+def test_an_sft_dashboard_has_no_rewards(monkeypatch):
+    events = [{**started(), "method": "sft", "from_run": None}, *step_events(1, 5, 40, t0=T0)]
+    run = fabricate_run(events=events, state="stopped")
+
+    async def test(app, pilot):
+        await folded(app, pilot, len(events), "stopped")
+        screen = dashboard(app)
+        assert not screen.query_one("#dash-rewards").display
+        assert not screen.query_one("#dash-pref").display and not screen.query_one("#dash-pref-eval").display
+        assert shown(app, "dash-title") == "run 20260921-115000-smollm2-135m  ·  smollm2-135m  ·  stopped"
+
+    drive(run, test)
+
+
+@pytest.mark.parametrize("size", [(100, 30), (80, 24)], ids=["100x30", "80x24"])
+def test_snapshot_dpo_run(snap_compare, monkeypatch, size):
+    run = fabricate_dpo_run()
+    with live_worker(run):
+        assert snap_compare(snapshot_app(monkeypatch, run), terminal_size=size,
+                            run_before=wait_for(len(dpo_events()), "running"))

@@ -1,7 +1,9 @@
 """The New run screen as a person meets it: the built-in model and the demo data preselected,
 the plan drawn as a table and a memory bar, knobs that re-plan as they are typed, a plan that
 does not fit, data files good and broken, a model that cannot be found, the file picker, and
-Start writing the run folder and opening the dashboard. Snapshots at 100x30 and 80x24.
+Start writing the run folder and opening the dashboard; the method (sft, dpo, orpo) with beta
+and the preference demo data, and the screen prefilled to continue an sft run with DPO.
+Snapshots at 100x30 and 80x24.
 
 The machine is fixed (tests.tui_support); the built-in model comes from the session fixture
 (converted once), so resolving it and loading its tokenizer take milliseconds."""
@@ -306,6 +308,119 @@ def test_start_writes_the_run_with_the_chosen_knobs_and_opens_the_dashboard(tmp_
     drive(test)
 
 
+# ---------------------------------------------------------------- the method
+
+
+def messages_file(path: Path, rows: int = 3) -> Path:
+    """A small conversation file: the stand-in for the preference demo set in these tests (the
+    screen's part is which file it picks; reading preference pairs is the data checks' part)."""
+    return write_jsonl(path, [{"messages": [{"role": "user", "content": f"hi {i}"},
+                                            {"role": "assistant", "content": "Ahoy!"}]} for i in range(rows)])
+
+
+async def choose_method(pilot, method: str) -> None:
+    pilot.app.screen.query_one("#knob-method").value = method
+    await settle_all(pilot)
+
+
+def test_choosing_dpo_offers_beta_and_an_empty_data_field_is_the_preference_demo(tmp_path, monkeypatch) -> None:
+    pairs = messages_file(tmp_path / "pairs.jsonl")
+    monkeypatch.setattr(new_run, "preference_demo_path", lambda: pairs)
+
+    async def test(app, pilot) -> None:
+        screen = app.screen
+        beta, data = screen.query_one("#knob-beta"), screen.query_one("#data-input")
+        assert screen.query_one("#knob-method").value == "sft" and not beta.display
+        assert "beta" not in shown(app, "#plan-table") and "loss_type" not in shown(app, "#plan-table")
+
+        await choose_method(pilot, "dpo")
+        assert beta.display and beta.value == "0.1"
+        assert screen.plan.knobs.method == "dpo" and screen.plan.pinned["method"] == "dpo"
+        assert table_row(app, "method")[:3] == ["method", "dpo", "set"] and table_row(app, "loss_type")[1] == "sigmoid"
+        # the field held the sft demo: emptied, and empty means the preference demo set
+        assert data.value == "" and "preference demo set" in data.placeholder
+        assert screen._data_source == str(pairs) and "Rows 3: 3 valid" in shown(app, "#data-summary")
+        assert screen.plan.knobs.max_steps == -1  # the sft demo recipe left with the sft demo
+
+        await type_into(pilot, "#knob-beta", "0.5")
+        assert screen.plan.knobs.beta == 0.5 and table_row(app, "beta")[:3] == ["beta", "0.5", "set"]
+        await type_into(pilot, "#knob-beta", "0")
+        assert "beta: a number from 1e-06 to 1000; got 0" in shown(app, "#knob-error")
+        assert screen.plan.knobs.beta == 0.5 and "beta: a number" in shown(app, "#start-note")
+
+        await choose_method(pilot, "orpo")
+        assert screen.plan.knobs.method == "orpo" and beta.display and "loss_type" not in shown(app, "#plan-table")
+
+        await choose_method(pilot, "sft")  # back: no beta, the sft demo again
+        assert not beta.display and not screen.query_one("#knob-error").display
+        assert "method" not in screen.plan.pinned and "beta" not in screen.plan.pinned
+        assert data.value == "demo" and screen._data_source == "demo" and screen.plan.knobs.max_steps == 30
+
+    drive(test)
+
+
+def test_a_preference_method_without_the_preference_demo_set_asks_for_pairs(monkeypatch) -> None:
+    monkeypatch.setattr(new_run, "preference_demo_path", lambda: None)
+
+    async def test(app, pilot) -> None:
+        await choose_method(pilot, "dpo")
+        assert shown(app, "#data-summary").startswith("no data: the preference demo set is not in this install")
+        assert shown(app, "#start-note").startswith("the data: no data")
+
+    drive(test)
+
+
+def test_start_a_dpo_run_writes_the_method_and_beta(tmp_path, monkeypatch, tiny_chat_model_dir) -> None:
+    pairs = messages_file(tmp_path / "pairs.jsonl")
+    monkeypatch.setattr(new_run, "preference_demo_path", lambda: pairs)
+
+    async def test(app, pilot) -> None:
+        calls = record(app, monkeypatch)
+        await paste_into(pilot, "#model-input", str(tiny_chat_model_dir))
+        await choose_method(pilot, "dpo")
+        await type_into(pilot, "#knob-beta", "0.25")
+        await type_into(pilot, "#knob-max-steps", "5")
+        await pilot.click("#start")
+        await settle_all(pilot)
+        assert calls["errors"] == []
+        [run] = calls["workers"]
+        cfg = run.read_config()
+        assert (cfg["knobs"]["method"], cfg["knobs"]["beta"], cfg["knobs"]["max_steps"]) == ("dpo", 0.25, 5)
+        assert cfg["run"]["data"] == str(pairs) and "from_run" not in cfg["run"]
+
+    drive(test)
+
+
+def continue_screen(app: LocaltuneApp, run_id: str = "20260921-101500-smollm2-135m") -> None:
+    """What the Runs screen's p does once it has switched here."""
+    app.screen.continue_from(run_id, "smollm2-135m")
+
+
+def test_continue_from_a_run_and_what_drops_it(tmp_path, monkeypatch) -> None:
+    pairs = messages_file(tmp_path / "pairs.jsonl")
+    monkeypatch.setattr(new_run, "preference_demo_path", lambda: pairs)
+    run_id = "20260921-101500-smollm2-135m"
+
+    async def test(app, pilot) -> None:
+        screen = app.screen
+        continue_screen(app, run_id)
+        await settle_all(pilot)
+        assert screen.from_run == run_id and screen.plan.knobs.method == "dpo"
+        assert shown(app, "#from-run").strip() == f"continues run {run_id}'s adapter; reference: run {run_id}'s model"
+        await choose_method(pilot, "orpo")  # still a preference method: still continues
+        assert screen.from_run == run_id
+        await choose_method(pilot, "sft")  # an sft run starts afresh
+        assert screen.from_run is None and not screen.query_one("#from-run").display
+
+        continue_screen(app, run_id)
+        await settle_all(pilot)
+        await paste_into(pilot, "#model-input", "./no/such/model")  # another model cannot carry the adapter
+        assert screen.from_run is None and not screen.query_one("#from-run").display
+        assert any(f"run {run_id}'s adapter is for smollm2-135m" in n.message for n in app._notifications)
+
+    drive(test)
+
+
 async def quiet(pilot) -> None:
     """Settle, and stop the fields' cursors blinking so that snapshots compare."""
     await settle_all(pilot)
@@ -331,3 +446,16 @@ def test_snapshot_defaults(snap_compare, monkeypatch, size) -> None:
 def test_snapshot_over_budget(snap_compare, monkeypatch, size) -> None:
     freeze_clock(monkeypatch)
     assert snap_compare(LocaltuneApp(hardware=small_gpu(), mode="new"), terminal_size=size, run_before=over_budget)
+
+
+def test_snapshot_continue_with_dpo(snap_compare, monkeypatch, tmp_path) -> None:
+    """80x24: prefilled by the Runs screen's "continue with DPO"."""
+    freeze_clock(monkeypatch)
+    pairs = messages_file(tmp_path / "pairs.jsonl")
+    monkeypatch.setattr(new_run, "preference_demo_path", lambda: pairs)
+
+    async def prefilled(pilot) -> None:
+        continue_screen(pilot.app)
+        await quiet(pilot)
+
+    assert snap_compare(LocaltuneApp(hardware=cpu_machine(), mode="new"), terminal_size=(80, 24), run_before=prefilled)

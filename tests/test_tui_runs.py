@@ -1,6 +1,7 @@
 """The Runs screen as a person meets it: fabricated run folders (config, events, status.json)
-listed with their state, progress and loss; the keys that attach, resume, delete, export and
-chat; and snapshots at 100x30 and 80x24 with a frozen clock."""
+listed with their method, state, progress and loss; the keys that attach, resume, delete,
+export, chat and continue a completed sft run with DPO (the New run screen prefilled); and
+snapshots at 100x30 and 80x24 with a frozen clock."""
 
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ from tests.tui_support import cpu_machine, freeze_clock, step_events, write_even
 
 
 def fake_run(run_id: str, state: str, step: int, max_steps: int, *, model: str = "smollm2-135m",
-             adapter: bool = False) -> RunDir:
+             adapter: bool = False, method: str | None = None, from_run: str | None = None) -> RunDir:
     """A run folder as the worker leaves it: config, `step` events 1..step, and a status.json
-    whose times come from the run id (so snapshots are the same on every machine)."""
+    whose times come from the run id (so snapshots are the same on every machine). `method`:
+    the [knobs] method (none: a config from before it, an sft run); `from_run`: the [run] key."""
     created = calendar.timegm(time.strptime(run_id[:15], "%Y%m%d-%H%M%S"))
-    run = create_run({"run": {"model": model, "data": "demo"}, "knobs": {}}, {}, run_id)
+    run = create_run({"run": {"model": model, "data": "demo", **({"from_run": from_run} if from_run else {})},
+                      "knobs": {"method": method} if method else {}}, {}, run_id)
     write_events(run.events_path, step_events(1, step, max_steps, t0=created, dt=20.0))
     atomic_write_json(run.status_path, {"state": state, "created": created, "updated": created + step * 20.0 + 5,
                                         "step": step, "max_steps": max_steps})
@@ -117,11 +120,12 @@ def test_every_run_is_listed_newest_first_with_state_progress_and_loss(runs) -> 
         rows = [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)]
         assert [r[0] for r in rows] == [runs[k].id for k in ("interrupted", "stopped", "failed", "completed")]
         by_id = {r[0]: r for r in rows}
-        assert by_id[runs["interrupted"].id][1:4] == ["interrupted", "45/100", "0.5097"]
-        assert by_id[runs["stopped"].id][1:4] == ["stopped", "30/60", "0.9403"]
-        assert by_id[runs["failed"].id][1:4] == ["failed", "12/200", "1.9607"]
-        assert by_id[runs["completed"].id][1:4] == ["completed", "60/60", "0.2763"]
-        assert by_id[runs["interrupted"].id][4:] == ["12:00", "1h ago"]  # started today; updated 2h - 15m ago
+        # configs without a method are sft runs'
+        assert by_id[runs["interrupted"].id][1:5] == ["sft", "interrupted", "45/100", "0.5097"]
+        assert by_id[runs["stopped"].id][1:5] == ["sft", "stopped", "30/60", "0.9403"]
+        assert by_id[runs["failed"].id][1:5] == ["sft", "failed", "12/200", "1.9607"]
+        assert by_id[runs["completed"].id][1:5] == ["sft", "completed", "60/60", "0.2763"]
+        assert by_id[runs["interrupted"].id][5:] == ["12:00", "1h ago"]  # started today; updated 2h - 15m ago
         assert app.screen.selected_run() == runs["interrupted"]
 
     drive(check)
@@ -157,7 +161,7 @@ def test_a_run_whose_files_cannot_be_read_is_listed_as_unreadable(runs) -> None:
     async def check(app, pilot) -> None:
         await highlight(app, pilot, runs["stopped"])
         table = app.screen.query_one("#runs-table")
-        assert str(table.get_row(runs["stopped"].id)[1]) == "unreadable"
+        assert str(table.get_cell(runs["stopped"].id, "state")) == "unreadable"
         assert str(app.screen.query_one("#run-detail").content) == (
             f"{runs['stopped'].config_path}: invalid TOML: Expected ']' at the end of a table declaration "
             "(at line 1, column 5); correct that line")
@@ -177,7 +181,7 @@ def test_a_run_whose_worker_died_before_it_started_is_listed_as_failed_with_its_
     async def check(app, pilot) -> None:
         await highlight(app, pilot, lost)
         table = app.screen.query_one("#runs-table")
-        assert str(table.get_row(lost.id)[1]) == "failed"
+        assert str(table.get_cell(lost.id, "state")) == "failed"
         assert str(app.screen.query_one("#run-detail").content) == ("the worker exited before it started: "
                                                                     "ImportError: cannot import name 'TrainerCallback' "
                                                                     "from 'transformers'")
@@ -307,6 +311,112 @@ def test_export_and_chat_need_an_adapter(runs, monkeypatch, key: str) -> None:
     drive(check)
 
 
+# ---------------------------------------------------------------- preference runs and continue with DPO
+
+DPO_RUN = "20260921-140000-smollm2-135m"
+
+
+@pytest.fixture
+def dpo_run(runs) -> RunDir:
+    """A completed DPO run that continued the completed sft run (the newest run)."""
+    return fake_run(DPO_RUN, "completed", 20, 20, method="dpo", from_run=runs["completed"].id, adapter=True)
+
+
+def footer_keys(app: LocaltuneApp) -> dict[str, str]:
+    """The keys the footer shows now: key -> description."""
+    return {b.binding.key: b.binding.description for b in app.screen.active_bindings.values()
+            if b.binding.show and b.enabled}
+
+
+def test_the_method_is_a_column_and_on_80_columns_a_tag(runs, dpo_run) -> None:
+    async def wide(app, pilot) -> None:
+        table = app.screen.query_one("#runs-table")
+        assert [str(c.label) for c in table.columns.values()] == ["run", "method", "state", "step", "loss",
+                                                                   "started", "updated"]
+        assert [str(c) for c in table.get_row(DPO_RUN)[:3]] == [DPO_RUN, "dpo", "completed"]
+        assert str(table.get_row(runs["completed"].id)[1]) == "sft"
+        await highlight(app, pilot, dpo_run)
+        assert str(app.screen.query_one("#run-detail").content) == (
+            f"model smollm2-135m  ·  data demo  ·  continues run {runs['completed'].id}")
+
+    async def narrow(app, pilot) -> None:
+        table = app.screen.query_one("#runs-table")
+        assert [str(c.label) for c in table.columns.values()] == ["run", "state", "step", "loss", "updated"]
+        assert str(table.get_row(DPO_RUN)[0]) == f"{DPO_RUN} dpo"
+        assert str(table.get_row(runs["completed"].id)[0]) == runs["completed"].id  # sft: unmarked
+
+    drive(wide)
+    drive(narrow, size=(80, 24))
+
+
+def test_continue_with_dpo_is_offered_for_a_completed_sft_run_only(runs, dpo_run, monkeypatch) -> None:
+    async def check(app, pilot) -> None:
+        calls = record(app, monkeypatch, "notify_error")
+        for name in ("interrupted", "stopped", "failed"):
+            await highlight(app, pilot, runs[name])
+            assert "p" not in footer_keys(app), name
+        await highlight(app, pilot, dpo_run)  # completed, but not sft
+        assert "p" not in footer_keys(app)
+        await pilot.press("p")
+        await pilot.pause()
+        assert app.current_mode == "runs" and not calls
+        await highlight(app, pilot, runs["completed"])
+        assert footer_keys(app)["p"] == "Continue with DPO"
+        from localtune.tui.screens.keys import key_rows
+
+        assert ("p", "Continue with DPO: a new run that trains this completed sft run's adapter on preference "
+                     "pairs") in key_rows(app.screen)[0]
+
+    drive(check)
+
+
+@pytest.mark.usefixtures("builtin_model_dir")
+def test_continue_with_dpo_opens_new_run_prefilled_and_start_writes_from_run(runs, monkeypatch, tmp_path) -> None:
+    from localtune.tui.screens import new_run
+    from localtune.tui.screens.new_run import NewRunScreen
+
+    # a stand-in for the preference demo set, in a format this branch's data checks read
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join('{"messages": [{"role": "user", "content": "q%d"}, {"role": "assistant", '
+                             '"content": "a"}]}\n' % i for i in range(4)), encoding="utf-8")
+    monkeypatch.setattr(new_run, "preference_demo_path", lambda: pairs)
+    started: list[RunDir] = []
+    monkeypatch.setattr(new_run, "start_worker", lambda run: started.append(run))
+    sft = runs["completed"]
+
+    async def check(app, pilot) -> None:
+        monkeypatch.setattr(app, "open_dashboard", lambda run: None)
+        await highlight(app, pilot, sft)
+        await pilot.press("p")
+        await settle(app, pilot)
+        assert app.current_mode == "new"
+        screen = app.screen
+        assert isinstance(screen, NewRunScreen)
+        for _ in range(100):  # the model resolves and the data is checked in threads
+            await settle(app, pilot)
+            if screen.plan is not None and screen.data is not None:
+                break
+        assert screen.query_one("#model-input").value == "smollm2-135m"
+        assert screen.query_one("#knob-method").value == "dpo" and screen.query_one("#knob-beta").display
+        assert screen.from_run == sft.id
+        assert str(screen.query_one("#from-run").render()) == (f"continues run {sft.id}'s adapter; "
+                                                                f"reference: run {sft.id}'s model")
+        assert screen.query_one("#data-input").value == "" and screen._data_source == str(pairs)
+        assert screen.plan.knobs.method == "dpo"
+        await pilot.press("ctrl+s")
+        for _ in range(100):
+            await settle(app, pilot)
+            if started:
+                break
+
+    drive(check)
+    [run] = started
+    cfg = run.read_config()
+    assert cfg["run"]["from_run"] == sft.id and cfg["run"]["model"] == "smollm2-135m"
+    assert cfg["knobs"]["method"] == "dpo" and cfg["run"]["data"] == str(pairs)
+    assert run.summary()["from_run"] == sft.id and run.summary()["method"] == "dpo"
+
+
 # ---------------------------------------------------------------- snapshots
 
 
@@ -316,3 +426,12 @@ def test_snapshot_runs(runs, snap_compare, size: tuple[int, int]) -> None:
         await settle(pilot.app, pilot)
 
     assert snap_compare(new_app(), terminal_size=size, run_before=wait_for_the_runs)
+
+
+def test_snapshot_runs_with_a_dpo_run_and_continue_offered(runs, dpo_run, snap_compare) -> None:
+    """80x24: the DPO run tagged after its id; the completed sft run highlighted, so the footer offers p."""
+    async def highlight_the_sft_run(pilot) -> None:
+        await settle(pilot.app, pilot)
+        await highlight(pilot.app, pilot, runs["completed"])
+
+    assert snap_compare(new_app(), terminal_size=(80, 24), run_before=highlight_the_sft_run)

@@ -57,3 +57,18 @@ def step_events(first: int, last: int, max_steps: int, *, t0: float, dt: float =
                     "loss": round(loss0 * (1 - decay) ** s, 4), "learning_rate": 1e-3 * (1 - s / max_steps),
                     "grad_norm": round(1.5 - s * 0.01, 3), "tokens_per_s": 230.0 + s % 3, "elapsed_s": s * dt})
     return out
+
+
+def preference_step_events(first: int, last: int, max_steps: int, *, t0: float, dt: float = 3.0,
+                           orpo: bool = False) -> list[dict[str, Any]]:
+    """`step` events of a DPO (or ORPO) run: the sft fields plus the rewards trl logs, the loss
+    falling from log 2, the reward margin growing and the preference accuracy rising to 1."""
+    out = step_events(first, last, max_steps, t0=t0, dt=dt, loss0=0.6931, decay=0.05)
+    for e in out:
+        s = e["step"]
+        chosen, rejected = round(0.02 * s, 4), round(-0.015 * s, 4)
+        e.update(rewards_chosen=chosen, rewards_rejected=rejected, reward_margin=round(chosen - rejected, 4),
+                 reward_accuracy=min(1.0, round(0.5 + s / 32, 4)))
+        if orpo:
+            e.update(log_odds_ratio=round(-0.8 + 0.05 * s, 4), nll_loss=round(1.9 - 0.03 * s, 4))
+    return out

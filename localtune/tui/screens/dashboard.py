@@ -1,4 +1,7 @@
 """The dashboard of one run: loss curves, progress, the machine, the latest sample and a log.
+A preference run (dpo, orpo) also has its reward margin and preference accuracy over the steps
+in a second chart under the loss, their latest values in the progress panel, and its method
+(and the run it continues) in the title; an sft run's dashboard has none of these.
 
 It reads the run's folder only (events.jsonl, status.json, the lock), so it shows a run that
 this TUI started just as well as one a worker has been training since last night.
@@ -33,7 +36,7 @@ from textual_plotext import PlotextPlot
 
 from localtune.errors import UserError
 from localtune.events import END_KINDS, EventReader
-from localtune.progress import RunProgress
+from localtune.progress import PREFERENCE_METHODS, RunProgress
 from localtune.runs import RunDir
 from localtune.tui import fmt
 from localtune.tui.messages import EventsRead
@@ -116,10 +119,31 @@ class DashboardScreen(Screen):
         self._dirty = True
         self._chart_version = -1
         self._log_shown = 0
+        self._rewards_version = -1
+        self.config_method: str | None = None
+        """The method in config.toml's [knobs], until the worker's `started` says it."""
+        self.config_from_run: str | None = None
         try:
-            self.model = short_model(run.read_config().get("run", {}).get("model"))
+            cfg = run.read_config()
+            self.model = short_model(cfg.get("run", {}).get("model"))
+            self.config_method = cfg.get("knobs", {}).get("method")
+            self.config_from_run = cfg.get("run", {}).get("from_run")
         except (OSError, ValueError, UserError):  # a half-written or hand-broken run folder still gets a dashboard
             self.model = "?"
+
+    @property
+    def method(self) -> str | None:
+        """The run's method: what the worker said it trains with, else what its config says."""
+        return self.progress.method or self.config_method
+
+    @property
+    def from_run(self) -> str | None:
+        return self.progress.from_run or self.config_from_run
+
+    @property
+    def preference(self) -> bool:
+        """A dpo or orpo run: it gets the rewards chart and numbers."""
+        return self.method in PREFERENCE_METHODS or self.progress.preference
 
     # ------------------------------------------------------------ layout
 
@@ -128,11 +152,15 @@ class DashboardScreen(Screen):
         yield Static(id="dash-end")
         with VerticalScroll(id="dash-body"):
             with Horizontal(id="dash-top"):
-                yield PlotextPlot(id="dash-chart")
+                with Vertical(id="dash-charts"):
+                    yield PlotextPlot(id="dash-chart")
+                    yield PlotextPlot(id="dash-rewards")
                 with Vertical(id="dash-stats"):
                     yield Static(id="dash-step")
                     yield Static(id="dash-bar")
                     yield Static(id="dash-loss")
+                    yield Static(id="dash-pref", classes="dash-pref")
+                    yield Static(id="dash-pref-eval", classes="dash-pref")
                     yield Static(id="dash-lr")
                     yield Static(id="dash-speed")
                     yield Static(id="dash-time")
@@ -151,6 +179,7 @@ class DashboardScreen(Screen):
 
     def on_mount(self) -> None:
         self.query_one("#dash-chart").border_title = "loss"
+        self.query_one("#dash-rewards").border_title = "reward margin · preference accuracy"
         self.query_one("#dash-stats").border_title = "progress"
         self.query_one("#dash-sample-box").border_title = "latest sample"
         self.query_one("#dash-log").border_title = "log"
@@ -202,6 +231,7 @@ class DashboardScreen(Screen):
         self._draw_title()
         self._draw_end()
         self._draw_chart()
+        self._draw_rewards()
         total = p.max_steps or self.status.get("max_steps")
         epoch = f"   epoch {p.epoch:.2f}" if p.epoch is not None else ""
         self._set("#dash-step", Text.assemble(("step ", "dim"), (f"{p.step}/{total or '?'}", "bold"), epoch))
@@ -209,6 +239,11 @@ class DashboardScreen(Screen):
         self._set("#dash-bar", text_bar(p.step, total, bar_width))
         self._set("#dash-loss", Text.assemble(("loss ", "dim"), (fmt.num(p.loss), "bold"), ("   eval ", "dim"),
                                               fmt.num(p.eval_loss[-1][1] if p.eval_loss else None)))
+        if self.preference:
+            self._set("#dash-pref", Text.assemble(("margin ", "dim"), (fmt.num(p.reward_margin, ".3f"), "bold"),
+                                                  ("   acc ", "dim"), (fmt.num(p.reward_accuracy, ".2f"), "bold")))
+            self._set("#dash-pref-eval", Text.assemble(("eval acc ", "dim"), fmt.num(p.eval_reward_accuracy, ".2f"),
+                                                       ("   margin ", "dim"), fmt.num(p.eval_reward_margin, ".3f")))
         self._set("#dash-lr", Text.assemble(("lr ", "dim"), fmt.num(p.learning_rate, ".2e"), ("   grad ", "dim"),
                                             fmt.num(p.grad_norm, ".3f")))
         self._set("#dash-speed", Text.assemble(fmt.num(p.tokens_per_s, ",.0f"), (" tokens/s", "dim")))
@@ -236,7 +271,10 @@ class DashboardScreen(Screen):
         shown, style = state, STATE_STYLES.get(state, "bold")
         if state in ("running", "stopping") and p.thermal_pause:
             shown, style = f"paused: GPU {p.thermal_pause.get('temperature_c', '?')} C", "bold yellow"
-        self._set("#dash-title", Text.assemble(("run ", "dim"), (self.run.id, "bold"), ("  ·  ", "dim"),
+        # a preference run says its method after the run id (the run it continues is under its
+        # rewards chart: a second run id does not fit 80 columns); an sft run's title is as it always was
+        method = (f"{self.method}", ("  ·  ", "dim")) if self.preference and self.method else ()
+        self._set("#dash-title", Text.assemble(("run ", "dim"), (self.run.id, "bold"), ("  ·  ", "dim"), *method,
                                                self.model, ("  ·  ", "dim"), (shown, style)))
 
     def _draw_end(self) -> None:
@@ -281,6 +319,44 @@ class DashboardScreen(Screen):
             plt.plot(xs, ys, label="eval", marker="hd", color="orange")
         plt.xlabel("step")
         steps = [s for s, _ in p.train_loss[:1] + p.train_loss[-1:] + p.eval_loss[:1] + p.eval_loss[-1:]]
+        if steps:
+            plt.xticks(step_ticks(min(steps), max(steps)))
+        chart.refresh()
+
+    def _draw_rewards(self) -> None:
+        """The reward margin (left axis) and the preference accuracy (right axis, 0 to 1) over
+        the steps; shown for preference runs only."""
+        preference = self.preference
+        chart = self.query_one("#dash-rewards", PlotextPlot)
+        for selector in ("#dash-rewards", "#dash-pref", "#dash-pref-eval"):
+            widget = self.query_one(selector)
+            if widget.display != preference:
+                widget.display = preference
+        self.query_one("#dash-top").set_class(preference, "preference")
+        continues = f"from run {self.from_run}" if self.from_run else ""
+        if chart.border_subtitle != continues:
+            chart.border_subtitle = continues
+        p = self.progress
+        if not preference or p.rewards_version == self._rewards_version:
+            return
+        self._rewards_version = p.rewards_version
+        plt = chart.plt
+        plt.clear_data()
+        plt.title("" if p.reward_margins or p.reward_accuracies else "waiting for the first step")
+        if p.reward_margins:
+            xs, ys = zip(*thin(p.reward_margins))
+            plt.plot(xs, ys, label="margin", marker="braille", color="magenta")
+        if p.reward_accuracies:
+            xs, ys = zip(*thin(p.reward_accuracies))
+            plt.plot(xs, ys, label="acc", marker="braille", color="green", yside="right")
+        if p.eval_reward_accuracies:
+            xs, ys = zip(*thin(p.eval_reward_accuracies))
+            plt.plot(xs, ys, label="eval acc", marker="hd", color="orange", yside="right")
+        if p.reward_accuracies or p.eval_reward_accuracies:
+            plt.ylim(0, 1, yside="right")
+            plt.yticks([0, 0.5, 1], yside="right")
+        steps = [s for s, _ in p.reward_margins[:1] + p.reward_margins[-1:] + p.reward_accuracies[:1]
+                 + p.reward_accuracies[-1:] + p.eval_reward_accuracies[:1] + p.eval_reward_accuracies[-1:]]
         if steps:
             plt.xticks(step_ticks(min(steps), max(steps)))
         chart.refresh()

@@ -12,6 +12,11 @@ re-plans at once on the UI thread.
 Knobs the person edits are pinned: the planner never changes them; emptying a field unpins
 its knob again. With the demo data the demo recipe (`launch.DEMO_RECIPE`) is pinned under
 the person's own choices, as `localtune train` does.
+
+The method (sft, dpo, orpo) is a knob like the others; dpo and orpo also offer `beta`. With a
+preference method an empty data field means the preference demo set (`preference_demo_path`).
+The Runs screen's "continue with DPO" opens this screen through `continue_from`: the model of
+a completed sft run, method dpo, and `from_run` = that run, which Start writes into [run].
 """
 
 from __future__ import annotations
@@ -27,15 +32,16 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Button, Checkbox, DirectoryTree, Footer, Header, Input, Label, Static
+from textual.widgets import Button, Checkbox, DirectoryTree, Footer, Header, Input, Label, Select, Static
 
 from localtune.data import CONVERSATION, DEMO, FILE_SUFFIXES, LoadedData, chat_template_for, load_data, render
 from localtune.errors import UserError
-from localtune.knobs import KNOB_FIELDS
+from localtune.knobs import KNOB_FIELDS, METHODS
 from localtune.launch import DEMO_RECIPE, default_run_config, prepare_run, start_worker
 from localtune.models import BUILTIN_NAME, ModelRef, builtin_model_dir, load_tokenizer, resolve_model
 from localtune.plan import Plan, make_plan
 from localtune.profiles import BITSANDBYTES_BACKENDS
+from localtune.progress import PREFERENCE_METHODS
 from localtune.runs import RunDir
 from localtune.tui.fmt import gb
 from localtune.tui.widgets import EstimateBar, Toggle
@@ -52,6 +58,10 @@ SWITCH_KNOBS = {
     "knob-gc": ("gradient_checkpointing", "gradient checkpointing"),
 }
 """On/off knobs the screen edits: widget id -> (knob, label)."""
+METHOD_ONLY_KNOBS = {"beta": PREFERENCE_METHODS, "loss_type": ("dpo",)}
+"""Knobs only some methods use: the plan table leaves them out for the others."""
+DATA_PLACEHOLDERS = {"sft": "demo, or a path to your data",
+                     "preference": "empty: the preference demo set; or a path to pairs"}
 EXAMPLE_LINES = 6
 EXAMPLE_CHARS = 480
 PROBLEMS_SHOWN = 5
@@ -86,6 +96,30 @@ class RunPrepared(Message):
 
 
 # ---------------------------------------------------------------- plain helpers
+
+
+def preference_demo_path() -> Path | None:
+    """The preference demo set shipped with localtune (`localtune.demo.preference_dataset_path`),
+    or None in an install that does not have it yet. The one place this screen names it."""
+    try:
+        from localtune.demo import preference_dataset_path
+    except ImportError:
+        return None
+    path = Path(preference_dataset_path())
+    return path if path.is_file() else None
+
+
+def parse_beta(raw: str) -> tuple[float | None, str | None]:
+    """(value, None) for a well-formed `beta`, else (None, a one-line message)."""
+    meta = KNOB_FIELDS["beta"].metadata
+    wanted = f"beta: a number from {meta['lo']:g} to {meta['hi']:g}"
+    try:
+        value = float(raw)
+    except ValueError:
+        return None, f"{wanted}; got {raw!r}"
+    if not meta["lo"] <= value <= meta["hi"]:
+        return None, f"{wanted}; got {value:g}"
+    return value, None
 
 
 def parse_knob(knob: str, label: str, raw: str) -> tuple[int | None, str | None]:
@@ -147,6 +181,9 @@ def knob_table(plan: Plan, recipe: Iterable[str] = ()) -> Table:
     for knob in recipe:
         if sources.get(knob) == "set by you":
             sources[knob] = "demo recipe"
+    for knob, methods in METHOD_ONLY_KNOBS.items():
+        if plan.knobs.method not in methods:
+            sources.pop(knob, None)  # beta and loss_type mean nothing to an sft run
     for knob, source in sources.items():
         style = "bold" if source == "set by you" else "yellow" if source.startswith("planner") else ""
         table.add_row(knob, knob_text(values[knob]), source, style=style)
@@ -243,6 +280,11 @@ class NewRunScreen(Screen):
         self._example_key: tuple[str, str] | None = None
         self._tokenizers: dict[str, Any] = {}
         """(tokenizer, chat template) by model location, filled by the example thread."""
+        self.method = "sft"
+        self.from_run: str | None = None
+        """The completed run whose adapter this run continues ("continue with DPO" on the Runs screen)."""
+        self._from_model: str | None = None
+        """That run's model: another model cannot carry its adapter."""
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -253,6 +295,7 @@ class NewRunScreen(Screen):
                 yield Input(BUILTIN_NAME, id="model-input", compact=True,
                             placeholder="smollm2-135m, ./my-model, model.gguf or owner/name")
                 yield Static("", id="model-status", classes="hide-empty")
+                yield Static("", id="from-run", classes="hide-empty")
             with Vertical(classes="section", id="data-box") as box:
                 box.border_title = "Data"
                 box.border_subtitle = f"demo · {' '.join(FILE_SUFFIXES)} · a folder · a hub id; enter applies"
@@ -266,6 +309,12 @@ class NewRunScreen(Screen):
                 yield Static("", id="data-example", classes="hide-empty")
             with Vertical(classes="section", id="plan-box") as box:
                 box.border_title = "Plan"
+                with Horizontal(id="method-row"):
+                    yield Label("method", classes="knob-label")
+                    yield Select([(m, m) for m in METHODS], value="sft", allow_blank=False, compact=True,
+                                 id="knob-method", tooltip="sft: answers to learn; dpo, orpo: preference pairs")
+                    yield Label("beta", classes="knob-label beta")
+                    yield Input(id="knob-beta", type="number", compact=True, classes="knob-input beta")
                 with Horizontal(id="knob-row"):
                     for wid, (_, label) in NUMBER_KNOBS.items():
                         yield Label(label, classes="knob-label")
@@ -295,6 +344,8 @@ class NewRunScreen(Screen):
         widget.display = bool(content.row_count if isinstance(content, Table) else content)
 
     def on_mount(self) -> None:
+        for widget in self.query(".beta"):
+            widget.display = False
         self._resolve(self._model_spec)
         self._load(self._data_source)
         self._refresh_all()
@@ -340,7 +391,12 @@ class NewRunScreen(Screen):
         """Check `source` in a thread ('' : no data, said at once)."""
         self._data_source = source
         self.data = None
-        self.data_error = None if source else "no data: give a data file or folder, a hub dataset id, or demo"
+        if self.method in PREFERENCE_METHODS:
+            none = ("no data: the preference demo set is not in this install; give a file of preference pairs "
+                    "(prompt, chosen, rejected)")
+        else:
+            none = "no data: give a data file or folder, a hub dataset id, or demo"
+        self.data_error = None if source else none
         summary = Text(f"checking every row of {source}…", "dim") if source else Text(self.data_error, "red")
         self.show("#data-summary", summary)
         self.show("#data-problems", "")
@@ -409,6 +465,9 @@ class NewRunScreen(Screen):
         path = Path(raw).expanduser()
         # the worker runs in the run folder, so a relative path must be made absolute here
         source = str(path.resolve()) if raw and raw != DEMO and path.exists() else raw
+        if not raw and self.method in PREFERENCE_METHODS:  # left empty: the preference demo set
+            demo = preference_demo_path()
+            source = str(demo) if demo is not None else ""
         if source != self._data_source:
             self._load(source)
 
@@ -470,11 +529,18 @@ class NewRunScreen(Screen):
         if field.id == "model-input":
             spec = field.value.strip() or BUILTIN_NAME
             if spec != self._model_spec:
+                if self.from_run and spec != self._from_model:
+                    self.notify(f"run {self.from_run}'s adapter is for {self._from_model}: this run starts afresh "
+                                f"on {spec}")
+                    self._set_from_run(None)
                 self._resolve(spec)
         elif field.id == "data-input":
             self._apply_data()
 
     def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "knob-beta":
+            self._beta_changed(event.value.strip())
+            return
         if event.input.id not in NUMBER_KNOBS:
             return
         knob, label = NUMBER_KNOBS[event.input.id]
@@ -497,6 +563,74 @@ class NewRunScreen(Screen):
         if event.checkbox.id in SWITCH_KNOBS:
             self.user_pinned[SWITCH_KNOBS[event.checkbox.id][0]] = event.value
             self.replan()
+
+    def _beta_changed(self, raw: str) -> None:
+        self.knob_errors.pop("beta", None)
+        if not raw:
+            self.user_pinned.pop("beta", None)
+        else:
+            value, error = parse_beta(raw)
+            if error:
+                self.knob_errors["beta"] = error
+                self._show_knob_errors()
+                self._update_start()
+                return
+            self.user_pinned["beta"] = value
+        self._show_knob_errors()
+        self.replan()
+
+    # ------------------------------------------------------------ the method
+
+    @on(Select.Changed, "#knob-method")
+    def _method_selected(self, event: Select.Changed) -> None:
+        if isinstance(event.value, str) and event.value != self.method:
+            self.set_method(event.value)
+
+    def set_method(self, method: str) -> None:
+        """Train with `method`: pin it (sft is the default and needs no pin), offer beta for
+        dpo and orpo, and swap the demo data for the method's: the field's 'demo' (the sft demo)
+        is emptied for a preference method, whose empty field is the preference demo set, and
+        put back for sft. An sft run continues nothing."""
+        self.method = method
+        select = self.query_one("#knob-method", Select)
+        if select.value != method:
+            with select.prevent(Select.Changed):
+                select.value = method
+        preference = method in PREFERENCE_METHODS
+        for widget in self.query(".beta"):
+            widget.display = preference
+        if preference:
+            self.user_pinned["method"] = method
+        else:
+            for knob in ("method", "beta"):
+                self.user_pinned.pop(knob, None)
+            self.knob_errors.pop("beta", None)
+            with self.query_one("#knob-beta", Input).prevent(Input.Changed):
+                self.query_one("#knob-beta", Input).value = ""
+            self._show_knob_errors()
+            self._set_from_run(None)
+        field = self.query_one("#data-input", Input)
+        field.placeholder = DATA_PLACEHOLDERS["preference" if preference else "sft"]
+        raw = field.value.strip()
+        if preference and raw == DEMO or not preference and not raw:
+            field.value = "" if preference else DEMO
+        self._apply_data()
+        self.replan()
+
+    def continue_from(self, run_id: str, model: str) -> None:
+        """Prefill a DPO run that goes on training run `run_id`'s adapter on its model `model`."""
+        field = self.query_one("#model-input", Input)
+        field.value = model
+        if model != self._model_spec:
+            self._resolve(model)
+        self.set_method("dpo")
+        self._from_model = model
+        self._set_from_run(run_id)
+
+    def _set_from_run(self, run_id: str | None) -> None:
+        self.from_run = run_id
+        self.show("#from-run", Text.assemble((f"continues run {run_id}'s adapter", "bold"),
+                                             f"; reference: run {run_id}'s model") if run_id else "")
 
     def _errored_inputs(self) -> set[str]:
         return {wid for wid, (knob, _) in NUMBER_KNOBS.items() if knob in self.knob_errors}
@@ -542,6 +676,10 @@ class NewRunScreen(Screen):
                 continue
             with field.prevent(Input.Changed):
                 field.value = str(values[knob])
+        beta = self.query_one("#knob-beta", Input)
+        if "beta" not in self.knob_errors and not beta.has_focus and beta.value != f"{values['beta']:g}":
+            with beta.prevent(Input.Changed):
+                beta.value = f"{values['beta']:g}"
         for wid, (knob, _) in SWITCH_KNOBS.items():
             box = self.query_one(f"#{wid}", Checkbox)
             if box.value != values[knob]:
@@ -621,6 +759,8 @@ class NewRunScreen(Screen):
         model = self.model.location if self.model.kind in ("folder", "gguf") else self.model.spec
         run_cfg = default_run_config(model=model, data=self._data_source,
                                      skip_bad_rows=self.query_one("#data-skip-bad", Checkbox).value)
+        if self.from_run:
+            run_cfg["from_run"] = self.from_run
         self.starting = True
         self._update_start()
         self._start_thread(run_cfg, self.plan)

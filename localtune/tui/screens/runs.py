@@ -1,6 +1,7 @@
-"""The Runs screen (mode 3): every run under LOCALTUNE_HOME, newest first, with its state,
-progress, loss and age, and the keys that act on the highlighted run: attach to its dashboard,
-resume, delete, export, chat.
+"""The Runs screen (mode 3): every run under LOCALTUNE_HOME, newest first, with its method
+(sft, dpo, orpo), state, progress, loss and age, and the keys that act on the highlighted run:
+attach to its dashboard, resume, delete, export, chat, and on a completed sft run, continue
+with DPO (the New run screen, prefilled to train that run's adapter on preference pairs).
 
 The list is read from the run folders every `REFRESH_S` seconds in a thread (a summary reads
 the run's whole event log) and posted back as a message; only the handler touches the table.
@@ -28,7 +29,9 @@ from localtune.tui.screens.confirm import ConfirmScreen
 REFRESH_S = 2.0
 NARROW_WIDTH = 100
 """Below this many columns the `started` column is left out: the run id begins with the same
-date and time, and without it the table fits 80 columns."""
+date and time, and without it the table fits 80 columns. The `method` column is left out too:
+a dpo or orpo run has its method after its id instead (an unmarked run is sft)."""
+METHOD_STYLES = {"sft": "", "dpo": "magenta", "orpo": "magenta"}
 
 STATE_STYLES = {
     "running": "bold green", "stopping": "yellow", "stopped": "yellow", "interrupted": "yellow",
@@ -73,13 +76,20 @@ def read_summaries() -> list[dict[str, Any]]:
             continue
         except (OSError, ValueError) as e:  # a file it cannot open (a bad config.toml is the summary's own error)
             out.append({"id": run.id, "state": "unreadable", "step": 0, "max_steps": None, "loss": None,
-                        "model": None, "data": None, "started": None, "updated": None, "path": str(run.path),
+                        "model": None, "data": None, "method": None, "from_run": None,
+                        "started": None, "updated": None, "path": str(run.path),
                         "error": f"cannot read {run.path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"})
     return out
 
 
 def _progress(s: dict[str, Any]) -> str:
     return f"{s['step']}/{s['max_steps'] or '?'}"
+
+
+def continues_with_dpo(s: dict[str, Any] | None) -> bool:
+    """Whether "continue with DPO" is offered for the run: a completed sft run (it has the
+    adapter a DPO run goes on training)."""
+    return bool(s) and s["state"] == "completed" and s.get("method") == "sft"
 
 
 class RunsTable(DataTable):
@@ -99,6 +109,8 @@ class RunsScreen(Screen):
         Binding("d", "delete", "Delete", tooltip="remove the run and its files (asks first)"),
         Binding("e", "export", "Export", tooltip="adapter, merged model or GGUF"),
         Binding("c", "chat", "Chat", tooltip="talk to the tuned model"),
+        Binding("p", "continue_dpo", "Continue with DPO",
+                tooltip="a new run that trains this completed sft run's adapter on preference pairs"),
     ]
 
     def __init__(self) -> None:
@@ -111,6 +123,8 @@ class RunsScreen(Screen):
         """The keys that act on a run are greyed out while there is none."""
         if action in ("resume", "delete", "export", "chat") and not self.summaries:
             return None
+        if action == "continue_dpo":  # offered for a completed sft run only: hidden otherwise
+            return continues_with_dpo(self._selected_summary())
         return True
 
     def compose(self) -> ComposeResult:
@@ -144,10 +158,16 @@ class RunsScreen(Screen):
 
     def _wanted_columns(self) -> tuple[str, ...]:
         narrow = self.size.width < NARROW_WIDTH
-        return ("run", "state", "step", "loss") + (() if narrow else ("started",)) + ("updated",)
+        return (("run",) + (() if narrow else ("method",)) + ("state", "step", "loss")
+                + (() if narrow else ("started",)) + ("updated",))
 
     def _cells(self, s: dict[str, Any]) -> list[Any]:
-        cells = {"run": s["id"], "state": Text(s["state"], STATE_STYLES.get(s["state"], "")),
+        method = s.get("method")
+        run: str | Text = s["id"]
+        if "method" not in self._columns and method and method != "sft":
+            run = Text.assemble(s["id"], " ", (method, METHOD_STYLES.get(method, "")))
+        cells = {"run": run, "method": Text(method or "-", METHOD_STYLES.get(method or "", "")),
+                 "state": Text(s["state"], STATE_STYLES.get(s["state"], "")),
                  "step": Text(_progress(s), justify="right"), "loss": Text(fmt.num(s["loss"]), justify="right"),
                  "started": fmt.when(s["started"]), "updated": fmt.age(s["updated"])}
         return [cells[c] for c in self._columns]
@@ -187,12 +207,17 @@ class RunsScreen(Screen):
 
     def on_data_table_row_highlighted(self) -> None:
         self._show_detail()
+        self.refresh_bindings()  # "continue with DPO" comes and goes with the highlighted run
 
     def _show_detail(self) -> None:
-        """The highlighted run's model and data, which the table has no room for."""
-        run = self.selected_run()
-        s = self.summaries.get(run.id) if run else None
-        detail = (s.get("error") or f"model {s['model'] or '-'}  ·  data {s['data'] or '-'}") if s else ""
+        """The highlighted run's model and data (and the run a preference run continues), which
+        the table has no room for."""
+        s = self._selected_summary()
+        detail = ""
+        if s:
+            detail = s.get("error") or f"model {s['model'] or '-'}  ·  data {s['data'] or '-'}"
+            if not s.get("error") and s.get("from_run"):
+                detail += f"  ·  continues run {s['from_run']}"
         self.query_one("#run-detail", Static).update(Text(detail, no_wrap=True, overflow="ellipsis"))
 
     # ------------------------------------------------------------ the highlighted run
@@ -205,6 +230,12 @@ class RunsScreen(Screen):
         row_key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key
         s = self.summaries.get(str(row_key.value))
         return RunDir(Path(s["path"])) if s else None
+
+    def _selected_summary(self) -> dict[str, Any] | None:
+        if not self.summaries:  # none read yet (the footer asks check_action before the first reading)
+            return None
+        run = self.selected_run()
+        return self.summaries.get(run.id) if run else None
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         event.stop()
@@ -271,3 +302,19 @@ class RunsScreen(Screen):
         run = self._run_with_adapter()
         if run is not None:
             self.app.open_chat(run)
+
+    async def action_continue_dpo(self) -> None:
+        """Open the New run screen prefilled to continue the highlighted completed sft run with
+        DPO: its model, method dpo, and from_run = its id; Start there launches it."""
+        s = self._selected_summary()
+        if not continues_with_dpo(s):
+            if s:
+                self.app.notify_error(f"run {s['id']} is {s.get('method') or '?'} and {s['state']}: only a completed "
+                                      "sft run can be continued with DPO")
+            return
+        from localtune.tui.screens.new_run import NewRunScreen
+
+        await self.app.switch_mode("new")
+        screen = self.app.screen_stack[0]
+        if isinstance(screen, NewRunScreen):
+            screen.continue_from(s["id"], s["model"])
