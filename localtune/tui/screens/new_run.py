@@ -37,7 +37,9 @@ from textual.widgets import Button, Checkbox, DirectoryTree, Footer, Header, Inp
 from localtune.data import CONVERSATION, DEMO, FILE_SUFFIXES, LoadedData, chat_template_for, load_data, render
 from localtune.errors import UserError
 from localtune.knobs import KNOB_FIELDS, METHODS
-from localtune.launch import DEMO_RECIPE, default_run_config, prepare_run, start_worker
+from localtune.data import DEMO_PREFERENCE_EVAL
+from localtune.launch import (DEMO_RECIPE, LORA_KNOBS, PREFERENCE_DEMO_RECIPE, default_run_config, prepare_run,
+                              start_worker)
 from localtune.models import BUILTIN_NAME, ModelRef, builtin_model_dir, load_tokenizer, resolve_model
 from localtune.plan import Plan, make_plan
 from localtune.profiles import BITSANDBYTES_BACKENDS
@@ -96,6 +98,13 @@ class RunPrepared(Message):
 
 
 # ---------------------------------------------------------------- plain helpers
+
+
+def find_run_config(run_id: str) -> dict[str, Any]:
+    """config.toml of run `run_id` (the one a DPO run continues)."""
+    from localtune.runs import find_run
+
+    return find_run(run_id).read_config()
 
 
 def preference_demo_path() -> Path | None:
@@ -282,6 +291,7 @@ class NewRunScreen(Screen):
         """(tokenizer, chat template) by model location, filled by the example thread."""
         self.method = "sft"
         self.from_run: str | None = None
+        self._from_lora: dict[str, Any] = {}
         """The completed run whose adapter this run continues ("continue with DPO" on the Runs screen)."""
         self._from_model: str | None = None
         """That run's model: another model cannot carry its adapter."""
@@ -626,9 +636,17 @@ class NewRunScreen(Screen):
         self.set_method("dpo")
         self._from_model = model
         self._set_from_run(run_id)
+        self.replan()  # with the adapter's shape pinned
 
     def _set_from_run(self, run_id: str | None) -> None:
         self.from_run = run_id
+        self._from_lora = {}
+        if run_id:
+            try:
+                cfg = find_run_config(run_id)
+                self._from_lora = {k: cfg["knobs"][k] for k in LORA_KNOBS if k in cfg.get("knobs", {})}
+            except Exception:  # noqa: BLE001 - an unreadable run: Start's check says why
+                self._from_lora = {}
         self.show("#from-run", Text.assemble((f"continues run {run_id}'s adapter", "bold"),
                                              f"; reference: run {run_id}'s model") if run_id else "")
 
@@ -643,10 +661,21 @@ class NewRunScreen(Screen):
 
     # ------------------------------------------------------------ the plan
 
+    def _recipe(self) -> dict[str, Any]:
+        """The demo recipe of the data in use: SFT's with the demo set, the preference demo's
+        with the preference pairs; nothing otherwise."""
+        if self._data_source == DEMO:
+            return DEMO_RECIPE
+        demo = preference_demo_path()
+        if self.method in PREFERENCE_METHODS and demo is not None and self._data_source == str(demo):
+            return PREFERENCE_DEMO_RECIPE
+        return {}
+
     def pinned(self) -> dict[str, Any]:
         """What the planner may not change: the demo recipe (with the demo data), then the
-        person's own choices."""
-        return {**DEMO_RECIPE, **self.user_pinned} if self._data_source == DEMO else dict(self.user_pinned)
+        person's own choices; a run that continues another run's adapter has that adapter's
+        shape (launch.LORA_KNOBS)."""
+        return {**self._recipe(), **self.user_pinned, **self._from_lora}
 
     def replan(self) -> None:
         """Plan again with the current model and pinned knobs, and redraw the plan."""
@@ -706,7 +735,7 @@ class NewRunScreen(Screen):
         else:
             lines = Text.assemble(("Planner changes ", "bold"), "none: it fits as set")
         self.show("#plan-adjustments", lines)
-        recipe = set(DEMO_RECIPE) - set(self.user_pinned) if self._data_source == DEMO else set()
+        recipe = set(self._recipe()) - set(self.user_pinned)
         self.show("#plan-table", knob_table(plan, recipe))
 
     # ------------------------------------------------------------ start
@@ -760,7 +789,12 @@ class NewRunScreen(Screen):
         run_cfg = default_run_config(model=model, data=self._data_source,
                                      skip_bad_rows=self.query_one("#data-skip-bad", Checkbox).value)
         if self.from_run:
-            run_cfg["from_run"] = self.from_run
+            from localtune.runs import find_run
+
+            run_cfg["from_run"], run_cfg["from_adapter"] = self.from_run, str(find_run(self.from_run).adapter_dir)
+        demo = preference_demo_path()
+        if self.method in PREFERENCE_METHODS and demo is not None and self._data_source == str(demo):
+            run_cfg["eval_data"] = DEMO_PREFERENCE_EVAL  # the preference demo's held-out pairs
         self.starting = True
         self._update_start()
         self._start_thread(run_cfg, self.plan)
