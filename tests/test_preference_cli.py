@@ -1,0 +1,123 @@
+"""`localtune train --method dpo|orpo [--from RUN]` as a person types it: what is refused in one
+line (exit code 1, no traceback, no run folder written), and what the run's config records.
+Nothing here trains: the worker is not started (`start_worker` is replaced) where a run is made."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from localtune.paths import runs_dir
+from localtune.runs import create_run, list_runs
+from tests.helpers import one_line_error, run
+
+
+def finished_sft_run(run_id: str, model: str = "smollm2-135m", *, adapter: bool = True, state: str = "completed"):
+    r = create_run({"run": {"model": model, "data": "demo"},
+                    "knobs": {"method": "sft", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+                              "target_modules": ["q_proj", "v_proj"]}}, {}, run_id)
+    r.write_status(state=state)
+    if adapter:
+        r.adapter_dir.mkdir()
+        (r.adapter_dir / "adapter_config.json").write_text("{}", encoding="utf-8")
+    return r
+
+
+def pairs_file(tmp_path):
+    p = tmp_path / "pairs.jsonl"
+    p.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f"Good answer {i}.",
+                                     "rejected": f"Bad answer {i}."}) + "\n" for i in range(6)), encoding="utf-8")
+    return p
+
+
+@pytest.fixture
+def no_worker(monkeypatch):
+    started = []
+    monkeypatch.setattr("localtune.launch.start_worker", lambda r, lock=None: started.append(r) or _Proc())
+    return started
+
+
+class _Proc:
+    pid = 4242
+
+
+def only_runs() -> list[str]:
+    return [r.id for r in list_runs()]
+
+
+def test_from_a_run_that_did_not_finish_is_one_line(capsys, machine_without_gpu) -> None:
+    finished_sft_run("20260101-090000-sft", state="stopped", adapter=False)
+    rc, _, err = run(capsys, "train", "--method", "dpo", "--from", "20260101-090000-sft", "--detach")
+    assert rc == 1
+    assert one_line_error(err) == (
+        "localtune: error: --from 20260101-090000-sft: run 20260101-090000-sft has no finished adapter to continue "
+        "(it is stopped); continue from a completed run (`localtune runs` lists them)")
+    assert only_runs() == ["20260101-090000-sft"]
+
+
+def test_from_a_run_of_another_base_model_is_one_line(capsys, machine_without_gpu, tiny_chat_model_dir) -> None:
+    finished_sft_run("20260101-090000-sft")
+    rc, _, err = run(capsys, "train", "--model", str(tiny_chat_model_dir), "--from", "20260101-090000-sft",
+                     "--detach")
+    assert rc == 1
+    line = one_line_error(err)
+    assert line.startswith("localtune: error: --from 20260101-090000-sft: run 20260101-090000-sft trained "
+                           "'smollm2-135m', not ")
+    assert line.endswith("its adapter fits only that base model: train with --model smollm2-135m "
+                         "(or start without --from)")
+    assert only_runs() == ["20260101-090000-sft"]
+
+
+def test_from_with_method_sft_is_one_line(capsys, machine_without_gpu) -> None:
+    finished_sft_run("20260101-090000-sft")
+    rc, _, err = run(capsys, "train", "--method", "sft", "--from", "last", "--detach")
+    assert rc == 1
+    assert one_line_error(err) == (
+        "localtune: error: --from last: continuing a run's adapter is for preference tuning; use --method dpo "
+        "or --method orpo (or leave --method out: dpo)")
+
+
+def test_an_sft_file_for_dpo_is_one_line_naming_both_formats(capsys, machine_without_gpu, tmp_path) -> None:
+    sft = tmp_path / "data.jsonl"
+    sft.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                            {"role": "assistant", "content": "Hello"}]}) + "\n", encoding="utf-8")
+    rc, _, err = run(capsys, "train", "--method", "dpo", "--data", str(sft), "--detach")
+    assert rc == 1
+    assert one_line_error(err) == (
+        f"localtune: error: {sft}: these rows are messages (supervised fine-tuning); --method dpo needs preference "
+        "pairs (preference: prompt/chosen/rejected, or preference_messages: chosen/rejected conversations); see "
+        "localtune data formats")
+    assert only_runs() == []
+
+
+def test_dpo_from_a_finished_run_records_it_and_trains_its_adapter_shape(
+        capsys, machine_without_gpu, no_worker, tmp_path) -> None:
+    src = finished_sft_run("20260101-090000-sft")
+    rc, out, err = run(capsys, "train", "--from", "last", "--data", str(pairs_file(tmp_path)), "--detach")
+    assert rc == 0, err
+    assert "with DPO, continuing run 20260101-090000-sft" in out
+    new = [r for r in list_runs() if r.id != src.id]
+    assert len(new) == 1 and no_worker == new
+    cfg = new[0].read_config()
+    assert cfg["knobs"]["method"] == "dpo"
+    assert cfg["run"]["from_run"] == src.id and cfg["run"]["from_adapter"] == str(src.adapter_dir)
+    # the adapter it continues decides the LoRA knobs, whatever the profile says
+    assert {k: cfg["knobs"][k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules")} == {
+        "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+
+
+def test_dpo_with_no_data_takes_the_preference_demo_and_its_held_out_pairs(
+        capsys, machine_without_gpu, no_worker) -> None:
+    from localtune.launch import PREFERENCE_DEMO_RECIPE
+
+    rc, out, err = run(capsys, "train", "--method", "dpo", "--detach")
+    assert rc == 0, err
+    (r,) = list_runs()
+    cfg = r.read_config()
+    assert (cfg["run"]["data"], cfg["run"]["eval_data"]) == ("demo-preference", "demo-preference-eval")
+    assert cfg["knobs"]["method"] == "dpo"
+    for k, v in PREFERENCE_DEMO_RECIPE.items():
+        assert cfg["knobs"][k] == v, k
+    assert r.read_status()["rows"] == 280
+    assert str(runs_dir()) in str(r.path)
