@@ -897,6 +897,40 @@ def _common_prefix_length(ids: list[int], other: list[int]) -> int:
     return n
 
 
+def _end_at_eos(answer: str, eos: str) -> str:
+    """An answer rendered by a chat template ends with its end-of-turn and a newline
+    ('Paris.<|im_end|>\n'); when the end-of-turn is the EOS token, the answer ends there."""
+    trimmed = answer.rstrip()
+    return trimmed if eos and trimmed.endswith(eos) else answer
+
+
+def orpo_dataset(examples: list[PreferenceExample], tokenizer: Any):
+    """The pairs as ORPO trains them. trl 1.16's ORPOTrainer renders conversations with the chat
+    template and then appends the EOS token to an answer that does not end with it, so with a
+    template that closes a turn with '<|im_end|>\n' it trained '...<|im_end|>\n<|im_end|>': a
+    second end of turn the model never sees at inference. Here conversations are rendered with
+    the same template into strings whose answers end at the end-of-turn when it is the EOS
+    token ('Paris.<|im_end|>'), so trl adds nothing; string pairs are given as they are.
+    `tokenize_pairs(..., "orpo")` shows the same tokens."""
+    import datasets
+
+    if examples and examples[0].shape == PREFERENCE_CONVERSATION:
+        rows = [_orpo_texts(e, tokenizer) for e in examples]
+        return datasets.Dataset.from_dict({"prompt": [r[0] for r in rows], "chosen": [r[1] for r in rows],
+                                           "rejected": [r[2] for r in rows]})
+    return preference_dataset(examples)
+
+
+def _orpo_texts(e: PreferenceExample, tokenizer: Any) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) of a conversation pair rendered as ORPO trains it."""
+    p = tokenizer.apply_chat_template(e.prompt, tokenize=False, add_generation_prompt=True)
+    c = tokenizer.apply_chat_template(e.prompt + e.chosen, tokenize=False)
+    r = tokenizer.apply_chat_template(e.prompt + e.rejected, tokenize=False)
+    n = min(_common_prefix_length(p, c), _common_prefix_length(p, r))
+    eos = tokenizer.eos_token or ""
+    return p[:n], _end_at_eos(c[n:], eos), _end_at_eos(r[n:], eos)
+
+
 def _orpo_ids(prompt: str, chosen: str, rejected: str, tokenizer: Any) -> dict[str, list[int]]:
     """trl 1.16 ORPOTrainer.tokenize_row (decoder-only) on the rendered texts."""
     def enc(text: str) -> list[int]:
@@ -937,11 +971,11 @@ def tokenize_pairs(examples: list[PreferenceExample], tokenizer: Any, method: st
     sequences (trl's common-prefix rule: a template that renders the prompt differently alone,
     or a token merging across the boundary, moves the cut), and each answer is the rest.
 
-    orpo (trl.experimental.orpo ORPOTrainer: maybe_apply_chat_template, then tokenize_row).
+    orpo (trl.experimental.orpo ORPOTrainer's tokenize_row on `orpo_dataset`'s rows).
     Conversations are rendered to text first (the prompt is the characters the three renderings
-    share); texts are tokenized without special tokens, the tokenizer's BOS is put before a
-    prompt that does not start with it and its EOS token after an answer that does not end with
-    it (after a chat template's own end-of-turn and newline too).
+    share; each answer ends at the template's end-of-turn when that is the EOS token); texts are
+    tokenized without special tokens, the tokenizer's BOS is put before a prompt that does not
+    start with it and its EOS token after an answer that does not end with it.
 
     Render with the tokenizer chat_template_for has set up."""
     if method not in PREFERENCE_METHODS:
@@ -970,11 +1004,11 @@ def tokenize_pairs(examples: list[PreferenceExample], tokenizer: Any, method: st
                 with_rejected = [e.prompt + (e.rejected if e.rejected.endswith(eos) else e.rejected + eos)
                                  for e in batch]
         if method == "orpo":
-            for p, c, r in zip(prompts, with_chosen, with_rejected):
-                if conversation:
-                    n = min(_common_prefix_length(p, c), _common_prefix_length(p, r))
-                    p = p[:n]
-                out.append(_orpo_ids(p, c[len(p):], r[len(p):], tokenizer))
+            for e, p, c, r in zip(batch, prompts, with_chosen, with_rejected):
+                if conversation:  # as orpo_dataset renders them
+                    out.append(_orpo_ids(*_orpo_texts(e, tokenizer), tokenizer))
+                else:
+                    out.append(_orpo_ids(p, c[len(p):], r[len(p):], tokenizer))
             continue
         # apply_chat_template(tokenize=True) encodes without special tokens; a plain string with them
         add_special = not conversation

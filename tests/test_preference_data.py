@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from localtune.data import (DataError, Example, MethodMismatch, PreferenceExample, chat_template_for, load_data,
-                            pair_texts, preference_dataset, split_eval, tokenize, tokenize_pairs)
+                            orpo_dataset, pair_texts, preference_dataset, split_eval, tokenize, tokenize_pairs)
 from localtune.errors import UserError
 from localtune.formats import FORMATS, PREFERENCE_CONVERSATION, PREFERENCE_TEXT, TEXT, detect, formats_for
 from tests.test_data import tree_digest, write, write_jsonl
@@ -477,8 +477,10 @@ def test_dpo_trainer_tokenizes_string_pairs_with_eos_and_the_common_prefix_rule(
 
 def test_orpo_trainer_tokenization_is_reproduced(tmp_path, smol):
     """trl 1.16's ORPOTrainer (trl.experimental.orpo) tokenizes differently from its DPOTrainer:
-    it appends the EOS token after the template's '<|im_end|>\\n' and puts the BOS token
-    (SmolLM2's is '<|im_start|>') before a plain prompt. tokenize_pairs(method='orpo') follows it."""
+    it appends the EOS token to an answer that does not end with it (after the template's
+    '<|im_end|>\\n' that made '<|im_end|>\\n<|im_end|>': orpo_dataset ends a rendered answer at its
+    '<|im_end|>' instead) and puts the BOS token (SmolLM2's is '<|im_start|>') before a plain
+    prompt. tokenize_pairs(method='orpo') shows what the trainer gets from orpo_dataset."""
     import warnings
 
     with warnings.catch_warnings():
@@ -489,7 +491,7 @@ def test_orpo_trainer_tokenization_is_reproduced(tmp_path, smol):
     for pairs in (CONVERSATION_PAIRS, STRING_PAIRS):
         examples = [PreferenceExample("x", *p) for p in pairs]
         args = ORPOConfig(output_dir=str(tmp_path / "orpo"), report_to=[], use_cpu=True, max_length=512)
-        trainer = ORPOTrainer(new_model(), args=args, train_dataset=preference_dataset(examples), processing_class=tok)
+        trainer = ORPOTrainer(new_model(), args=args, train_dataset=orpo_dataset(examples, tok), processing_class=tok)
         ours = tokenize_pairs(examples, tok, "orpo")
         for row, mine in zip(trainer.train_dataset, ours):
             assert mine["prompt_ids"] == row["prompt_input_ids"]
@@ -499,6 +501,6 @@ def test_orpo_trainer_tokenization_is_reproduced(tmp_path, smol):
             assert row["chosen_labels"][len(mine["prompt_ids"]):] == mine["chosen_ids"]
     texts = [pair_texts(t, tok) for t in tokenize_pairs([PreferenceExample("x", *CONVERSATION_PAIRS[0]),
                                                          PreferenceExample("y", *STRING_PAIRS[0])], tok, "orpo")]
-    assert texts[0]["chosen"] == "Four.<|im_end|>\n<|im_end|>"
+    assert texts[0]["chosen"] == "Four.<|im_end|>"  # one end of turn, as the model ends an answer
     assert texts[1] == {"prompt": "<|im_start|>The capital of France is", "chosen": " Paris.<|im_end|>",
                         "rejected": " Lyon.<|im_end|>"}

@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from localtune.methods import Method, Setup, training_arguments
-from localtune.methods.dpo import PREFERENCE_EVAL_METRICS, PREFERENCE_STEP_METRICS, PreferenceData, policy_model, prepare_pairs
+from localtune.methods.dpo import PREFERENCE_EVAL_METRICS, PREFERENCE_STEP_METRICS, PreferenceData, policy_model
+from localtune.methods.sft import load_rows
 
 
 class ORPO(Method):
@@ -17,7 +18,12 @@ class ORPO(Method):
     eval_metrics = PREFERENCE_EVAL_METRICS
 
     def prepare(self, setup: Setup, knobs) -> PreferenceData:
-        return prepare_pairs(setup, self.name, setup.seed)
+        """The pairs as `localtune.data.orpo_dataset` renders them (one end of turn per answer)."""
+        from localtune.data import orpo_dataset
+
+        _, train_rows, eval_rows = load_rows(setup, self.name, setup.seed)
+        tok = setup.tokenizer
+        return PreferenceData(orpo_dataset(train_rows, tok), orpo_dataset(eval_rows, tok) if eval_rows else None)
 
     def trainer(self, setup: Setup, data: PreferenceData, model: Any, knobs, callbacks: list) -> tuple[type, dict[str, Any]]:
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
