@@ -1,0 +1,101 @@
+"""The preference demo as a person meets it: `localtune train --method dpo --headless` with no
+other arguments trains the built-in model on the shipped pairs, and afterwards the model opens
+its answers with "In short: " where the base model never does; then the run exports to GGUF
+with a Modelfile and chats, as an SFT run does. One real run (minutes on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from localtune import demo
+from localtune.events import read_events
+from localtune.models import BUILTIN_FOLDER
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def dpo_demo_run(builtin_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    home = tmp_path_factory.mktemp("dpo-demo-home")
+    link = home / "cache" / "models" / BUILTIN_FOLDER
+    link.parent.mkdir(parents=True)
+    os.symlink(builtin_model_dir, link, target_is_directory=True)
+    env = {**os.environ, "LOCALTUNE_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "localtune", "train", "--method", "dpo", "--headless"],
+                            capture_output=True, text=True, timeout=1500, env=env)
+    return home, env, result
+
+
+def the_run(home: Path):
+    from localtune.runs import RunDir
+
+    (folder,) = [d for d in (home / "runs").iterdir() if d.is_dir()]
+    return RunDir(folder)
+
+
+def test_the_base_model_does_not_open_with_the_label(builtin_model_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(builtin_model_dir, dtype=torch.float32)
+    answers = demo.generate_answers(model, tokenizer, demo.preference_heldout_prompts(), max_new_tokens=16)
+    assert demo.count_preference_trait(answers) <= 1, answers
+
+
+def test_dpo_demo_teaches_the_label_and_ranks_held_out_pairs(dpo_demo_run) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    home, _, result = dpo_demo_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = the_run(home)
+    assert run.read_status()["state"] == "completed"
+    cfg = run.read_config()
+    assert cfg["knobs"]["method"] == "dpo" and cfg["run"]["data"] == "demo-preference"
+    assert "margin" in result.stdout and "preference accuracy" in result.stdout, result.stdout[-2000:]
+
+    events = read_events(run.events_path)
+    evals = [e for e in events if e["kind"] == "eval"]
+    assert evals and evals[-1]["eval_reward_accuracy"] >= 0.8, evals  # the 40 held-out pairs
+
+    base_dir = home / "cache" / "models" / BUILTIN_FOLDER
+    tokenizer = AutoTokenizer.from_pretrained(run.adapter_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                      run.adapter_dir)
+    answers = demo.generate_answers(model, tokenizer, demo.preference_heldout_prompts(), max_new_tokens=16)
+    assert demo.count_preference_trait(answers) >= 7, answers
+    print(f"\nDPO demo: {demo.count_preference_trait(answers)}/10 open with the label; held-out preference "
+          f"accuracy {evals[-1]['eval_reward_accuracy']:.3f}; {[e for e in events if e['kind'] == 'finished'][-1]}")
+
+
+def test_a_dpo_run_exports_gguf_with_a_modelfile_and_chats(dpo_demo_run, tmp_path: Path) -> None:
+    home, env, result = dpo_demo_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = the_run(home)
+    out = tmp_path / "gguf"
+    done = subprocess.run([sys.executable, "-m", "localtune", "export", run.id, "--format", "gguf", "--quant", "q8_0",
+                           "--ollama", "--out", str(out), "--json"], capture_output=True, text=True, timeout=900,
+                          env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert list(out.glob("*.gguf")) and (out / "Modelfile").is_file()
+    merged = tmp_path / "merged"
+    done = subprocess.run([sys.executable, "-m", "localtune", "export", run.id, "--format", "merged",
+                           "--out", str(merged)], capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    card = (merged / "README.md").read_text(encoding="utf-8")
+    assert "| method | direct preference optimisation (DPO, beta 0.1, loss sigmoid) |" in card, card
+    assert "held-out preference accuracy" in card
+    chat = subprocess.run([sys.executable, "-m", "localtune", "chat", run.id, "--max-new-tokens", "16"],
+                          input="What is the capital of Italy?\n", capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    # "you> tuned> ANSWER": the tuned model answers the way it was trained to
+    answer = chat.stdout.split("tuned> ", 1)[1].split("\n", 1)[0]
+    assert demo.shows_preference_trait(answer), chat.stdout[-1500:]
