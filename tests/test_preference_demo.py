@@ -92,10 +92,12 @@ def test_a_dpo_run_exports_gguf_with_a_modelfile_and_chats(dpo_demo_run, tmp_pat
     card = (merged / "README.md").read_text(encoding="utf-8")
     assert "| method | direct preference optimisation (DPO, beta 0.1, loss sigmoid) |" in card, card
     assert "held-out preference accuracy" in card
+    prompts = demo.preference_heldout_prompts()
+    typed = "".join(f"{p}\n/reset\n" for p in prompts)
     chat = subprocess.run([sys.executable, "-m", "localtune", "chat", run.id, "--max-new-tokens", "16"],
-                          input="What is the capital of Italy?\n", capture_output=True, text=True, timeout=600,
-                          env=env)
+                          input=typed, capture_output=True, text=True, timeout=600, env=env)
     assert chat.returncode == 0, chat.stderr[-2000:]
-    # "you> tuned> ANSWER": the tuned model answers the way it was trained to
-    answer = chat.stdout.split("tuned> ", 1)[1].split("\n", 1)[0]
-    assert demo.shows_preference_trait(answer), chat.stdout[-1500:]
+    # "you> tuned> ANSWER" per question: the tuned model answers the way it was trained to
+    answers = [part.split("\n", 1)[0] for part in chat.stdout.split("tuned> ")[1:]]
+    assert len(answers) == len(prompts), chat.stdout[-1500:]
+    assert demo.count_preference_trait(answers) >= 7, answers
