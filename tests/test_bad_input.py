@@ -57,8 +57,8 @@ def test_runs_lists_a_run_with_a_broken_config_as_unreadable_and_the_others_as_t
     monkeypatch.setenv("COLUMNS", "120")
     rc, out, err = run(capsys, "runs")
     assert rc == 0 and err == ""
-    assert re.search(rf"^{good.id}\s+created\s+0/\?\s+-\s+smollm2-135m\s", out, re.M), out
-    assert re.search(rf"^{broken.id}\s+unreadable\s+0/\?\s+-\s+-\s", out, re.M), out
+    assert re.search(rf"^{good.id}\s+sft\s+created\s+0/\?\s+-\s+smollm2-135m\s", out, re.M), out
+    assert re.search(rf"^{broken.id}\s+-\s+unreadable\s+0/\?\s+-\s+-\s", out, re.M), out
     assert out.splitlines()[-1].startswith(f"{broken.id}: unreadable: {expected(message, broken.config_path)}")
 
     rc, out, _ = run(capsys, "runs", "--json")

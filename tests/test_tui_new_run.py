@@ -23,6 +23,7 @@ from localtune.data import load_data
 from localtune.hardware import Device, Hardware
 from localtune.runs import RunDir, list_runs
 from localtune.tui.app import LocaltuneApp
+from localtune.launch import PREFERENCE_DEMO_RECIPE
 from localtune.tui.screens import new_run
 from localtune.tui.screens.new_run import DataFilePicker, DataFileTree
 from tests.test_tui_machine import shown
@@ -311,11 +312,12 @@ def test_start_writes_the_run_with_the_chosen_knobs_and_opens_the_dashboard(tmp_
 # ---------------------------------------------------------------- the method
 
 
-def messages_file(path: Path, rows: int = 3) -> Path:
-    """A small conversation file: the stand-in for the preference demo set in these tests (the
-    screen's part is which file it picks; reading preference pairs is the data checks' part)."""
-    return write_jsonl(path, [{"messages": [{"role": "user", "content": f"hi {i}"},
-                                            {"role": "assistant", "content": "Ahoy!"}]} for i in range(rows)])
+def pairs_file(path: Path, rows: int = 3) -> Path:
+    """A small file of preference pairs: the stand-in for the preference demo set in these tests
+    (the screen's part is which file it picks)."""
+    return write_jsonl(path, [{"prompt": [{"role": "user", "content": f"hi {i}"}],
+                               "chosen": [{"role": "assistant", "content": "In short: hello."}],
+                               "rejected": [{"role": "assistant", "content": "Hello."}]} for i in range(rows)])
 
 
 async def choose_method(pilot, method: str) -> None:
@@ -324,7 +326,7 @@ async def choose_method(pilot, method: str) -> None:
 
 
 def test_choosing_dpo_offers_beta_and_an_empty_data_field_is_the_preference_demo(tmp_path, monkeypatch) -> None:
-    pairs = messages_file(tmp_path / "pairs.jsonl")
+    pairs = pairs_file(tmp_path / "pairs.jsonl")
     monkeypatch.setattr(new_run, "preference_demo_path", lambda: pairs)
 
     async def test(app, pilot) -> None:
@@ -340,7 +342,8 @@ def test_choosing_dpo_offers_beta_and_an_empty_data_field_is_the_preference_demo
         # the field held the sft demo: emptied, and empty means the preference demo set
         assert data.value == "" and "preference demo set" in data.placeholder
         assert screen._data_source == str(pairs) and "Rows 3: 3 valid" in shown(app, "#data-summary")
-        assert screen.plan.knobs.max_steps == -1  # the sft demo recipe left with the sft demo
+        # the sft demo recipe left with the sft demo; the preference demo's came with its pairs
+        assert screen.plan.knobs.max_steps == PREFERENCE_DEMO_RECIPE["max_steps"]
 
         await type_into(pilot, "#knob-beta", "0.5")
         assert screen.plan.knobs.beta == 0.5 and table_row(app, "beta")[:3] == ["beta", "0.5", "set"]
@@ -371,7 +374,7 @@ def test_a_preference_method_without_the_preference_demo_set_asks_for_pairs(monk
 
 
 def test_start_a_dpo_run_writes_the_method_and_beta(tmp_path, monkeypatch, tiny_chat_model_dir) -> None:
-    pairs = messages_file(tmp_path / "pairs.jsonl")
+    pairs = pairs_file(tmp_path / "pairs.jsonl")
     monkeypatch.setattr(new_run, "preference_demo_path", lambda: pairs)
 
     async def test(app, pilot) -> None:
@@ -397,7 +400,7 @@ def continue_screen(app: LocaltuneApp, run_id: str = "20260921-101500-smollm2-13
 
 
 def test_continue_from_a_run_and_what_drops_it(tmp_path, monkeypatch) -> None:
-    pairs = messages_file(tmp_path / "pairs.jsonl")
+    pairs = pairs_file(tmp_path / "pairs.jsonl")
     monkeypatch.setattr(new_run, "preference_demo_path", lambda: pairs)
     run_id = "20260921-101500-smollm2-135m"
 
@@ -451,7 +454,7 @@ def test_snapshot_over_budget(snap_compare, monkeypatch, size) -> None:
 def test_snapshot_continue_with_dpo(snap_compare, monkeypatch, tmp_path) -> None:
     """80x24: prefilled by the Runs screen's "continue with DPO"."""
     freeze_clock(monkeypatch)
-    pairs = messages_file(tmp_path / "pairs.jsonl")
+    pairs = pairs_file(tmp_path / "pairs.jsonl")
     monkeypatch.setattr(new_run, "preference_demo_path", lambda: pairs)
 
     async def prefilled(pilot) -> None:

@@ -375,10 +375,10 @@ def test_continue_with_dpo_opens_new_run_prefilled_and_start_writes_from_run(run
     from localtune.tui.screens import new_run
     from localtune.tui.screens.new_run import NewRunScreen
 
-    # a stand-in for the preference demo set, in a format this branch's data checks read
+    # a stand-in for the preference demo set
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join('{"messages": [{"role": "user", "content": "q%d"}, {"role": "assistant", '
-                             '"content": "a"}]}\n' % i for i in range(4)), encoding="utf-8")
+    pairs.write_text("".join('{"prompt": "q%d", "chosen": "In short: a", "rejected": "a"}\n' % i
+                             for i in range(4)), encoding="utf-8")
     monkeypatch.setattr(new_run, "preference_demo_path", lambda: pairs)
     started: list[RunDir] = []
     monkeypatch.setattr(new_run, "start_worker", lambda run: started.append(run))

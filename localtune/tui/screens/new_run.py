@@ -34,7 +34,8 @@ from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Checkbox, DirectoryTree, Footer, Header, Input, Label, Select, Static
 
-from localtune.data import CONVERSATION, DEMO, FILE_SUFFIXES, LoadedData, chat_template_for, load_data, render
+from localtune.data import (CONVERSATION, DEMO, FILE_SUFFIXES, LoadedData, PreferenceExample, chat_template_for,
+                            load_data, pair_texts, render, tokenize_pairs)
 from localtune.errors import UserError
 from localtune.knobs import KNOB_FIELDS, METHODS
 from localtune.data import DEMO_PREFERENCE_EVAL
@@ -291,6 +292,7 @@ class NewRunScreen(Screen):
         """(tokenizer, chat template) by model location, filled by the example thread."""
         self.method = "sft"
         self.from_run: str | None = None
+        self._loaded_for = "sft"
         self._from_lora: dict[str, Any] = {}
         """The completed run whose adapter this run continues ("continue with DPO" on the Runs screen)."""
         self._from_model: str | None = None
@@ -412,14 +414,15 @@ class NewRunScreen(Screen):
         self.show("#data-problems", "")
         self.show("#data-example", "")
         self.query_one("#data-skip-bad").display = False
+        self._loaded_for = self.method
         if source:
-            self._load_thread(source)
+            self._load_thread(source, self.method)
         self.replan()  # the demo recipe comes or goes with the demo data
 
     @work(thread=True, group="data", exit_on_error=False)
-    def _load_thread(self, source: str) -> None:
+    def _load_thread(self, source: str, method: str = "sft") -> None:
         try:
-            self.post_message(DataLoaded(source, load_data(source, skip_bad_rows=True), None))
+            self.post_message(DataLoaded(source, load_data(source, skip_bad_rows=True, method=method), None))
         except UserError as e:
             self.post_message(DataLoaded(source, None, str(e)))
         except Exception as e:  # whatever a broken file does to a reader, the screen stays up
@@ -503,6 +506,9 @@ class NewRunScreen(Screen):
                 self._tokenizers[model.location] = (tokenizer, chat_template_for(tokenizer))
             tokenizer, template = self._tokenizers[model.location]
             example = data.examples[0]
+            if isinstance(example, PreferenceExample):
+                self.post_message(ExampleRendered(key, self._pair_example(example, data, key, tokenizer), None))
+                return
             text, spans, _ = render(example, tokenizer, template)
             shown = DEMO if key[1] == DEMO else Path(data.source).name
             if example.shape != CONVERSATION:
@@ -518,6 +524,16 @@ class NewRunScreen(Screen):
             self.post_message(ExampleRendered(key, None, str(e)))
         except Exception as e:  # a tokenizer that fails must not take the screen down
             self.post_message(ExampleRendered(key, None, f"cannot render an example: {type(e).__name__}: {e}"))
+
+    def _pair_example(self, example: PreferenceExample, data: LoadedData, key: tuple[str, str], tokenizer) -> Text:
+        """A pair as the trainer sees it: the prompt, then each answer between « »."""
+        texts = pair_texts(tokenize_pairs([example], tokenizer, self.method if self.method in PREFERENCE_METHODS
+                                          else "dpo")[0], tokenizer)
+        shown = Path(data.source).name
+        head = Text.assemble((f"Example {short_where(example.where, data.source, shown)}", "bold"),
+                             " · a preference pair · trained answers in « »\n")
+        return head + Text.assemble(texts["prompt"], ("\nchosen:   ", "bold green"), f"«{texts['chosen']}»",
+                                    ("\nrejected: ", "bold red"), f"«{texts['rejected']}»")
 
     def on_example_rendered(self, message: ExampleRendered) -> None:
         if message.key != self._example_key:
@@ -624,7 +640,11 @@ class NewRunScreen(Screen):
         raw = field.value.strip()
         if preference and raw == DEMO or not preference and not raw:
             field.value = "" if preference else DEMO
+        before = self._data_source
         self._apply_data()
+        if self._data_source == before and before and self._loaded_for != method:
+            self._example_key = None
+            self._load(before)  # the same file, checked again for this method
         self.replan()
 
     def continue_from(self, run_id: str, model: str) -> None:
