@@ -159,7 +159,9 @@ def test_dpo_backs_off_out_of_memory_with_pairs_halved_and_the_effective_batch_k
 
 def test_orpo_trains_without_a_reference_and_reports_its_odds_ratio(
         tiny_chat_model_dir: Path, pairs_file: Path) -> None:
-    run = make_run("orpo", tiny_chat_model_dir, pairs_file, method="orpo", max_steps=4, save_steps=4, eval_steps=4)
+    """...with its checkpoints by the clock: save_steps far away, save_minutes tiny."""
+    run = make_run("orpo", tiny_chat_model_dir, pairs_file, method="orpo", max_steps=4, save_steps=100,
+                   eval_steps=4, save_minutes=1e-4)
     run_to_end(run)
     assert run.read_status()["state"] == "completed", log_tail(run)
     assert_events_well_formed(run)
@@ -169,6 +171,7 @@ def test_orpo_trains_without_a_reference_and_reports_its_odds_ratio(
     for e in steps:
         assert DPO_STEP_FIELDS | {"log_odds_ratio", "nll_loss"} <= set(e), e
     assert json.loads((run.adapter_dir / "localtune.json").read_text())["method"] == "orpo"
+    assert [e["step"] for e in events_of(run, "checkpoint")] == [1, 2, 3, 4]  # by the clock
 
 
 def test_dpo_from_an_sft_run_continues_its_adapter_against_its_model(
