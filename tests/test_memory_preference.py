@@ -33,6 +33,11 @@ ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 LLAMA_31_8B = ModelShape(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, head_dim=128, intermediate_size=14336, vocab_size=128256,
                          tie_word_embeddings=False)
+LLAMA_2_7B = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+    "intermediate_size": 11008, "vocab_size": 32000, "tie_word_embeddings": False,
+}
 AMPERE_FLASH = DeviceFacts(backend="cuda", compute_capability=(8, 0), flash_attn_installed=True)
 
 
@@ -431,3 +436,61 @@ def test_orpo_4bit_upcast_matches_peft(tiny_llama_dir, dtype, bf16):
     predicted = (estimate(shape, k.replace(method="orpo"), facts).weights_bytes
                  - estimate(shape, k, facts).weights_bytes)
     assert predicted == added > 0
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def _model(tmp_path, cfg):
+    from localtune.models import resolve_model
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    return resolve_model(str(d))
+
+
+def test_dpo_plans_a_smaller_micro_batch_than_sft_where_the_estimate_says_so(tmp_path):
+    """Llama-2-7B (a 32k vocabulary, so the activations, not SFT's logits, decide) on a 15.5 GB
+    card with the 24 GB profile: SFT keeps 2 rows per micro-batch, DPO's 2 pairs (4 sequences)
+    do not fit and step down to 1 pair, with twice the accumulation."""
+    from localtune.plan import hypothetical_hardware, make_plan
+    from localtune.profiles import get_profile
+
+    model = _model(tmp_path, LLAMA_2_7B)
+    hw = hypothetical_hardware("cuda", 15.5)
+    prof = get_profile("cuda-24gb")
+    sft = make_plan(hw, model, profile=prof)
+    dpo = make_plan(hw, model, profile=prof, pinned={"method": "dpo"})
+    assert sft.fits and dpo.fits
+    assert sft.knobs.per_device_train_batch_size == prof.knobs.per_device_train_batch_size == 2
+    assert dpo.knobs.per_device_train_batch_size == 1
+    assert dpo.knobs.gradient_accumulation_steps == 2 * prof.knobs.gradient_accumulation_steps
+    assert dpo.knobs.effective_batch_size == sft.knobs.effective_batch_size
+    # the estimate said so: DPO at SFT's micro-batch is over the budget, SFT is not
+    over = estimate(model.shape, sft.knobs.replace(method="dpo"), "cuda")
+    assert over.total_bytes > dpo.budget_bytes >= sft.estimate.total_bytes
+    step = [a for a in dpo.adjustments if a.knob == "per_device_train_batch_size"]
+    assert step and "preference pairs" in step[0].reason
+    assert sft.notes == [] and len(dpo.notes) == 1 and "a DPO row is two sequences" in dpo.notes[0]
+    assert dpo.estimate.total_bytes == estimate(model.shape, dpo.knobs, "cuda").total_bytes
+
+
+def test_plan_cli_with_method_dpo_shows_the_reference_part_and_why(tmp_path, capsys):
+    from tests.helpers import run
+
+    _model(tmp_path, LLAMA_2_7B)
+    args = ("plan", "--backend", "cuda", "--budget", "24", "--model", str(tmp_path / "m"))
+    rc, out, err = run(capsys, *args, "--set", "method=dpo")
+    assert rc == 0, err
+    assert "reference forward (no grad)" in out
+    assert ("a DPO row is two sequences (chosen and rejected, each up to 4096 tokens; 2 rows = 4 sequences per "
+            "micro-batch) plus a reference forward without gradients") in " ".join(out.split())
+    rc, out, err = run(capsys, *args, "--set", "method=dpo", "--json")
+    plan = json.loads(out)
+    assert plan["estimate"]["method"] == "dpo" and plan["estimate"]["sequences_per_micro_batch"] == 4
+    assert plan["notes"] and "reference_bytes" in plan["estimate"]
+    rc, out, err = run(capsys, *args)  # sft: as before, no reference line, no note
+    assert rc == 0 and "reference forward" not in out and "DPO row" not in out
+    rc, out, err = run(capsys, *args, "--set", "method=orpo")
+    assert rc == 0 and "reference forward" not in out and "an ORPO row is two sequences" in " ".join(out.split())
