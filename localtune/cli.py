@@ -154,6 +154,8 @@ def render_plan(plan) -> None:
     con.print(t)
     e = plan.estimate
     con.print(f"\n[bold]Memory estimate[/] ({e.tokens_per_micro_batch} tokens per micro-batch)")
+    for note in plan.notes:
+        con.print(f"[dim]{note}[/]", soft_wrap=True)
     width = 30
     scale = max(e.total_bytes, plan.budget_bytes, 1)
     m = Table(box=None, pad_edge=False)

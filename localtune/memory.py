@@ -54,6 +54,45 @@ logits
     LM head a full gradient for it: `2 * V * h` more bytes of the weights' dtype while the loss is
     computed (measured on the CPU: 2.0 x V x h x 4 bytes, tied or untied; the merged input
     embeddings and their gradient come and go outside that peak).
+preference methods (`method` dpo or orpo)
+    A row is a pair: trl's collators put the chosen and the rejected sequence (prompt +
+    completion, each up to `max_length`) of every row into one batch, so a micro-batch of `m`
+    rows is `2 m` sequences and every per-token part above doubles. Both trainers leave
+    `disable_dropout` on (trl's default), which sets every dropout, LoRA's included, to p=0:
+    nothing is saved for it, so the activations are those without LoRA dropout. Their batches
+    are padded to the longest sequence (trl 1.16's DPO turns padding-free off), so with SDPA
+    attention every block saves its own copy of the padding mask made additive (`a * S` bytes
+    per token, S = max_length) and, for grouped-query attention, the keys and values repeated to
+    all query heads (`2 (q - kv) a`; transformers repeats them when a mask is given), plus one
+    boolean mask for the whole model (`S` bytes per token); measured with saved-tensor hooks.
+    flash-attention 2 takes the padding without a mask.
+    DPO (`trl.DPOTrainer`) scores both sequences through trl's fused LM head
+    (`add_fused_lm_head`, `trl/kernels/chunked_logprob.py`): no full logits, but a projection
+    buffer of `min(n, 4096) x 32768` in the compute dtype whatever the vocabulary (n: the
+    positions scored, `2 m (S - 1)` at most: CUDA scores only the completions), the hidden
+    states it saves (`n h a`) and, in the backward, a float32 gradient for them (`4 n h`). On
+    CUDA a Triton kernel folds each tile in place; on the CPU and Apple torch folds a tile of
+    `min(n, 4096) x min(V, 32768)` through float32 temporaries: 3 of them and a boolean mask
+    forward, 7 and a mask backward, for a float32 or a 16-bit tile alike (measured with torch's
+    profiler). This is the "logits" part.
+    The reference is the same model with the adapter off (or, continuing from an SFT adapter,
+    a frozen copy of it named "ref": `reference_adapter=True`, its float32 parameters counted
+    here), run under no_grad after the policy's forward: it stores nothing, but one decoder
+    block's working set is live at a time (measured on the CPU: the MLP's `(4 h + 3 i) a + h`
+    per token, or the attention's, bounded by `(4 h + 6 q + kv) a + a S`, whichever is larger)
+    and then its own fused head's forward. The "reference" part is what that adds above the
+    policy's own peak (the fused head's backward, and with checkpointing the block the backward
+    recomputes): nothing with checkpointing, and without it only where the blocks are wide
+    next to the fused head's buffer (long sequences on a large model).
+    ORPO (`trl.experimental.orpo.ORPOTrainer`) has no reference but computes the full logits
+    of both sequences, a cross-entropy over the chosen half and a log-softmax over all: 14 bytes
+    per element of `2 m S x V` at its peak (measured on the CPU in float32; with bf16 accelerate
+    returns the model's logits in float32, so the same tensors follow, and on CUDA trl's Triton
+    log-softmax saves no more than torch's: read from the source, not measured). With 4-bit
+    weights it calls peft's `prepare_model_for_kbit_training`, which casts every non-quantised
+    parameter to float32; trl then casts the embeddings and lm_head back to bfloat16 when
+    training in bf16, so the norms and biases stay float32 (and with float16 the embeddings and
+    lm_head too).
 overhead
     What the framework costs beyond the tensors: the CUDA context and cuBLAS workspaces
     (~0.5 GiB, not counted by `torch.cuda.max_memory_allocated`), ~0.25 GiB for Metal,
@@ -85,7 +124,7 @@ from typing import Any
 from localtune.errors import UserError
 from localtune.knobs import Knobs
 from localtune.models import ModelShape
-from localtune.precision import DeviceFacts, precision_for
+from localtune.precision import DTYPE_BYTES, DeviceFacts, precision_for
 
 GiB = 1024**3
 
@@ -114,9 +153,30 @@ PART_LABELS = {
     "adapter": "LoRA params + grads + optimizer",
     "activations": "activations",
     "logits": "logits + loss",
+    "reference": "reference forward (no grad)",
     "overhead": "runtime overhead",
     "fragmentation": "fragmentation headroom",
 }
+METHOD_PARTS = {"reference": ("dpo",)}
+"""Parts that only some methods have; `MemoryEstimate.parts()` lists them for those alone."""
+
+SEQUENCES_PER_ROW = {"sft": 1, "dpo": 2, "orpo": 2}
+"""Sequences one row of the data puts in a micro-batch: a preference pair is two."""
+
+FUSED_TOKEN_TILE = 4096
+"""Tokens per tile of trl's fused LM head (trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE)."""
+FUSED_VOCAB_TILE = 32768
+"""Vocabulary columns per tile, and the width of its projection buffer whatever the vocabulary
+(trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)."""
+FUSED_TILE_FORWARD_BYTES = 3 * 4 + 1
+"""Bytes per tile element of the torch fold's temporaries in the forward (CPU, Apple): three
+float32 tiles and a boolean mask, whether the tile is float32 or 16-bit (measured)."""
+FUSED_TILE_BACKWARD_BYTES = 7 * 4 + 1
+"""The same in the backward: seven float32 tiles and a boolean mask."""
+FUSED_SMALL_BYTES_PER_TOKEN = 12 * 4
+"""The fused head's per-position float32 vectors (running max, sums, log-probs, entropy...)."""
+ORPO_LOGITS_BYTES = 14
+"""Bytes per element of ORPO's full logits (2 m S x V) at the loss's peak (measured)."""
 
 
 @dataclass
@@ -138,19 +198,28 @@ class MemoryEstimate:
     tokens_per_micro_batch: int
     details: dict[str, Any] = field(default_factory=dict)
     """The inputs that decided the numbers (dtype bytes, quantised params, ...)."""
+    reference_bytes: int = 0
+    """DPO: what the reference forward adds above the policy's peak, and the frozen "ref"
+    adapter when continuing from one. 0 for the other methods."""
+    method: str = "sft"
+    sequences_per_micro_batch: int = 0
+    """Sequences in one forward pass: the micro-batch, twice over for a preference method."""
 
     @property
     def total_bytes(self) -> int:
         return (self.weights_bytes + self.adapter_bytes + self.activations_bytes
-                + self.logits_bytes + self.overhead_bytes + self.fragmentation_bytes)
+                + self.logits_bytes + self.reference_bytes + self.overhead_bytes + self.fragmentation_bytes)
 
     @property
     def allocated_bytes(self) -> int:
         """The tensor parts only: what `torch.cuda.max_memory_allocated` measures."""
-        return self.weights_bytes + self.adapter_bytes + self.activations_bytes + self.logits_bytes
+        return (self.weights_bytes + self.adapter_bytes + self.activations_bytes + self.logits_bytes
+                + self.reference_bytes)
 
     def parts(self) -> list[tuple[str, int]]:
-        return [(k, getattr(self, f"{k}_bytes")) for k in PART_LABELS]
+        """(part, bytes) in PART_LABELS' order, the parts of other methods left out."""
+        return [(k, getattr(self, f"{k}_bytes")) for k in PART_LABELS
+                if self.method in METHOD_PARTS.get(k, (self.method,))]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -240,50 +309,137 @@ def activation_bytes_per_token_per_block(shape: ModelShape, knobs: Knobs, a: int
     return per
 
 
-def estimate(shape: ModelShape, knobs: Knobs, device: str | DeviceFacts) -> MemoryEstimate:
+def fused_head_bytes(n: int, shape: ModelShape, backend: str, c: int, weights_bytes: int) -> tuple[int, int]:
+    """(forward, backward) transient bytes of trl's fused LM head scoring `n` positions with
+    `c`-byte compute on `backend`, beyond the hidden states it is given: its projection buffer,
+    the tile temporaries where torch folds the tiles (not CUDA's Triton kernel), a 16-bit copy of
+    a float32 output-layer chunk under autocast, and in the backward the float32 gradient of the
+    hidden states (cast back to the compute dtype at the end)."""
+    h, V = shape.hidden_size, shape.vocab_size
+    rows = min(n, FUSED_TOKEN_TILE)
+    buffer = rows * FUSED_VOCAB_TILE * c
+    weight_chunk = min(V, FUSED_VOCAB_TILE) * h * c if weights_bytes != c else 0
+    tile = rows * min(V, FUSED_VOCAB_TILE)
+    fold_fwd = tile * FUSED_TILE_FORWARD_BYTES if backend != "cuda" else 0
+    fold_bwd = tile * FUSED_TILE_BACKWARD_BYTES if backend != "cuda" else 0
+    small = n * FUSED_SMALL_BYTES_PER_TOKEN
+    forward = buffer + weight_chunk + fold_fwd + small
+    backward = buffer + weight_chunk + fold_bwd + n * h * 4 + (n * h * c if c != 4 else 0)
+    return forward, backward
+
+
+def reference_block_bytes_per_token(shape: ModelShape, a: int, max_length: int, adapter: bool) -> int:
+    """Peak bytes per token of one decoder block run under no_grad (the reference forward):
+    the larger of the MLP's working set (the embeddings, the block's input, the residual, the
+    normed input, and three of gate / activation / up / product at once) and the attention's
+    (q, k, v, their rotated copies, k and v repeated to the query heads under a padding mask,
+    the additive mask). With the "ref" adapter each projection also forms the LoRA branch's
+    output before adding it. Measured on the CPU in float32 and bfloat16 (module docstring)."""
+    h, i, q, kv = shape.hidden_size, shape.intermediate_size, shape.q_dim, shape.kv_dim
+    mlp = (4 * h + 3 * i + (i if adapter else 0)) * a + h
+    attention = (4 * h + 6 * q + kv + (q if adapter else 0)) * a + a * max_length
+    return max(mlp, attention)
+
+
+def estimate(shape: ModelShape, knobs: Knobs, device: str | DeviceFacts, *,
+             reference_adapter: bool = False) -> MemoryEstimate:
     """Estimate peak memory for training `shape` with `knobs` on `device`: a backend name
     ('cuda', 'mps', 'cpu': today's common hardware of that kind) or the DeviceFacts of a
-    probed device (its bf16 support decides 2 or 4 bytes on Apple). Pure arithmetic."""
+    probed device (its bf16 support decides 2 or 4 bytes on Apple). Pure arithmetic.
+
+    `knobs.method` decides what a micro-batch holds and how the loss is formed (module
+    docstring). `reference_adapter`: DPO continues from a trained adapter, so trl keeps a frozen
+    copy of it as the reference (the planner assumes a fresh adapter: False)."""
     facts = _facts(device)
     backend = facts.backend
     precision = precision_for(knobs, facts)
     a = precision.compute_bytes
+    method = knobs.method
+    preference = method in ("dpo", "orpo")
     w_bytes, base_params, quantised = weights_bytes(
         shape, load_in_4bit=knobs.load_in_4bit, double_quant=knobs.bnb_4bit_use_double_quant,
         dtype_bytes=precision.weights_bytes)
+    L, h, V, S = shape.num_hidden_layers, shape.hidden_size, shape.vocab_size, knobs.max_length
+    kbit_upcast = 0
+    if method == "orpo" and knobs.load_in_4bit and precision.weights_bytes < 4:
+        # peft's prepare_model_for_kbit_training: every non-quantised parameter to float32; trl
+        # casts the embeddings and lm_head back to bf16 when training in bf16, not in fp16
+        upcast = (2 * L + 1) * h + ((shape.q_dim + 2 * shape.kv_dim) * L if shape.attention_bias else 0)
+        if not precision.trainer_bf16:
+            upcast += V * h * (1 if shape.tie_word_embeddings else 2)
+        kbit_upcast = upcast * (4 - precision.weights_bytes)
+        w_bytes += kbit_upcast
     lora = lora_param_count(shape, knobs)
     tokens_trained = trainable_token_params(shape)
     # peft keeps LoRA weights and the trainable token rows in float32 over any base dtype
     adapter = int((lora + tokens_trained) * (4 + 4 + optimizer_bytes_per_param(knobs.optim)))
-    tokens = knobs.per_device_train_batch_size * knobs.max_length
-    full_block = activation_bytes_per_token_per_block(shape, knobs, a)
-    L, h = shape.num_hidden_layers, shape.hidden_size
+    sequences = knobs.per_device_train_batch_size * SEQUENCES_PER_ROW[method]
+    tokens = sequences * S
+    # trl's preference trainers set every dropout to p=0 (disable_dropout, on by default)
+    act_knobs = knobs.replace(lora_dropout=0.0) if preference else knobs
+    full_block = activation_bytes_per_token_per_block(shape, act_knobs, a)
+    stored_blocks = 1 if knobs.gradient_checkpointing else L
+    mask_per_block = mask_once = 0
+    if preference and precision.attn_implementation != "flash_attention_2":
+        # padded batches: each stored block keeps the additive mask and, for grouped-query
+        # attention, k and v repeated to every query head; one boolean mask for the model
+        mask_per_block = a * S + 2 * (shape.q_dim - shape.kv_dim) * a
+        mask_once = S
+    padding_mask = stored_blocks * mask_per_block + mask_once
     if knobs.gradient_checkpointing:
         per_token = L * a * h + full_block + 4 * h
     else:
         per_token = L * full_block + 4 * h
-    activations = int(tokens * per_token)
+    activations = int(tokens * (per_token + padding_mask))
     dequant_buffer = max(i * o for i, o in shape.linear_layers().values()) * 2 if knobs.load_in_4bit else 0
     activations += dequant_buffer
-    logits = tokens * shape.vocab_size * (a + 4 + 4)
     # trained token rows: peft merges them into a full copy of the output layer, and its full
     # gradient is formed, while the loss is computed (measured: 2.0 x V x h x 4 bytes on the CPU)
-    token_rows_transient = 2 * shape.vocab_size * h * precision.weights_bytes if shape.added_tokens else 0
-    logits += token_rows_transient
-    transient = adapter + activations + logits
+    token_rows_transient = 2 * V * h * precision.weights_bytes if shape.added_tokens else 0
+    reference = 0
+    details: dict[str, Any] = {}
+    if method == "dpo":
+        c = DTYPE_BYTES[precision.compute_dtype]  # the fused head computes in autocast's dtype
+        n = sequences * (S - 1)
+        fused_fwd, fused_bwd = fused_head_bytes(n, shape, backend, c, precision.weights_bytes)
+        saved_hidden = n * h * c  # the hidden states the fused head saves for its backward
+        logits = saved_hidden + fused_bwd + token_rows_transient
+        # the reference forward, after the policy's (its activations and saved_hidden live):
+        # one block at a time, then its final hidden states, their scored copy and its fused head
+        ref_blocks = tokens * reference_block_bytes_per_token(shape, a, S, reference_adapter)
+        ref_head = tokens * h * c + n * h * c + fused_fwd
+        ref_peak = max(ref_blocks, ref_head)
+        ref_adapter = (lora + tokens_trained) * 4 if reference_adapter else 0
+        # the policy's peak is its fused head's backward; with checkpointing the block the
+        # backward recomputes (counted in the activations) is not live during the reference either
+        recomputed = tokens * (full_block + mask_per_block) if knobs.gradient_checkpointing else 0
+        reference = max(0, ref_peak - fused_bwd - recomputed) + ref_adapter
+        details.update(reference_forward_peak_bytes=ref_peak, reference_adapter_bytes=ref_adapter,
+                       fused_head_forward_bytes=fused_fwd, fused_head_backward_bytes=fused_bwd,
+                       fused_head_saved_bytes=saved_hidden)
+    elif method == "orpo":
+        logits = tokens * V * ORPO_LOGITS_BYTES + token_rows_transient
+    else:
+        logits = tokens * V * (a + 4 + 4) + token_rows_transient
+    transient = adapter + activations + logits + reference
     return MemoryEstimate(
         weights_bytes=w_bytes,
         adapter_bytes=adapter,
         activations_bytes=activations,
         logits_bytes=logits,
+        reference_bytes=reference,
         overhead_bytes=OVERHEAD_BYTES[backend],
         fragmentation_bytes=int(transient * FRAGMENTATION_FRAC[backend]),
         lora_params=lora,
         trainable_token_params=tokens_trained,
         base_params=base_params,
         tokens_per_micro_batch=tokens,
+        method=method,
+        sequences_per_micro_batch=sequences,
         details={"compute_dtype_bytes": a, "weights_dtype": precision.weights_dtype, "quantised_params": quantised,
                  "token_rows_transient_bytes": token_rows_transient,
                  "activation_bytes_per_token_per_block": full_block,
-                 "dequant_buffer_bytes": dequant_buffer},
+                 "dequant_buffer_bytes": dequant_buffer,
+                 "padding_mask_bytes_per_token": padding_mask,
+                 "kbit_upcast_bytes": kbit_upcast, **details},
     )

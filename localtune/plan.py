@@ -17,6 +17,12 @@ what changes what the model sees:
 6. halve max_length (not below 256)     longer rows get truncated
 7. halve the LoRA rank (not below 4)    lora_alpha is halved with it, keeping the scale
 
+With `method` dpo or orpo a row of the data is a preference pair: the micro-batch counts pairs,
+each two sequences (chosen and rejected), and the estimate says what that costs (for DPO, also
+a reference forward without gradients; for ORPO, the full logits). Step 4 halves the pairs
+per micro-batch with the same rule, so the effective batch of pairs is unchanged; the plan
+carries one note saying so (`Plan.notes`).
+
 Apple's MPS never gets steps 2, 3 and 5: bitsandbytes does not run there
 (profiles.BITSANDBYTES_BACKENDS), and a knob the user pins to it is refused before anything
 else (`check_backend_runs`). The dtypes, and so the bytes, come from localtune.precision with
@@ -83,6 +89,10 @@ class Plan:
     fits: bool = True
     advice: list[str] = field(default_factory=list)
     """When nothing fits: what would."""
+    notes: list[str] = field(default_factory=list)
+    """What the estimate counts that the knobs alone do not show (a preference method's pairs)."""
+    reference_adapter: bool = False
+    """DPO continuing from a trained adapter: its frozen copy is the reference."""
 
     @property
     def backend(self) -> str:
@@ -111,6 +121,8 @@ class Plan:
             "fits": self.fits,
             "adjustments": [a.to_dict() for a in self.adjustments],
             "advice": list(self.advice),
+            "notes": list(self.notes),
+            "reference_adapter": self.reference_adapter,
             "knob_sources": self.knob_sources(),
         }
 
@@ -133,9 +145,27 @@ def _gb(n: float) -> str:
     return f"{n / GiB:.2f} GB"
 
 
+def method_note(knobs: Knobs, reference_adapter: bool = False) -> str | None:
+    """One line on what a preference method's micro-batch holds and costs; None for sft."""
+    mb, n = knobs.per_device_train_batch_size, knobs.max_length
+    pairs = f"{mb} row{'s' if mb != 1 else ''} = {2 * mb} sequences"
+    if knobs.method == "dpo":
+        ref = ("a frozen copy of the adapter it continues" if reference_adapter
+               else "the base model with the adapter off")
+        return (f"method dpo: a DPO row is two sequences (chosen and rejected, each up to {n} tokens; "
+                f"{pairs} per micro-batch) plus a reference forward without gradients ({ref}), "
+                "counted where it rises above the policy's own peak")
+    if knobs.method == "orpo":
+        return (f"method orpo: an ORPO row is two sequences (chosen and rejected, each up to {n} tokens; "
+                f"{pairs} per micro-batch) and no reference model, but trl's ORPOTrainer forms the full "
+                "logits of both")
+    return None
+
+
 def make_plan(hardware: Hardware, model: ModelRef, *, profile: str | Profile | None = None,
-              pinned: dict[str, Any] | None = None) -> Plan:
-    """Fit the run to the machine. Pure arithmetic on the model's shape: takes milliseconds."""
+              pinned: dict[str, Any] | None = None, reference_adapter: bool = False) -> Plan:
+    """Fit the run to the machine. Pure arithmetic on the model's shape: takes milliseconds.
+    `reference_adapter`: a DPO run continues from a trained adapter (see memory.estimate)."""
     pinned = dict(pinned or {})
     prof = profile if isinstance(profile, Profile) else (get_profile(profile) if profile else match_profile(hardware))
     knobs = prof.knobs.replace(**pinned)
@@ -150,7 +180,7 @@ def make_plan(hardware: Hardware, model: ModelRef, *, profile: str | Profile | N
     bnb = backend in BITSANDBYTES_BACKENDS
 
     def est(k: Knobs) -> MemoryEstimate:
-        return estimate(model.shape, k, facts)
+        return estimate(model.shape, k, facts, reference_adapter=reference_adapter)
 
     def change(knob: str, new: Any, reason: str, **also: Any) -> None:
         nonlocal knobs
@@ -184,8 +214,9 @@ def make_plan(hardware: Hardware, model: ModelRef, *, profile: str | Profile | N
         elif (free("per_device_train_batch_size") and free("gradient_accumulation_steps")
               and knobs.per_device_train_batch_size > 1):
             smaller = halve_micro_batch(knobs)
+            rows = " (of preference pairs, two sequences each)" if knobs.method in ("dpo", "orpo") else ""
             change("per_device_train_batch_size", smaller.per_device_train_batch_size,
-                   f"{over}: a smaller micro-batch needs fewer activations; accumulation grows "
+                   f"{over}: a smaller micro-batch{rows} needs fewer activations; accumulation grows "
                    f"so the effective batch stays {knobs.effective_batch_size}",
                    gradient_accumulation_steps=smaller.gradient_accumulation_steps)
         elif bnb and free("load_in_4bit") and not knobs.load_in_4bit:
@@ -210,9 +241,11 @@ def make_plan(hardware: Hardware, model: ModelRef, *, profile: str | Profile | N
             break
         current = est(knobs)
 
+    note = method_note(knobs, reference_adapter)
     plan = Plan(model=model, hardware=hardware, profile=prof, knobs=knobs, estimate=current,
                 budget_bytes=budget, headroom_bytes=headroom, pinned=pinned, adjustments=adjustments,
-                fits=current.total_bytes <= budget)
+                fits=current.total_bytes <= budget, notes=[note] if note else [],
+                reference_adapter=reference_adapter)
     if not plan.fits:
         plan.advice = _advice(plan)
     return plan
@@ -230,13 +263,15 @@ def _advice(plan: Plan) -> list[str]:
                    f"budget; about {params_b:.1f}B parameters or fewer would leave room to train")
     facts = DeviceFacts.from_hardware(plan.hardware)
     if not k.load_in_4bit and backend in BITSANDBYTES_BACKENDS:
-        q = estimate(plan.model.shape, k.replace(load_in_4bit=True), facts)
+        q = estimate(plan.model.shape, k.replace(load_in_4bit=True), facts,
+                     reference_adapter=plan.reference_adapter)
         if q.total_bytes < e.total_bytes:
             out.append(f"4-bit weights (--set load_in_4bit=true): the estimate drops to {_gb(q.total_bytes)}")
     for n in (1024, 512, 256, 128, 64):
         if n >= k.max_length:
             continue
-        s = estimate(plan.model.shape, k.replace(max_length=n), facts)
+        s = estimate(plan.model.shape, k.replace(max_length=n), facts,
+                     reference_adapter=plan.reference_adapter)
         if s.total_bytes <= budget:
             out.append(f"shorter sequences (--max-seq-len {n}): the estimate drops to {_gb(s.total_bytes)}")
             break
