@@ -423,7 +423,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         pinned.update(lora)
         run_cfg["from_run"], run_cfg["from_adapter"] = src.id, str(src.adapter_dir)
     run_cfg, pinned = with_method_defaults(run_cfg, pinned)
-    plan = make_plan(probe(), model, profile=run_cfg.get("profile"), pinned=pinned)
+    plan = make_plan(probe(), model, profile=run_cfg.get("profile"), pinned=pinned,
+                     reference_adapter=bool(run_cfg.get("from_run")) and pinned.get("method") == "dpo")
     if not plan.fits:
         raise UserError(f"the run does not fit this machine (estimate {plan.estimate.total_bytes / GiB:.1f} GB, "
                         f"budget {plan.budget_bytes / GiB:.1f} GB); try: {'; '.join(plan.advice)}. "

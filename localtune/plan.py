@@ -85,6 +85,8 @@ class Plan:
     headroom_bytes: int
     pinned: dict[str, Any] = field(default_factory=dict)
     """Knobs the user set; the planner never changes them."""
+    method_defaults: list[str] = field(default_factory=list)
+    """Knobs the training method set (METHOD_DEFAULTS)."""
     adjustments: list[Adjustment] = field(default_factory=list)
     fits: bool = True
     advice: list[str] = field(default_factory=list)
@@ -101,6 +103,8 @@ class Plan:
     def knob_sources(self) -> dict[str, str]:
         """Where each knob's value came from, in words, for the TUI and `plan`."""
         out = {k: f"profile {self.profile.name}" if k in HARDWARE_KNOBS else "default" for k in KNOB_FIELDS}
+        for k in self.method_defaults:
+            out[k] = f"{self.knobs.method} default"
         for k in self.pinned:
             out[k] = "set by you"
         for a in self.adjustments:
@@ -162,6 +166,15 @@ def method_note(knobs: Knobs, reference_adapter: bool = False) -> str | None:
     return None
 
 
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dpo": {"learning_rate": 5e-6},
+    "orpo": {"learning_rate": 8e-6},
+}
+"""Knobs a preference method sets where the user did not: the profiles' learning rate is for SFT
+(2e-4 for LoRA); preference tuning moves the model much less (Unsloth's DPO and ORPO notebooks:
+5e-6 and 8e-6 with LoRA; trl's own default is 1e-6 for full fine-tuning)."""
+
+
 def make_plan(hardware: Hardware, model: ModelRef, *, profile: str | Profile | None = None,
               pinned: dict[str, Any] | None = None, reference_adapter: bool = False) -> Plan:
     """Fit the run to the machine. Pure arithmetic on the model's shape: takes milliseconds.
@@ -169,6 +182,8 @@ def make_plan(hardware: Hardware, model: ModelRef, *, profile: str | Profile | N
     pinned = dict(pinned or {})
     prof = profile if isinstance(profile, Profile) else (get_profile(profile) if profile else match_profile(hardware))
     knobs = prof.knobs.replace(**pinned)
+    method_defaults = {k: v for k, v in METHOD_DEFAULTS.get(knobs.method, {}).items() if k not in pinned}
+    knobs = knobs.replace(**method_defaults)
     check_backend_runs(knobs, hardware.backend)  # a pinned knob the backend cannot run: refused before anything
     device = hardware.primary
     headroom = int(device.total_bytes * HEADROOM_FRAC)
@@ -243,6 +258,7 @@ def make_plan(hardware: Hardware, model: ModelRef, *, profile: str | Profile | N
 
     note = method_note(knobs, reference_adapter)
     plan = Plan(model=model, hardware=hardware, profile=prof, knobs=knobs, estimate=current,
+                method_defaults=sorted(method_defaults),
                 budget_bytes=budget, headroom_bytes=headroom, pinned=pinned, adjustments=adjustments,
                 fits=current.total_bytes <= budget, notes=[note] if note else [],
                 reference_adapter=reference_adapter)

@@ -121,3 +121,19 @@ def test_dpo_with_no_data_takes_the_preference_demo_and_its_held_out_pairs(
         assert cfg["knobs"][k] == v, k
     assert r.read_status()["rows"] == 280
     assert str(runs_dir()) in str(r.path)
+
+
+def test_a_preference_method_takes_its_own_learning_rate_unless_one_is_set(machine_without_gpu) -> None:
+    from localtune.hardware import probe
+    from localtune.models import resolve_model
+    from localtune.plan import make_plan
+
+    model = resolve_model("smollm2-135m")
+    sft = make_plan(probe(), model)
+    assert sft.knobs.learning_rate == 2e-4 and sft.knob_sources()["learning_rate"] == "profile cpu"
+    dpo = make_plan(probe(), model, pinned={"method": "dpo"})
+    assert dpo.knobs.learning_rate == 5e-6 and dpo.knob_sources()["learning_rate"] == "dpo default"
+    orpo = make_plan(probe(), model, pinned={"method": "orpo"})
+    assert orpo.knobs.learning_rate == 8e-6
+    mine = make_plan(probe(), model, pinned={"method": "dpo", "learning_rate": 1e-5})
+    assert mine.knobs.learning_rate == 1e-5 and mine.knob_sources()["learning_rate"] == "set by you"

@@ -702,7 +702,10 @@ class NewRunScreen(Screen):
         if self.model is None:
             return
         try:
-            self.plan, self.plan_error = make_plan(self.app.hardware, self.model, pinned=self.pinned()), None
+            pinned = self.pinned()
+            continues = bool(self.from_run) and pinned.get("method") == "dpo"
+            self.plan, self.plan_error = make_plan(self.app.hardware, self.model, pinned=pinned,
+                                                   reference_adapter=continues), None
         except UserError as e:
             self.plan, self.plan_error = None, str(e)
         self._refresh_all()
