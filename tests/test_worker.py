@@ -555,7 +555,7 @@ def test_a_worker_that_dies_before_it_starts_fails_the_run_at_once_with_its_last
     monkeypatch.setenv("COLUMNS", "200")  # room for the model's long path in the table
     rc, out, _ = localtune(capsys, "runs")
     assert rc == 0
-    assert re.search(rf"^{run.id}\s+failed\s", out, re.M), out
+    assert re.search(rf"^{run.id}\s+sft\s+failed\s", out, re.M), out
     assert out.splitlines()[-1] == f"{run.id}: failed: the worker exited before it started: {last_words}"
     rc, out, _ = localtune(capsys, "runs", "--json")
     (listed,) = json.loads(out)
