@@ -14,7 +14,7 @@ import pytest
 
 from localtune import demo
 from localtune.events import read_events
-from localtune.models import BUILTIN_FOLDER
+from tests.conftest import BUILTIN_FOLDER
 
 pytestmark = pytest.mark.slow
 
