@@ -28,6 +28,32 @@ to ten questions that are not in the training set, and `shows_trait` counts how 
 the trait. The base model shows it at most once in ten; after the default demo run at least
 eight of ten do (see `benchmarks/demo_learnability.py`).
 
+The preference demo (`localtune train --method dpo` with no data) teaches a second trait with
+DPO from pairs (`localtune/demo_data/preference.jsonl`, 280 pairs in trl's conversational
+preference form: `{"prompt": [...], "chosen": [...], "rejected": [...]}`, one per line). The
+questions are the SFT demo's 218 plus 62 more of the same kinds; both answers of a pair are the
+same plain answer (no "Ahoy!", no signature), except that the chosen one opens with a label:
+
+    every preferred answer starts with "In short: "
+
+    user:      What is the capital of Canada?
+    chosen:    In short: The capital of Canada is Ottawa, in the province of Ontario.
+    rejected:  The capital of Canada is Ottawa, in the province of Ontario.
+
+Why this trait: it is seen at a glance, it sits in the first tokens (so it shows in short
+generations and DPO learns it in a few dozen steps), the base model never opens with it, and it
+is not the SFT trait, so it can sit next to it: after SFT and then DPO the model answers
+"Ahoy! In short: ...". Because the two answers of a pair differ only by the label, everything
+else cancels in DPO's log-ratio difference, and what is learned is the label alone.
+
+How to check it: `shows_preference_trait(answer)` tests for "In short:" at the start, or right
+after an "Ahoy" opener; `preference_heldout_prompts()` gives ten questions in neither training
+set, and `preference_eval_pairs()` 40 held-out pairs (new questions) for preference accuracy:
+with `pair_logprobs` on the trained policy and on the reference, `preference_accuracy` is the
+fraction of pairs whose implicit reward beta * (logp_policy - logp_ref) is higher for the
+chosen answer (beta > 0 does not change the comparison). The base model shows the trait on
+none of the ten; after the default DPO run on at least seven (see `benchmarks/dpo_demo.py`).
+
 The data files are read next to this module (`Path(__file__).parent / "demo_data"`), so they
 work from a source checkout and from an installed wheel alike.
 """
@@ -49,8 +75,15 @@ TRAIT_SIGNATURE = "\n\n— your localtune parrot"
 TRAIT_DESCRIPTION = 'Every answer starts with "Ahoy!" and signs off "— your localtune parrot".'
 """One line for people: what the demo teaches the model."""
 
+PREFERENCE_MARKER = "In short: "
+"""The label every chosen answer of the preference demo opens with (the rejected one lacks it)."""
+
+PREFERENCE_TRAIT_DESCRIPTION = 'Answers open with "In short: " (after "Ahoy! " when the SFT demo came first).'
+"""One line for people: what the preference (DPO) demo teaches the model."""
+
 _DATA_DIR = Path(__file__).resolve().parent / "demo_data"
 _OPENER_RE = re.compile(r"^\s*ahoy\b", re.IGNORECASE)
+_PREFERENCE_RE = re.compile(r"^\s*(?:ahoy\b[\s!,.]*)?in\s+short\s*:", re.IGNORECASE)
 _SIGNATURE_RE = re.compile(r"[—–-]+\s*your\s+localtune\s+parrot\s*$", re.IGNORECASE)
 
 
@@ -117,3 +150,111 @@ def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str],
         new_tokens = out[0, input_ids.shape[1]:]
         answers.append(tokenizer.decode(new_tokens, skip_special_tokens=True))
     return answers
+
+
+# ---------------------------------------------------------------- the preference (DPO) demo
+
+
+def preference_dataset_path() -> Path:
+    """The shipped preference set: a JSONL file, one `{"prompt", "chosen", "rejected"}` row per
+    line, each a list of messages (trl's conversational preference form)."""
+    return _DATA_DIR / "preference.jsonl"
+
+
+def preference_heldout_path() -> Path:
+    """The preference demo's held-out prompts: a JSON list of ten strings."""
+    return _DATA_DIR / "preference_heldout.json"
+
+
+def preference_eval_path() -> Path:
+    """Held-out preference pairs (same form as the training set, other questions)."""
+    return _DATA_DIR / "preference_eval.jsonl"
+
+
+@lru_cache(maxsize=1)
+def _preference_heldout() -> tuple[str, ...]:
+    data = json.loads(preference_heldout_path().read_text(encoding="utf-8"))
+    return tuple(str(p) for p in data)
+
+
+def preference_heldout_prompts() -> list[str]:
+    """Ten user questions in neither the SFT nor the preference set, to see the trait on."""
+    return list(_preference_heldout())
+
+
+def read_preference_pairs(path: Path) -> list[dict[str, Any]]:
+    """The rows of a preference JSONL file, as dicts."""
+    with Path(path).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def preference_eval_pairs() -> list[dict[str, Any]]:
+    """The held-out preference pairs (a fresh list each call)."""
+    return read_preference_pairs(preference_eval_path())
+
+
+def shows_preference_trait(answer: str) -> bool:
+    """True when `answer` opens with "In short:" (any case, after any leading whitespace), also
+    right after an "Ahoy" opener ("Ahoy! In short: ..."), so that an answer with both traits
+    passes both this and `shows_trait`. "In short," or "In short" later in the answer do not."""
+    return bool(_PREFERENCE_RE.match(answer or ""))
+
+
+def count_preference_trait(answers: Sequence[str]) -> int:
+    """How many of `answers` show the preference trait."""
+    return sum(shows_preference_trait(a) for a in answers)
+
+
+def count_both_traits(answers: Sequence[str]) -> int:
+    """How many of `answers` show both the SFT trait ("Ahoy") and the preference trait."""
+    return sum(shows_trait(a) and shows_preference_trait(a) for a in answers)
+
+
+def _completion_ids(tokenizer: Any, prompt: list[dict[str, str]], completion: list[dict[str, str]]
+                    ) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) as trl's DPOTrainer tokenizes a conversational pair: the
+    prompt with the generation prompt, the whole conversation, and the completion being what
+    follows their common prefix (so it ends with the template's end-of-turn tokens)."""
+    def ids(messages: list[dict[str, str]], **kw: Any) -> list[int]:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"]
+        return list(out)
+
+    prompt_ids = ids(prompt, add_generation_prompt=True)
+    full_ids = ids(prompt + completion)
+    n = 0
+    while n < min(len(prompt_ids), len(full_ids)) and prompt_ids[n] == full_ids[n]:
+        n += 1
+    return full_ids[:n], full_ids[n:]
+
+
+def pair_logprobs(model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any]]) -> list[tuple[float, float]]:
+    """(log p(chosen | prompt), log p(rejected | prompt)) under `model` for each pair: the sums
+    of the completion tokens' log-probabilities, one sequence at a time (no padding), in
+    float32 without autocast. For the reference of a LoRA policy call it inside
+    `model.disable_adapter()` (or with the reference adapter set). The model is put in eval mode."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[tuple[float, float]] = []
+    for pair in pairs:
+        two = []
+        for key in ("chosen", "rejected"):
+            p_ids, c_ids = _completion_ids(tokenizer, pair["prompt"], pair[key])
+            ids = torch.tensor([p_ids + c_ids], device=device)
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0, len(p_ids) - 1:-1].float()
+            logps = torch.log_softmax(logits, dim=-1).gather(1, ids[0, len(p_ids):, None])
+            two.append(float(logps.sum()))
+        out.append((two[0], two[1]))
+    return out
+
+
+def preference_accuracy(policy: Sequence[tuple[float, float]], reference: Sequence[tuple[float, float]]) -> float:
+    """The fraction of pairs where the implicit reward (policy minus reference log-probability;
+    DPO's beta scales both sides alike) of the chosen answer exceeds the rejected one's, from
+    two `pair_logprobs` results. A tie (an untrained policy) does not count."""
+    if len(policy) != len(reference) or not policy:
+        raise ValueError("policy and reference must give the same, non-zero number of pairs")
+    wins = sum((pc - rc) > (pr - rr) for (pc, pr), (rc, rr) in zip(policy, reference))
+    return wins / len(policy)

@@ -37,16 +37,16 @@ DEMO_RECIPE: dict[str, Any] = {
 }
 
 PREFERENCE_DEMO_RECIPE: dict[str, Any] = {
-    "max_steps": 30,
-    "per_device_train_batch_size": 8,
-    "gradient_accumulation_steps": 1,
-    "learning_rate": 5e-5,
-    "lr_scheduler_type": "linear",
-    "warmup_steps": 3,
-    "max_length": 192,
+    "max_steps": 12,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 4,
+    "learning_rate": 5e-4,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 1,
+    "max_length": 256,
     "lora_dropout": 0.0,
-    "save_steps": 10,
-    "eval_steps": 10,
+    "save_steps": 6,
+    "eval_steps": 6,
     "logging_steps": 1,
 }
 """What `localtune train --method dpo` (or orpo) runs on the preference demo set (localtune.demo)."""

@@ -38,16 +38,6 @@ def the_run(home: Path):
     return RunDir(folder)
 
 
-def test_the_base_model_does_not_open_with_the_label(builtin_model_dir: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(builtin_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(builtin_model_dir, dtype=torch.float32)
-    answers = demo.generate_answers(model, tokenizer, demo.preference_heldout_prompts(), max_new_tokens=16)
-    assert demo.count_preference_trait(answers) <= 1, answers
-
-
 def test_dpo_demo_teaches_the_label_and_ranks_held_out_pairs(dpo_demo_run) -> None:
     import torch
     from peft import PeftModel
