@@ -39,7 +39,7 @@ DEMO_RECIPE: dict[str, Any] = {
 PREFERENCE_DEMO_RECIPE: dict[str, Any] = {
     "max_steps": 12,
     "per_device_train_batch_size": 4,
-    "gradient_accumulation_steps": 4,
+    "gradient_accumulation_steps": 2,
     "learning_rate": 5e-4,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 1,
