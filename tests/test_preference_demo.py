@@ -27,7 +27,7 @@ def dpo_demo_run(builtin_model_dir: Path, tmp_path_factory: pytest.TempPathFacto
     os.symlink(builtin_model_dir, link, target_is_directory=True)
     env = {**os.environ, "LOCALTUNE_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-m", "localtune", "train", "--method", "dpo", "--headless"],
-                            capture_output=True, text=True, timeout=1500, env=env)
+                            capture_output=True, text=True, timeout=3000, env=env)
     return home, env, result
 
 
