@@ -1,7 +1,8 @@
 """The preference demo as a person meets it: `localtune train --method dpo --headless` with no
 other arguments trains the built-in model on the shipped pairs, and afterwards the model opens
-its answers with "In short: " where the base model never does; then the run exports to GGUF
-with a Modelfile and chats, as an SFT run does. One real run (minutes on 2 CPU cores)."""
+its answers with "In short: " where the base model almost never does, ranks the held-out pairs,
+and chat answers with the label too. One real run (minutes on 2 CPU cores). (Export of a DPO run
+is tested on the tiny model in tests/test_preference_worker.py.)"""
 
 from __future__ import annotations
 
@@ -63,31 +64,3 @@ def test_dpo_demo_teaches_the_label_and_ranks_held_out_pairs(dpo_demo_run) -> No
     assert demo.count_preference_trait(answers) >= 7, answers
     print(f"\nDPO demo: {demo.count_preference_trait(answers)}/10 open with the label; held-out preference "
           f"accuracy {evals[-1]['eval_reward_accuracy']:.3f}; {[e for e in events if e['kind'] == 'finished'][-1]}")
-
-
-def test_a_dpo_run_exports_gguf_with_a_modelfile_and_chats(dpo_demo_run, tmp_path: Path) -> None:
-    home, env, result = dpo_demo_run
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = the_run(home)
-    out = tmp_path / "gguf"
-    done = subprocess.run([sys.executable, "-m", "localtune", "export", run.id, "--format", "gguf", "--quant", "q8_0",
-                           "--ollama", "--out", str(out), "--json"], capture_output=True, text=True, timeout=900,
-                          env=env)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert list(out.glob("*.gguf")) and (out / "Modelfile").is_file()
-    merged = tmp_path / "merged"
-    done = subprocess.run([sys.executable, "-m", "localtune", "export", run.id, "--format", "merged",
-                           "--out", str(merged)], capture_output=True, text=True, timeout=900, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    card = (merged / "README.md").read_text(encoding="utf-8")
-    assert "| method | direct preference optimisation (DPO, beta 0.1, loss sigmoid) |" in card, card
-    assert "held-out preference accuracy" in card
-    prompts = demo.preference_heldout_prompts()
-    typed = "".join(f"{p}\n/reset\n" for p in prompts)
-    chat = subprocess.run([sys.executable, "-m", "localtune", "chat", run.id, "--max-new-tokens", "16"],
-                          input=typed, capture_output=True, text=True, timeout=600, env=env)
-    assert chat.returncode == 0, chat.stderr[-2000:]
-    # "you> tuned> ANSWER" per question: the tuned model answers the way it was trained to
-    answers = [part.split("\n", 1)[0] for part in chat.stdout.split("tuned> ")[1:]]
-    assert len(answers) == len(prompts), chat.stdout[-1500:]
-    assert demo.count_preference_trait(answers) >= 7, answers

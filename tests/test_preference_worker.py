@@ -254,3 +254,29 @@ def test_the_reference_is_the_policy_model_itself_never_a_second_copy(
     for n in ref:
         assert torch.equal(params[n], params[n.replace(".ref.", ".default.")])
     assert any(p.requires_grad for n, p in params.items() if ".default." in n)
+
+
+def test_a_dpo_run_exports_gguf_with_a_modelfile_and_merged_with_its_method_on_the_card_and_chats(
+        dpo_reference: RunDir, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LOCALTUNE_HOME": str(dpo_reference.path.parent.parent), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "gguf"
+    done = subprocess.run([sys.executable, "-m", "localtune", "export", str(dpo_reference.path), "--format", "gguf",
+                           "--ollama", "--out", str(out)], capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert list(out.glob("*.gguf")) and (out / "Modelfile").is_file()
+    merged = tmp_path / "merged"
+    done = subprocess.run([sys.executable, "-m", "localtune", "export", str(dpo_reference.path), "--format", "merged",
+                           "--out", str(merged)], capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    card = (merged / "README.md").read_text(encoding="utf-8")
+    assert "| method | direct preference optimisation (DPO, beta 0.1, loss sigmoid) |" in card, card
+    assert "| held-out preference accuracy |" in card
+    assert "- dpo" in card.split("---")[1]  # the card's tags
+    chat = subprocess.run([sys.executable, "-m", "localtune", "chat", str(dpo_reference.path), "--max-new-tokens", "4"],
+                          input="Hello\n/quit\n", capture_output=True, text=True, timeout=600, env=env)
+    assert chat.returncode == 0 and "tuned> " in chat.stdout, chat.stdout[-1500:] + chat.stderr[-1500:]
+    assert "Traceback" not in chat.stderr
