@@ -1,7 +1,7 @@
 """The preference demo as a person meets it: `localtune train --method dpo --headless` with no
 other arguments trains the built-in model on the shipped pairs, and afterwards the model opens
-its answers with "In short: " where the base model almost never does, ranks the held-out pairs,
-and chat answers with the label too. One real run (minutes on 2 CPU cores). (Export of a DPO run
+its answers with "In short: " where the base model almost never does, and ranks the held-out
+pairs. One real run (minutes on 2 CPU cores). (Export of a DPO run
 is tested on the tiny model in tests/test_preference_worker.py.)"""
 
 from __future__ import annotations
