@@ -42,8 +42,10 @@ same plain answer (no "Ahoy!", no signature), except that the chosen one opens w
 
 Why this trait: it is seen at a glance, it sits in the first tokens (so it shows in short
 generations and DPO learns it in a few dozen steps), the base model never opens with it, and it
-is not the SFT trait, so it can sit next to it: after SFT and then DPO the model answers
-"Ahoy! In short: ...". Because the two answers of a pair differ only by the label, everything
+is not the SFT trait, so it was meant to sit next to it ("Ahoy! In short: ..."). Measured once
+(`benchmarks/dpo_demo.py --sft`): after 6 DPO steps on the SFT demo's adapter the label opens 10
+of 10 held-out answers, but the "Ahoy!" opener gave way to it; the SFT signature stayed.
+Because the two answers of a pair differ only by the label, everything
 else cancels in DPO's log-ratio difference, and what is learned is the label alone.
 
 How to check it: `shows_preference_trait(answer)` tests for "In short:" at the start, or right
