@@ -170,6 +170,7 @@ def test_orpo_trains_without_a_reference_and_reports_its_odds_ratio(
     assert len(steps) == 4
     for e in steps:
         assert DPO_STEP_FIELDS | {"log_odds_ratio", "nll_loss"} <= set(e), e
+        assert e["tokens_per_s"] > 0, e  # ORPO's batches have no input_ids: the pairs are counted
     assert json.loads((run.adapter_dir / "localtune.json").read_text())["method"] == "orpo"
     assert [e["step"] for e in events_of(run, "checkpoint")] == [1, 2, 3, 4]  # by the clock
 
@@ -280,3 +281,32 @@ def test_a_dpo_run_exports_gguf_with_a_modelfile_and_merged_with_its_method_on_t
                           input="Hello\n/quit\n", capture_output=True, text=True, timeout=600, env=env)
     assert chat.returncode == 0 and "tuned> " in chat.stdout, chat.stdout[-1500:] + chat.stderr[-1500:]
     assert "Traceback" not in chat.stderr
+
+
+def test_orpo_counts_the_tokens_of_both_answers_without_padding() -> None:
+    """transformers counts `inputs["input_ids"]`, which an ORPO batch lacks; localtune counts the
+    chosen and rejected sequences (prompt included), padding left out."""
+    import torch
+    from types import SimpleNamespace
+
+    from localtune.methods.orpo import counting_pairs
+
+    class Base:
+        def __init__(self, mode: str) -> None:
+            self.args = SimpleNamespace(include_num_input_tokens_seen=mode, device="cpu")
+            self.state = SimpleNamespace(num_input_tokens_seen=10)
+            self.accelerator = SimpleNamespace(gather=lambda t: t.reshape(1))
+
+    batch = {"chosen_input_ids": torch.ones(2, 6, dtype=torch.long),
+             "chosen_attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2]),
+             "rejected_input_ids": torch.ones(2, 5, dtype=torch.long),
+             "rejected_attention_mask": torch.tensor([[1] * 3 + [0] * 2, [1] * 5])}
+    trainer = counting_pairs(Base)("non_padding")
+    trainer._track_num_input_tokens(batch)
+    assert trainer.state.num_input_tokens_seen == 10 + (6 + 4) + (3 + 5)
+    every = counting_pairs(Base)("all")
+    every._track_num_input_tokens(batch)
+    assert every.state.num_input_tokens_seen == 10 + 12 + 10
+    off = counting_pairs(Base)("no")
+    off._track_num_input_tokens(batch)
+    assert off.state.num_input_tokens_seen == 10
