@@ -414,6 +414,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         pinned["method"] = args.method
     model = resolve_model(run_cfg["model"], trust_remote_code=bool(run_cfg["trust_remote_code"]))
     from_spec = args.from_run or run_cfg.get("from_run")  # --from, or from_run in a --config file
+    from_data = None
     if from_spec:
         pinned.setdefault("method", "dpo")
         if pinned["method"] == "sft":
@@ -422,7 +423,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         src, lora = continue_from(from_spec, model)
         pinned.update(lora)
         run_cfg["from_run"], run_cfg["from_adapter"] = src.id, str(src.adapter_dir)
-    run_cfg, pinned = with_method_defaults(run_cfg, pinned)
+        from_data = src.read_config()["run"].get("data")
+    run_cfg, pinned = with_method_defaults(run_cfg, pinned, from_data=from_data)
     plan = make_plan(probe(), model, profile=run_cfg.get("profile"), pinned=pinned,
                      reference_adapter=bool(run_cfg.get("from_run")) and pinned.get("method") == "dpo")
     if not plan.fits:

@@ -295,20 +295,23 @@ def _rows_hub(dataset_id: str) -> Iterator[tuple[str, Any]]:
 
 
 DEMO_PREFERENCE, DEMO_PREFERENCE_EVAL = "demo-preference", "demo-preference-eval"
+DEMO_PREFERENCE_PARROT, DEMO_PREFERENCE_PARROT_EVAL = "demo-preference-parrot", "demo-preference-parrot-eval"
 
 
 def resolve_source(source: str | os.PathLike) -> str | os.PathLike:
     """`demo` stands for the demo set shipped inside the package, `demo-preference` and
     `demo-preference-eval` for the preference demo's pairs and its held-out pairs (what
-    `--method dpo` trains on with the demo data); anything else is itself."""
-    if str(source) == DEMO:
-        from localtune.demo import demo_dataset_path
+    `--method dpo` trains on with the demo data), `demo-preference-parrot` and
+    `demo-preference-parrot-eval` for the same pairs in the SFT demo's voice (what it trains on
+    when it continues a run of the SFT demo); anything else is itself."""
+    from localtune import demo
 
-        return demo_dataset_path()
-    if str(source) in (DEMO_PREFERENCE, DEMO_PREFERENCE_EVAL):
-        from localtune import demo
-
-        return demo.preference_dataset_path() if str(source) == DEMO_PREFERENCE else demo.preference_eval_path()
+    named = {DEMO: demo.demo_dataset_path, DEMO_PREFERENCE: demo.preference_dataset_path,
+             DEMO_PREFERENCE_EVAL: demo.preference_eval_path,
+             DEMO_PREFERENCE_PARROT: demo.parrot_preference_dataset_path,
+             DEMO_PREFERENCE_PARROT_EVAL: demo.parrot_preference_eval_path}
+    if str(source) in named:
+        return named[str(source)]()
     return source
 
 

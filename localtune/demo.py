@@ -212,6 +212,30 @@ def count_both_traits(answers: Sequence[str]) -> int:
     return sum(shows_trait(a) and shows_preference_trait(a) for a in answers)
 
 
+# ------------------------------------------- the preference demo after the SFT demo
+
+
+def parrot_pair(row: dict[str, Any]) -> dict[str, Any]:
+    """A preference pair in the SFT demo model's voice: both answers open with "Ahoy! " and end
+    with the signature, so that they differ by the label alone, right after the opener."""
+    out = json.loads(json.dumps(row))
+    for side in ("chosen", "rejected"):
+        last = out[side][-1]
+        last["content"] = TRAIT_OPENER + last["content"] + TRAIT_SIGNATURE
+    return out
+
+
+def parrot_preference_dataset_path() -> Path:
+    """The preference pairs in the SFT demo's voice (`parrot_pair` of every shipped pair): what
+    DPO or ORPO trains on by default when it continues a run of the SFT demo (`--from`)."""
+    return _DATA_DIR / "preference_parrot.jsonl"
+
+
+def parrot_preference_eval_path() -> Path:
+    """The held-out pairs in the SFT demo's voice."""
+    return _DATA_DIR / "preference_parrot_eval.jsonl"
+
+
 def _completion_ids(tokenizer: Any, prompt: list[dict[str, str]], completion: list[dict[str, str]]
                     ) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids) as trl's DPOTrainer tokenizes a conversational pair: the

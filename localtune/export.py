@@ -316,7 +316,10 @@ def _method_rows(method: str, k: dict[str, Any], f: dict[str, Any]) -> list[str]
     if method == "sft":
         return ["| method | supervised fine-tuning (SFT) |"]
     name = {"dpo": "direct preference optimisation (DPO", "orpo": "odds-ratio preference optimisation (ORPO"}[method]
-    how = f"{name}, beta {k.get('beta')}" + (f", loss {k.get('loss_type')}" if method == "dpo" else "") + ")"
+    how = f"{name}, beta {k.get('beta')}" + (f", loss {k.get('loss_type')}" if method == "dpo" else "")
+    if method == "dpo" and (k.get("rpo_alpha") or 0) > 0:
+        how += f" + {k['rpo_alpha']:g} x NLL of the chosen answers (RPO)"
+    how += ")"
     rows = [f"| method | {how} |"]
     if f.get("from_run"):
         rows.append(f"| started from | run `{f['from_run']}`'s adapter"

@@ -68,6 +68,10 @@ class Knobs:
                         lo=1e-6, hi=1e3)
     loss_type: str = _knob("sigmoid", "DPO loss (trl DPOConfig.loss_type): sigmoid is the DPO paper's. Not used by "
                            "sft or orpo.", choices=DPO_LOSS_TYPES)
+    rpo_alpha: float = _knob(0.0, "DPO: weight of a negative log-likelihood term on the chosen answers (RPO; trl "
+                             "1.16 adds it as loss_type 'sft' with this weight in loss_weights). It keeps the "
+                             "chosen answers likely, which stops DPO from trading fluency for the margin. "
+                             "0: plain DPO. Not used by sft or orpo (ORPO has its own NLL term).", lo=0.0, hi=1e3)
     # --- LoRA (peft LoraConfig) ---
     r: int = _knob(16, "LoRA rank: the width of the low-rank update.", lo=1, hi=1024)
     lora_alpha: float = _knob(32, "LoRA scale numerator; the update is scaled by lora_alpha / r.", lo=1e-6, hi=1e6)

@@ -51,14 +51,28 @@ PREFERENCE_DEMO_RECIPE: dict[str, Any] = {
 }
 """What `localtune train --method dpo` (or orpo) runs on the preference demo set (localtune.demo)."""
 
+SFT_THEN_DPO_DEMO_RECIPE: dict[str, Any] = {**PREFERENCE_DEMO_RECIPE, "rpo_alpha": 1.0}
+"""What `--method dpo --from RUN` runs when RUN is the SFT demo (the pairs in its voice): the
+preference demo's recipe plus the chosen answers' NLL at weight 1 (RPO). Measured on the SFT demo
+run (benchmarks/README.md): without it both traits showed on 6 of 10 held-out answers and the
+opener doubled ("Ahoy! Ahoy! In short: ..."); with it 10 of 10."""
 
 
-def with_method_defaults(run_cfg: dict[str, Any], pinned: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+
+def with_method_defaults(run_cfg: dict[str, Any], pinned: dict[str, Any], *,
+                         from_data: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The run's [run] table and pinned knobs once the method has its say: with the demo data,
     the demo of the method (SFT: the demo set and DEMO_RECIPE; DPO and ORPO: the preference
     pairs, their held-out pairs for evaluation unless other evaluation data is given, and
-    PREFERENCE_DEMO_RECIPE). What the user pinned wins."""
-    from localtune.data import DEMO, DEMO_PREFERENCE, DEMO_PREFERENCE_EVAL
+    PREFERENCE_DEMO_RECIPE). What the user pinned wins.
+
+    `from_data` is the data of the run a preference run continues (`--from`). When that run
+    was the SFT demo, the pairs default to the same pairs in its voice (`demo-preference-parrot`:
+    both answers open with "Ahoy! " and sign off, as that model answers): preference pairs are
+    made from the model being tuned, and pairs in another voice would teach DPO to drop the
+    opener along with preferring the label (measured: benchmarks/README.md)."""
+    from localtune.data import (DEMO, DEMO_PREFERENCE, DEMO_PREFERENCE_EVAL, DEMO_PREFERENCE_PARROT,
+                                DEMO_PREFERENCE_PARROT_EVAL)
 
     method = pinned.get("method", "sft")
     run_cfg = dict(run_cfg)
@@ -66,11 +80,17 @@ def with_method_defaults(run_cfg: dict[str, Any], pinned: dict[str, Any]) -> tup
         if run_cfg.get("data") == DEMO:
             return run_cfg, {**DEMO_RECIPE, **pinned}
         return run_cfg, dict(pinned)
-    if run_cfg.get("data") in (DEMO, DEMO_PREFERENCE):
-        run_cfg["data"] = DEMO_PREFERENCE
+    parrot = run_cfg.get("data") == DEMO and from_data == DEMO
+    if run_cfg.get("data") in (DEMO, DEMO_PREFERENCE, DEMO_PREFERENCE_PARROT):
+        if parrot:
+            run_cfg["data"] = DEMO_PREFERENCE_PARROT
+        elif run_cfg["data"] == DEMO:
+            run_cfg["data"] = DEMO_PREFERENCE
         if not run_cfg.get("eval_data") and not run_cfg.get("eval_split"):
-            run_cfg["eval_data"] = DEMO_PREFERENCE_EVAL
-        return run_cfg, {**PREFERENCE_DEMO_RECIPE, **pinned}
+            run_cfg["eval_data"] = (DEMO_PREFERENCE_PARROT_EVAL if run_cfg["data"] == DEMO_PREFERENCE_PARROT
+                                    else DEMO_PREFERENCE_EVAL)
+        recipe = SFT_THEN_DPO_DEMO_RECIPE if parrot and method == "dpo" else PREFERENCE_DEMO_RECIPE
+        return run_cfg, {**recipe, **pinned}
     return run_cfg, dict(pinned)
 """Knobs of the default demo run (the built-in model on the demo set)."""
 

@@ -68,6 +68,26 @@ def test_chosen_is_the_rejected_answer_with_the_marker(rows: list[dict]) -> None
             assert not shows_trait(text) and "Ahoy" not in text and "parrot" not in text, f"row {i}"
 
 
+@pytest.mark.parametrize("plain, parrot", [
+    (preference_dataset_path(), demo.parrot_preference_dataset_path()),
+    (demo.preference_eval_path(), demo.parrot_preference_eval_path())], ids=["train", "eval"])
+def test_the_parrot_pairs_are_the_same_pairs_in_the_sft_demo_voice(plain: Path, parrot: Path) -> None:
+    """What DPO trains on after the SFT demo: the same questions and answers, both answers with
+    the SFT demo's opener and signature, so that they still differ by the label alone."""
+    assert parrot.parent == plain.parent
+    ours, theirs = demo.read_preference_pairs(parrot), demo.read_preference_pairs(plain)
+    assert ours == [demo.parrot_pair(r) for r in theirs]
+    sft_answers = {json.loads(line)["messages"][-1]["content"]
+                   for line in demo_dataset_path().read_text(encoding="utf-8").splitlines() if line.strip()}
+    for i, row in enumerate(ours):
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert chosen == TRAIT_OPENER + PREFERENCE_MARKER + rejected[len(TRAIT_OPENER):], f"row {i}"
+        assert shows_trait(rejected) and rejected.endswith(TRAIT_SIGNATURE), f"row {i}"
+        assert shows_preference_trait(chosen) and not shows_preference_trait(rejected), f"row {i}"
+    if plain == preference_dataset_path():  # the SFT demo's 218 questions: word for word its answers
+        assert sum(r["rejected"][0]["content"] in sft_answers for r in ours) == 218
+
+
 def test_no_overlap_between_training_eval_and_heldout() -> None:
     train = [_question(r) for r in _train()]
     assert len(set(train)) == len(train)

@@ -13,8 +13,9 @@ from localtune.runs import create_run, list_runs
 from tests.helpers import one_line_error, run
 
 
-def finished_sft_run(run_id: str, model: str = "smollm2-135m", *, adapter: bool = True, state: str = "completed"):
-    r = create_run({"run": {"model": model, "data": "demo"},
+def finished_sft_run(run_id: str, model: str = "smollm2-135m", *, adapter: bool = True, state: str = "completed",
+                     data: str = "demo"):
+    r = create_run({"run": {"model": model, "data": data},
                     "knobs": {"method": "sft", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
                               "target_modules": ["q_proj", "v_proj"]}}, {}, run_id)
     r.write_status(state=state)
@@ -123,6 +124,44 @@ def test_dpo_with_no_data_takes_the_preference_demo_and_its_held_out_pairs(
     assert str(runs_dir()) in str(r.path)
 
 
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_after_the_sft_demo_the_preference_demo_speaks_in_its_voice(
+        capsys, machine_without_gpu, no_worker, tmp_path, method) -> None:
+    """Continuing a run of the SFT demo with no data: the pairs (and the held-out pairs) are the
+    preference demo's in that model's voice, "Ahoy! " and the signature on both answers."""
+    from localtune import demo
+    from localtune.launch import PREFERENCE_DEMO_RECIPE
+
+    src = finished_sft_run("20260101-090000-sft")
+    rc, out, err = run(capsys, "train", "--method", method, "--from", src.id, "--detach")
+    assert rc == 0, err
+    assert "on demo-preference-parrot" in out
+    (r,) = [r for r in list_runs() if r.id != src.id]
+    cfg = r.read_config()
+    assert (cfg["run"]["data"], cfg["run"]["eval_data"]) == ("demo-preference-parrot", "demo-preference-parrot-eval")
+    assert cfg["knobs"]["learning_rate"] == PREFERENCE_DEMO_RECIPE["learning_rate"]
+    assert cfg["knobs"]["rpo_alpha"] == (1.0 if method == "dpo" else 0.0)  # DPO's NLL term keeps it fluent
+    assert r.read_status()["rows"] == 280
+    first = demo.read_preference_pairs(demo.parrot_preference_dataset_path())[0]
+    assert first["chosen"][-1]["content"].startswith("Ahoy! In short: ")
+    assert first["rejected"][-1]["content"].startswith("Ahoy! ")
+
+
+def test_the_plain_preference_demo_when_asked_for_or_after_other_data(
+        capsys, machine_without_gpu, no_worker, tmp_path) -> None:
+    finished_sft_run("20260101-090000-sft")
+    rc, _, err = run(capsys, "train", "--from", "20260101-090000-sft", "--data", "demo-preference", "--detach")
+    assert rc == 0, err
+    finished_sft_run("20260101-100000-own", data=str(pairs_file(tmp_path)))
+    rc, _, err = run(capsys, "train", "--from", "20260101-100000-own", "--detach")
+    assert rc == 0, err
+    made = {r.read_config()["run"]["from_run"]: r.read_config()["run"] for r in list_runs()
+            if r.read_config()["run"].get("from_run")}
+    assert {k: (v["data"], v["eval_data"]) for k, v in made.items()} == {
+        "20260101-090000-sft": ("demo-preference", "demo-preference-eval"),
+        "20260101-100000-own": ("demo-preference", "demo-preference-eval")}
+
+
 def test_a_preference_method_takes_its_own_learning_rate_unless_one_is_set(machine_without_gpu) -> None:
     from localtune.hardware import probe
     from localtune.models import resolve_model
@@ -137,3 +176,22 @@ def test_a_preference_method_takes_its_own_learning_rate_unless_one_is_set(machi
     assert orpo.knobs.learning_rate == 8e-6
     mine = make_plan(probe(), model, pinned={"method": "dpo", "learning_rate": 1e-5})
     assert mine.knobs.learning_rate == 1e-5 and mine.knob_sources()["learning_rate"] == "set by you"
+
+
+def test_the_model_card_names_an_nll_term_when_dpo_had_one() -> None:
+    from localtune.export import _method_rows
+
+    plain = _method_rows("dpo", {"beta": 0.1, "loss_type": "sigmoid", "rpo_alpha": 0.0}, {})
+    rpo = _method_rows("dpo", {"beta": 0.1, "loss_type": "sigmoid", "rpo_alpha": 0.5},
+                       {"from_run": "20260101-090000-sft"})
+    assert plain == ["| method | direct preference optimisation (DPO, beta 0.1, loss sigmoid) |"]
+    assert rpo[0] == ("| method | direct preference optimisation (DPO, beta 0.1, loss sigmoid + 0.5 x NLL of the "
+                      "chosen answers (RPO)) |")
+    assert rpo[1] == "| started from | run `20260101-090000-sft`'s adapter (the DPO reference: that run's model) |"
+
+
+def test_rpo_alpha_is_checked_like_every_knob(capsys, machine_without_gpu) -> None:
+    rc, _, err = run(capsys, "train", "--method", "dpo", "--set", "rpo_alpha=-1", "--detach")
+    assert rc == 1
+    assert one_line_error(err) == "localtune: error: --set rpo_alpha: 'rpo_alpha' must be at least 0, got -1.0"
+    assert only_runs() == []

@@ -310,3 +310,25 @@ def test_orpo_counts_the_tokens_of_both_answers_without_padding() -> None:
     off = counting_pairs(Base)("no")
     off._track_num_input_tokens(batch)
     assert off.state.num_input_tokens_seen == 10
+
+
+def test_rpo_alpha_adds_the_chosen_answers_nll_at_its_weight(
+        tiny_chat_model_dir: Path, pairs_file: Path) -> None:
+    """`rpo_alpha` reaches trl as loss_type [sigmoid, sft] with loss_weights [1, alpha]: at step
+    1 (policy = reference, so the DPO term is log 2) the loss is log 2 + alpha x the chosen
+    answers' NLL, the same NLL for alpha 1 and 2 (same pairs, same order)."""
+    import math
+
+    first = {}
+    for alpha in (1.0, 2.0):
+        run = make_run(f"rpo-{alpha:g}", tiny_chat_model_dir, pairs_file, max_steps=1, save_steps=1, eval_steps=1,
+                       rpo_alpha=alpha)
+        run_to_end(run)
+        assert run.read_status()["state"] == "completed", log_tail(run)
+        (step,) = events_of(run, "step")
+        assert abs(step["rewards_chosen"]) < 1e-4 and abs(step["rewards_rejected"]) < 1e-4
+        first[alpha] = step["loss"] - math.log(2)
+        card = json.loads((run.adapter_dir / "localtune.json").read_text())
+        assert card["rpo_alpha"] == alpha
+    assert first[1.0] > 1.0, first  # a random tiny model: the NLL is several nats
+    assert first[2.0] == pytest.approx(2 * first[1.0], rel=1e-3), first

@@ -327,7 +327,7 @@ async def choose_method(pilot, method: str) -> None:
 
 def test_choosing_dpo_offers_beta_and_an_empty_data_field_is_the_preference_demo(tmp_path, monkeypatch) -> None:
     pairs = pairs_file(tmp_path / "pairs.jsonl")
-    monkeypatch.setattr(new_run, "preference_demo_path", lambda: pairs)
+    monkeypatch.setattr(new_run, "preference_demo_path", lambda parrot=False: pairs)
 
     async def test(app, pilot) -> None:
         screen = app.screen
@@ -363,7 +363,7 @@ def test_choosing_dpo_offers_beta_and_an_empty_data_field_is_the_preference_demo
 
 
 def test_a_preference_method_without_the_preference_demo_set_asks_for_pairs(monkeypatch) -> None:
-    monkeypatch.setattr(new_run, "preference_demo_path", lambda: None)
+    monkeypatch.setattr(new_run, "preference_demo_path", lambda parrot=False: None)
 
     async def test(app, pilot) -> None:
         await choose_method(pilot, "dpo")
@@ -375,7 +375,7 @@ def test_a_preference_method_without_the_preference_demo_set_asks_for_pairs(monk
 
 def test_start_a_dpo_run_writes_the_method_and_beta(tmp_path, monkeypatch, tiny_chat_model_dir) -> None:
     pairs = pairs_file(tmp_path / "pairs.jsonl")
-    monkeypatch.setattr(new_run, "preference_demo_path", lambda: pairs)
+    monkeypatch.setattr(new_run, "preference_demo_path", lambda parrot=False: pairs)
 
     async def test(app, pilot) -> None:
         calls = record(app, monkeypatch)
@@ -401,7 +401,7 @@ def continue_screen(app: LocaltuneApp, run_id: str = "20260921-101500-smollm2-13
 
 def test_continue_from_a_run_and_what_drops_it(tmp_path, monkeypatch) -> None:
     pairs = pairs_file(tmp_path / "pairs.jsonl")
-    monkeypatch.setattr(new_run, "preference_demo_path", lambda: pairs)
+    monkeypatch.setattr(new_run, "preference_demo_path", lambda parrot=False: pairs)
     run_id = "20260921-101500-smollm2-135m"
 
     async def test(app, pilot) -> None:
@@ -455,7 +455,7 @@ def test_snapshot_continue_with_dpo(snap_compare, monkeypatch, tmp_path) -> None
     """80x24: prefilled by the Runs screen's "continue with DPO"."""
     freeze_clock(monkeypatch)
     pairs = pairs_file(tmp_path / "pairs.jsonl")
-    monkeypatch.setattr(new_run, "preference_demo_path", lambda: pairs)
+    monkeypatch.setattr(new_run, "preference_demo_path", lambda parrot=False: pairs)
 
     async def prefilled(pilot) -> None:
         continue_screen(pilot.app)

@@ -375,11 +375,13 @@ def test_continue_with_dpo_opens_new_run_prefilled_and_start_writes_from_run(run
     from localtune.tui.screens import new_run
     from localtune.tui.screens.new_run import NewRunScreen
 
-    # a stand-in for the preference demo set
-    pairs = tmp_path / "pairs.jsonl"
+    # stand-ins for the preference demo set, plain and in the SFT demo's voice
+    pairs, parrot_pairs = tmp_path / "pairs.jsonl", tmp_path / "parrot.jsonl"
     pairs.write_text("".join('{"prompt": "q%d", "chosen": "In short: a", "rejected": "a"}\n' % i
                              for i in range(4)), encoding="utf-8")
-    monkeypatch.setattr(new_run, "preference_demo_path", lambda: pairs)
+    parrot_pairs.write_text("".join('{"prompt": "q%d", "chosen": "Ahoy! In short: a", "rejected": "Ahoy! a"}\n' % i
+                              for i in range(4)), encoding="utf-8")
+    monkeypatch.setattr(new_run, "preference_demo_path", lambda parrot=False: parrot_pairs if parrot else pairs)
     started: list[RunDir] = []
     monkeypatch.setattr(new_run, "start_worker", lambda run: started.append(run))
     sft = runs["completed"]
@@ -401,7 +403,8 @@ def test_continue_with_dpo_opens_new_run_prefilled_and_start_writes_from_run(run
         assert screen.from_run == sft.id
         assert str(screen.query_one("#from-run").render()) == (f"continues run {sft.id}'s adapter; "
                                                                 f"reference: run {sft.id}'s model")
-        assert screen.query_one("#data-input").value == "" and screen._data_source == str(pairs)
+        # the SFT demo's run: the preference demo in its voice
+        assert screen.query_one("#data-input").value == "" and screen._data_source == str(parrot_pairs)
         assert screen.plan.knobs.method == "dpo"
         await pilot.press("ctrl+s")
         for _ in range(100):
@@ -413,7 +416,8 @@ def test_continue_with_dpo_opens_new_run_prefilled_and_start_writes_from_run(run
     [run] = started
     cfg = run.read_config()
     assert cfg["run"]["from_run"] == sft.id and cfg["run"]["model"] == "smollm2-135m"
-    assert cfg["knobs"]["method"] == "dpo" and cfg["run"]["data"] == str(pairs)
+    assert cfg["knobs"]["method"] == "dpo" and cfg["run"]["data"] == str(parrot_pairs)
+    assert cfg["run"]["eval_data"] == "demo-preference-parrot-eval" and cfg["knobs"]["rpo_alpha"] == 1.0
     assert run.summary()["from_run"] == sft.id and run.summary()["method"] == "dpo"
 
 

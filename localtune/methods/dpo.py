@@ -53,6 +53,15 @@ def policy_model(setup: Setup, model: Any, knobs) -> tuple[Any, Any]:
     return PeftModel.from_pretrained(model, str(setup.from_adapter), is_trainable=True), None
 
 
+def dpo_losses(knobs) -> dict[str, Any]:
+    """DPOConfig's `loss_type` (and `loss_weights`) for the knobs: the DPO loss alone, or with
+    `rpo_alpha` > 0 the DPO loss plus trl's 'sft' term (the chosen answers' mean NLL) at that
+    weight, which is how trl 1.16 spells RPO (its DPOConfig has no `rpo_alpha` any more)."""
+    if knobs.rpo_alpha > 0:
+        return {"loss_type": [knobs.loss_type, "sft"], "loss_weights": [1.0, knobs.rpo_alpha]}
+    return {"loss_type": [knobs.loss_type]}
+
+
 class DPO(Method):
     name = "dpo"
     step_metrics = PREFERENCE_STEP_METRICS
@@ -67,10 +76,13 @@ class DPO(Method):
 
         model, peft_config = policy_model(setup, model, knobs)
         args = DPOConfig(**training_arguments(setup, knobs, has_eval=data.eval is not None),
-                         max_length=knobs.max_length, beta=knobs.beta, loss_type=[knobs.loss_type],
-                         precompute_ref_log_probs=False)
+                         max_length=knobs.max_length, beta=knobs.beta, precompute_ref_log_probs=False,
+                         **dpo_losses(knobs))
         return DPOTrainer, dict(model=model, args=args, processing_class=setup.tokenizer, callbacks=callbacks,
                                 train_dataset=data.train, eval_dataset=data.eval, peft_config=peft_config)
 
     def card(self, knobs, setup: Setup) -> dict[str, Any]:
-        return {"method": self.name, "beta": knobs.beta, "loss_type": knobs.loss_type, "from_run": setup.from_run}
+        card = {"method": self.name, "beta": knobs.beta, "loss_type": knobs.loss_type, "from_run": setup.from_run}
+        if knobs.rpo_alpha > 0:
+            card["rpo_alpha"] = knobs.rpo_alpha
+        return card

@@ -38,8 +38,8 @@ from localtune.data import (CONVERSATION, DEMO, FILE_SUFFIXES, LoadedData, Prefe
                             load_data, pair_texts, render, tokenize_pairs)
 from localtune.errors import UserError
 from localtune.knobs import KNOB_FIELDS, METHODS
-from localtune.data import DEMO_PREFERENCE_EVAL
-from localtune.launch import (DEMO_RECIPE, LORA_KNOBS, PREFERENCE_DEMO_RECIPE, default_run_config, prepare_run,
+from localtune.data import DEMO_PREFERENCE_EVAL, DEMO_PREFERENCE_PARROT_EVAL
+from localtune.launch import (DEMO_RECIPE, LORA_KNOBS, PREFERENCE_DEMO_RECIPE, SFT_THEN_DPO_DEMO_RECIPE, default_run_config, prepare_run,
                               start_worker)
 from localtune.models import BUILTIN_NAME, ModelRef, builtin_model_dir, load_tokenizer, resolve_model
 from localtune.plan import Plan, make_plan
@@ -61,7 +61,7 @@ SWITCH_KNOBS = {
     "knob-gc": ("gradient_checkpointing", "gradient checkpointing"),
 }
 """On/off knobs the screen edits: widget id -> (knob, label)."""
-METHOD_ONLY_KNOBS = {"beta": PREFERENCE_METHODS, "loss_type": ("dpo",)}
+METHOD_ONLY_KNOBS = {"beta": PREFERENCE_METHODS, "loss_type": ("dpo",), "rpo_alpha": ("dpo",)}
 """Knobs only some methods use: the plan table leaves them out for the others."""
 DATA_PLACEHOLDERS = {"sft": "demo, or a path to your data",
                      "preference": "empty: the preference demo set; or a path to pairs"}
@@ -108,15 +108,19 @@ def find_run_config(run_id: str) -> dict[str, Any]:
     return find_run(run_id).read_config()
 
 
-def preference_demo_path() -> Path | None:
-    """The preference demo set shipped with localtune (`localtune.demo.preference_dataset_path`),
-    or None in an install that does not have it yet. The one place this screen names it."""
-    try:
-        from localtune.demo import preference_dataset_path
-    except ImportError:
-        return None
-    path = Path(preference_dataset_path())
+def preference_demo_path(parrot: bool = False) -> Path | None:
+    """The preference demo set shipped with localtune (`localtune.demo.preference_dataset_path`;
+    `parrot`: the same pairs in the SFT demo's voice, for a run that continues the SFT demo),
+    or None in an install that does not have it yet. The one place this screen names them."""
+    from localtune import demo
+
+    path = Path(demo.parrot_preference_dataset_path() if parrot else demo.preference_dataset_path())
     return path if path.is_file() else None
+
+
+def is_preference_demo(source: str) -> bool:
+    """Whether `source` is one of the preference demo sets."""
+    return any(p is not None and source == str(p) for p in (preference_demo_path(), preference_demo_path(True)))
 
 
 def parse_beta(raw: str) -> tuple[float | None, str | None]:
@@ -292,6 +296,8 @@ class NewRunScreen(Screen):
         """(tokenizer, chat template) by model location, filled by the example thread."""
         self.method = "sft"
         self.from_run: str | None = None
+        self._from_data: str | None = None
+        """The data of the run `from_run` (the SFT demo's `demo`: the preference demo in its voice)."""
         self._loaded_for = "sft"
         self._from_lora: dict[str, Any] = {}
         """The completed run whose adapter this run continues ("continue with DPO" on the Runs screen)."""
@@ -479,7 +485,7 @@ class NewRunScreen(Screen):
         # the worker runs in the run folder, so a relative path must be made absolute here
         source = str(path.resolve()) if raw and raw != DEMO and path.exists() else raw
         if not raw and self.method in PREFERENCE_METHODS:  # left empty: the preference demo set
-            demo = preference_demo_path()
+            demo = preference_demo_path(parrot=self._from_data == DEMO)  # in the SFT demo's voice after it
             source = str(demo) if demo is not None else ""
         if source != self._data_source:
             self._load(source)
@@ -661,12 +667,16 @@ class NewRunScreen(Screen):
     def _set_from_run(self, run_id: str | None) -> None:
         self.from_run = run_id
         self._from_lora = {}
+        before, self._from_data = self._from_data, None
         if run_id:
             try:
                 cfg = find_run_config(run_id)
                 self._from_lora = {k: cfg["knobs"][k] for k in LORA_KNOBS if k in cfg.get("knobs", {})}
+                self._from_data = cfg.get("run", {}).get("data")
             except Exception:  # noqa: BLE001 - an unreadable run: Start's check says why
                 self._from_lora = {}
+        if self._from_data != before and self.method in PREFERENCE_METHODS:
+            self._apply_data()  # the preference demo's voice follows the run it continues
         self.show("#from-run", Text.assemble((f"continues run {run_id}'s adapter", "bold"),
                                              f"; reference: run {run_id}'s model") if run_id else "")
 
@@ -686,9 +696,9 @@ class NewRunScreen(Screen):
         with the preference pairs; nothing otherwise."""
         if self._data_source == DEMO:
             return DEMO_RECIPE
-        demo = preference_demo_path()
-        if self.method in PREFERENCE_METHODS and demo is not None and self._data_source == str(demo):
-            return PREFERENCE_DEMO_RECIPE
+        if self.method in PREFERENCE_METHODS and is_preference_demo(self._data_source):
+            parrot = self._data_source == str(preference_demo_path(parrot=True))
+            return SFT_THEN_DPO_DEMO_RECIPE if parrot and self.method == "dpo" else PREFERENCE_DEMO_RECIPE
         return {}
 
     def pinned(self) -> dict[str, Any]:
@@ -815,9 +825,10 @@ class NewRunScreen(Screen):
             from localtune.runs import find_run
 
             run_cfg["from_run"], run_cfg["from_adapter"] = self.from_run, str(find_run(self.from_run).adapter_dir)
-        demo = preference_demo_path()
-        if self.method in PREFERENCE_METHODS and demo is not None and self._data_source == str(demo):
-            run_cfg["eval_data"] = DEMO_PREFERENCE_EVAL  # the preference demo's held-out pairs
+        if self.method in PREFERENCE_METHODS and is_preference_demo(self._data_source):
+            parrot = self._data_source == str(preference_demo_path(parrot=True))
+            # the preference demo's held-out pairs, in the voice of its training pairs
+            run_cfg["eval_data"] = DEMO_PREFERENCE_PARROT_EVAL if parrot else DEMO_PREFERENCE_EVAL
         self.starting = True
         self._update_start()
         self._start_thread(run_cfg, self.plan)
