@@ -9,7 +9,7 @@ or peft reads them without a glossary: `r`, `lora_alpha`, `lora_dropout`, `targe
 for long steps that `save_steps` alone would leave unguarded for hours); `max_length`, `packing` (trl `SFTConfig`);
 `load_in_4bit`, `bnb_4bit_quant_type`, `bnb_4bit_use_double_quant`, `bnb_4bit_compute_dtype`
 (transformers `BitsAndBytesConfig`); `method` (localtune's: sft, dpo or orpo), `beta`, `loss_type`
-(trl `DPOConfig` / `ORPOConfig`).
+(trl `DPOConfig` / `ORPOConfig`); `engine` (localtune's: torch or mlx, localtune.engines).
 
 `warmup_steps` follows transformers 5: an integer is a step count, a float below 1 a
 fraction of the total steps (the old `warmup_ratio` is gone there, so it is gone here).
@@ -39,6 +39,8 @@ OPTIMIZERS = (
 SCHEDULERS = ("linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup")
 DTYPES = ("bfloat16", "float16", "float32")
 QUANT_TYPES = ("nf4", "fp4")
+ENGINES = ("torch", "mlx")
+"""Training engines: transformers + trl + peft on torch, or mlx + mlx-lm (localtune.engines)."""
 METHODS = ("sft", "dpo", "orpo")
 """Training methods: supervised fine-tuning, then the preference methods (localtune.methods)."""
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -63,6 +65,10 @@ class Knobs:
     method: str = _knob("sft", "Training method: sft (supervised fine-tuning on answers), dpo (preference pairs "
                         "against a frozen reference) or orpo (preference pairs, no reference model).",
                         choices=METHODS)
+    engine: str = _knob("torch", "Training engine: torch (transformers, trl, peft; CUDA, Apple MPS or the CPU) or "
+                        "mlx (mlx and mlx-lm: Apple Silicon's GPU, 4-bit on a Mac; on Linux the CPU backend "
+                        "of `mlx[cpu]`). mlx trains sft only; install it with `pip install 'localtune[mlx]'`.",
+                        choices=ENGINES)
     beta: float = _knob(0.1, "DPO: how far the policy may move from the reference (trl DPOConfig.beta); ORPO: "
                         "the weight of the odds-ratio term (trl ORPOConfig.beta). Not used by sft.",
                         lo=1e-6, hi=1e3)
