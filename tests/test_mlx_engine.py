@@ -119,6 +119,7 @@ def test_mlx_resume_after_sigkill_matches_the_uninterrupted_run(mlx_reference_ru
     assert sorted(got) == list(range(1, MAX_STEPS + 1))
     first_resumed = int(newest.rsplit("-", 1)[1]) + 1
     diffs = {s: abs(got[s] - want[s]) for s in range(first_resumed, MAX_STEPS + 1)}
+    print(f"resumed from {newest}: largest loss difference {max(diffs.values()):.3g} over steps {sorted(diffs)}")
     assert max(diffs.values()) <= LOSS_TOL, f"resumed losses differ from the uninterrupted run's: {diffs}"
 
     from safetensors.torch import load_file
@@ -129,3 +130,123 @@ def test_mlx_resume_after_sigkill_matches_the_uninterrupted_run(mlx_reference_ru
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= ADAPTER_TOL, f"the resumed adapter differs from the uninterrupted one by {worst:g}"
     assert partial_leftovers(run) == [] and not run.lock_path.exists()
+
+
+def _mlx_lora_model(folder: Path, **knobs):
+    """The base in `folder` loaded by the MLX engine with LoRA on every linear layer, and the knobs."""
+    from localtune.engines.mlx_lora import add_lora, checkpoint_weight_names, load_base
+    from localtune.knobs import Knobs
+
+    k = Knobs(engine="mlx", r=4, lora_alpha=12, lora_dropout=0.0, **knobs)
+    model = load_base(folder, k, mx.float32)
+    mx.random.seed(0)
+    adapted = add_lora(model, k, hf_weight_names=checkpoint_weight_names(folder))
+    return model, k, adapted
+
+
+def test_the_mlx_adapter_in_peft_format_gives_peft_the_same_logits(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """An adapter the MLX engine trained is one peft loads: the MLX model with its LoRA layers and
+    transformers' model with `PeftModel.from_pretrained` on the converted files give the same
+    logits in float32 (within LOGITS_TOL), and the converted files load back into MLX exactly."""
+    import numpy as np
+    import torch
+    from mlx.utils import tree_flatten, tree_map
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from localtune.engines.mlx_lora import load_peft_adapter, save_peft_adapter
+
+    model, knobs, adapted = _mlx_lora_model(tiny_llama_dir)
+    assert len(adapted) == 2 * 7  # 2 blocks x q, k, v, o, gate, up, down
+    # a trained adapter: lora_b is zero at the start, and would hide a wrong layout or scale
+    rng = np.random.default_rng(0)
+    model.update(tree_map(lambda a: mx.array(rng.normal(0, 0.2, a.shape).astype(np.float32)),
+                          model.trainable_parameters()))
+    ids = np.array([[1, 17, 200, 3, 99, 45, 12, 250, 7], [5, 5, 80, 81, 82, 0, 11, 64, 33]])
+    mlx_logits = np.array(model(mx.array(ids)))
+    save_peft_adapter(model, tmp_path / "adapter", knobs, base_model=str(tiny_llama_dir), adapted=adapted)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        peft_logits = peft_model(torch.tensor(ids)).logits.numpy()
+    with peft_model.disable_adapter(), torch.no_grad():
+        plain_logits = peft_model(torch.tensor(ids)).logits.numpy()
+    assert np.abs(peft_logits - plain_logits).max() > 0.1, "the adapter changes nothing: the test would prove nothing"
+    diff = np.abs(mlx_logits - peft_logits).max()
+    print(f"MLX vs peft logits: largest difference {diff:.3g} (the adapter moves them by "
+          f"{np.abs(peft_logits - plain_logits).max():.3g})")
+    assert diff <= LOGITS_TOL
+
+    fresh, _, _ = _mlx_lora_model(tiny_llama_dir)
+    load_peft_adapter(fresh, tmp_path / "adapter")
+    assert np.array_equal(np.array(fresh(mx.array(ids))), mlx_logits)  # the round trip is exact
+    a, b = dict(tree_flatten(fresh.trainable_parameters())), dict(tree_flatten(model.trainable_parameters()))
+    assert sorted(a) == sorted(b)
+
+
+def test_load_in_4bit_quantises_the_base_with_mlx_and_lora_trains_over_it(tiny_llama_dir: Path) -> None:
+    """`load_in_4bit` on MLX: the base's linear layers become 4-bit (group size 64) under their
+    LoRA layers, only the LoRA weights train, and a few AdamW steps lower the loss."""
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.lora import LoRALinear
+
+    from localtune.engines.mlx_sft import loss_sum
+
+    model, _, _ = _mlx_lora_model(tiny_llama_dir, load_in_4bit=True)
+    q = model.layers[0].self_attn.q_proj
+    assert isinstance(q, LoRALinear) and isinstance(q.linear, nn.QuantizedLinear)
+    assert (q.linear.bits, q.linear.group_size) == (4, 64)
+    trainable = [k for k, _ in tree_flatten(model.trainable_parameters())]
+    assert trainable and all(k.endswith(("lora_a", "lora_b")) for k in trainable)
+
+    ids = mx.array([[1, 17, 200, 3, 99, 45, 12, 250, 7, 8, 9, 10]])
+    mask = mx.ones(ids.shape)
+    step = nn.value_and_grad(model, loss_sum)
+    opt = optim.AdamW(learning_rate=1e-2, weight_decay=0.0, bias_correction=True)
+    first = None
+    for _ in range(5):
+        loss, grads = step(model, ids, mask)
+        opt.update(model, grads)
+        mx.eval(model.trainable_parameters(), opt.state)
+        first = loss.item() if first is None else first
+    assert loss.item() < first
+
+
+def test_train_with_engine_mlx_runs_the_mlx_engine_from_the_command_line(capsys, tiny_chat_model_dir: Path,
+                                                                        train_file: Path) -> None:
+    """`localtune train --headless --set engine=mlx` trains with MLX, follows the run to its end
+    and exits 0; config.toml records the engine."""
+    from localtune.runs import list_runs
+
+    rc, out, err = run_cli(capsys, "train", "--headless", "--model", str(tiny_chat_model_dir), "--data",
+                           str(train_file), "--set", "engine=mlx", "--set", "max_steps=2", "--set", "max_length=64",
+                           "--set", "per_device_train_batch_size=2", "--set", "gradient_accumulation_steps=1",
+                           "--set", "save_steps=2")
+    assert rc == 0, out + err
+    (run,) = list_runs()
+    assert run.read_config()["knobs"]["engine"] == "mlx"
+    assert run.read_status()["state"] == "completed", log_tail(run)
+    assert events_of(run, "started")[0]["device"] == "mlx:cpu"
+    assert (run.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+def test_engine_mlx_without_mlx_installed_says_how_to_install_it(capsys, monkeypatch, tiny_chat_model_dir: Path,
+                                                                 train_file: Path) -> None:
+    from localtune import engines
+
+    monkeypatch.setattr(engines, "mlx_available", lambda: False)
+    rc, out, err = run_cli(capsys, "train", "--headless", "--model", str(tiny_chat_model_dir), "--data",
+                           str(train_file), "--set", "engine=mlx")
+    assert rc == 1
+    line = one_line_error(err)
+    assert "engine=mlx needs mlx and mlx-lm" in line and "pip install 'localtune[mlx]'" in line, line
+
+
+def test_engine_mlx_refuses_the_preference_methods_in_one_line(capsys, tiny_chat_model_dir: Path) -> None:
+    rc, out, err = run_cli(capsys, "train", "--headless", "--model", str(tiny_chat_model_dir), "--method", "dpo",
+                           "--set", "engine=mlx")
+    assert rc == 1
+    assert "engine=mlx trains sft only, not dpo" in one_line_error(err)
