@@ -65,10 +65,6 @@ class Knobs:
     method: str = _knob("sft", "Training method: sft (supervised fine-tuning on answers), dpo (preference pairs "
                         "against a frozen reference) or orpo (preference pairs, no reference model).",
                         choices=METHODS)
-    engine: str = _knob("torch", "Training engine: torch (transformers, trl, peft; CUDA, Apple MPS or the CPU) or "
-                        "mlx (mlx and mlx-lm: Apple Silicon's GPU, 4-bit on a Mac; on Linux the CPU backend "
-                        "of `mlx[cpu]`). mlx trains sft only; install it with `pip install 'localtune[mlx]'`.",
-                        choices=ENGINES)
     beta: float = _knob(0.1, "DPO: how far the policy may move from the reference (trl DPOConfig.beta); ORPO: "
                         "the weight of the odds-ratio term (trl ORPOConfig.beta). Not used by sft.",
                         lo=1e-6, hi=1e3)
@@ -111,6 +107,11 @@ class Knobs:
     eval_steps: int = _knob(50, "Evaluate every N optimizer steps.", lo=1, hi=1e12)
     logging_steps: int = _knob(1, "Report loss every N optimizer steps.", lo=1, hi=1e12)
     seed: int = _knob(42, "Seed for data order, dropout and LoRA initialisation.", lo=0, hi=2**32 - 1)
+    # --- the engine (localtune.engines) ---
+    engine: str = _knob("torch", "Training engine: torch (transformers, trl, peft; CUDA, Apple MPS or the CPU) or "
+                        "mlx (mlx and mlx-lm: Apple Silicon's GPU, 4-bit on a Mac; on Linux the CPU backend "
+                        "of `mlx[cpu]`). mlx trains sft only; install it with `pip install 'localtune[mlx]'`.",
+                        choices=ENGINES)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
