@@ -6,7 +6,10 @@ the command or TUI that started it; it owns the accelerator. It reads `config.to
 `method` knob: localtune.methods builds SFTTrainer, DPOTrainer or ORPOTrainer; this module is
 the lifecycle around it and knows nothing of the method) and reports everything through
 `events.jsonl` and `status.json` (see localtune.events, localtune.runs and the callbacks in
-localtune.callbacks).
+localtune.callbacks). With `engine = "mlx"` in the knobs, `train` hands over to
+localtune.engines.mlx_sft, which drives MLX with this module's pieces: `_setup`,
+`newest_usable_checkpoint`, `commit_checkpoint`, `publish_adapter` (the torch trainers use the
+same two through `CommitCheckpoints` and `_save_adapter`).
 
 - Checkpoints are written under `checkpoints/.partial/` and renamed into `checkpoints/` only
   when complete, so a crash or a full disk never leaves a half checkpoint that resume would

@@ -132,6 +132,32 @@ def test_mlx_resume_after_sigkill_matches_the_uninterrupted_run(mlx_reference_ru
     assert partial_leftovers(run) == [] and not run.lock_path.exists()
 
 
+def test_export_and_chat_work_unchanged_on_an_mlx_run(capsys, monkeypatch, mlx_reference_run: RunDir,
+                                                      tmp_path: Path) -> None:
+    """`localtune export` (adapter, merged with its own logits check, GGUF with a Modelfile) and
+    `localtune chat` read an MLX run as they read a torch one."""
+    from safetensors.torch import load_file
+
+    from tests.test_chat import chat, greedy
+    from tests.test_export import export
+
+    run = mlx_reference_run
+    adapter = export(capsys, run, "--format", "adapter", "--out", str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file(), adapter
+    merged = export(capsys, run, "--format", "merged", "--out", str(tmp_path / "merged"))
+    assert merged["checks"]["merge_max_rel_logit_diff"] <= 1e-5  # the export's own float32 check of the merge
+    assert not any("lora" in k for k in load_file(tmp_path / "merged" / "model.safetensors"))
+    rc, out, err = run_cli(capsys, "export", str(run.path), "--format", "gguf", "--quant", "q8_0", "--ollama",
+                           "--out", str(tmp_path / "gguf"))
+    assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["Modelfile", "mlx-reference-q8_0.gguf"]
+
+    rc, out = chat(capsys, monkeypatch, run, "What is 2+2?\n", "--max-new-tokens", "6")
+    assert rc == 0
+    answer = greedy(run, [{"role": "user", "content": "What is 2+2?"}], 6)  # transformers + peft, directly
+    assert out.split("\n", 1)[1] == f"you> tuned> {answer}\nyou> \n"
+
+
 def _mlx_lora_model(folder: Path, **knobs):
     """The base in `folder` loaded by the MLX engine with LoRA on every linear layer, and the knobs."""
     from localtune.engines.mlx_lora import add_lora, checkpoint_weight_names, load_base

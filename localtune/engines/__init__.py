@@ -23,6 +23,8 @@ from localtune.errors import UserError
 
 MLX_METHODS = ("sft",)
 """The training methods the MLX engine has (the preference methods are torch's alone so far)."""
+MLX_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+"""The `optim` values the MLX engine honours: both are AdamW, which it runs as mlx.optimizers.AdamW."""
 
 
 def mlx_install_hint() -> str:
@@ -47,3 +49,6 @@ def require_engine(knobs) -> None:
     if knobs.method not in MLX_METHODS:
         raise UserError(f"engine=mlx trains {', '.join(MLX_METHODS)} only, not {knobs.method}: "
                         "train it with --set engine=torch")
+    if knobs.optim not in MLX_OPTIMIZERS:
+        raise UserError(f"engine=mlx trains with AdamW (optim={MLX_OPTIMIZERS[0]}), not optim={knobs.optim}: "
+                        f"set --set optim={MLX_OPTIMIZERS[0]}, or train with --set engine=torch")
