@@ -4,6 +4,7 @@ PEFT's format.
 
     model = load_base(folder, knobs, dtype)         # mlx-lm's model class for config.json's model_type
     targets = add_lora(model, knobs)                # the knobs' r, lora_alpha, lora_dropout, target_modules
+    seeded_blocks(model, checkpoint=knobs.gradient_checkpointing)
     save_peft_adapter(model, out, knobs, base=...)  # adapter_config.json + adapter_model.safetensors
     load_peft_adapter(model, folder)                # back into the LoRA layers (resume)
 
@@ -113,6 +114,48 @@ def add_lora(model, knobs, *, hf_weight_names: set[str] | None = None) -> list[s
             raise UserError(f"the MLX engine names {missing[0]} differently from the model's checkpoint, so its "
                             f"adapter could not be saved in PEFT's format; train this model with --set engine=torch")
     return adapted
+
+
+def seeded_blocks(model, *, checkpoint: bool) -> None:
+    """Give each transformer block's forward in training its own dropout seed, drawn from MLX's
+    generator when the block runs, and with `checkpoint` recompute the block in the backward
+    pass instead of storing its activations (gradient checkpointing, with `mx.checkpoint`).
+
+    The seed is what makes checkpointing right with LoRA dropout: mx.checkpoint recomputes a
+    block by calling it again, and a block that draws its dropout masks from the global
+    generator draws new ones then. mlx-lm 0.32's own `grad_checkpoint` does exactly that
+    (measured on a tiny Llama with lora_dropout 0.3: its LoRA gradients off by 0.94 where the
+    largest is 1.3); seeded per block, the gradients with and without checkpointing are
+    equal to the bit. So the knob changes memory and speed, never the numbers. Costs one
+    host sync per block per forward (the seed is read back to Python).
+
+    The block's class is patched once per process (Python looks `__call__` up on the class);
+    only the blocks of `model` are marked to take the seeded path, other instances behave as
+    before."""
+    import mlx.core as mx
+
+    cls = type(model.layers[0])
+    if not hasattr(cls, "_localtune_plain_call"):
+        plain = cls.__call__
+
+        def call(self, *args, **kwargs):
+            mode = getattr(self, "_localtune_mode", None)
+            if mode is None or not self.training:
+                return plain(self, *args, **kwargs)
+            seed = int(mx.random.randint(0, 2**31 - 1, ()).item())
+
+            def block(params, *a, **kw):
+                self.update(params)
+                mx.random.seed(seed)  # the same masks when mx.checkpoint calls this again
+                return plain(self, *a, **kw)
+
+            return (mx.checkpoint(block) if mode == "checkpoint" else block)(self.trainable_parameters(), *args,
+                                                                              **kwargs)
+
+        cls._localtune_plain_call = plain
+        cls.__call__ = call
+    for layer in model.layers:
+        layer._localtune_mode = "checkpoint" if checkpoint else "seeded"
 
 
 def checkpoint_weight_names(folder: Path) -> set[str]:

@@ -23,15 +23,20 @@ MLX's own is here:
 - the data order: an endless stream of permutations of the training rows, one per epoch
   (numpy's PCG64 seeded with (seed, epoch)), read `per_device_train_batch_size *
   gradient_accumulation_steps` rows per optimizer step; an optimizer step's dropout draws from
-  MLX's generator seeded with (seed, step). Both are a function of the step alone, so a
-  resumed run draws what the uninterrupted one drew;
+  MLX's generator seeded with (seed, step) (each block reseeds from it, see below). Both are
+  a function of the step alone, so a resumed run draws what the uninterrupted one drew;
 - checkpoints: `adapter_config.json` + `adapter_model.safetensors` (PEFT's format, converted
   exactly back on resume), `optimizer.safetensors` (AdamW's moments, its step and learning
   rate, as MLX holds them), `trainer_state.json` (`engine: mlx`, the step, the rows and tokens
   seen, the schedule, the data order's recipe).
 
-Not here yet: the out-of-memory back-off, gradient checkpointing (the knob is accepted and has
-no effect), `packing`, tokens added by a chat template (refused), the preference methods.
+- gradient checkpointing (`gradient_checkpointing`): each block recomputed in the backward pass
+  with `mx.checkpoint`, its dropout seeded so the recompute draws the same masks
+  (mlx_lora.seeded_blocks says why mlx-lm's own helper cannot be used).
+
+Not here yet: the out-of-memory back-off, `packing`, tokens added by a chat template (refused),
+the preference methods, the `sample` of a run whose tokenizer has several end tokens (it stops
+at `eos_token_id` only).
 
 On Linux, MLX's CPU backend (`pip install 'localtune[mlx]'`) runs this same code: that is how
 it is tested. It is slow there (a 135M model trains at a few tokens per second).
@@ -206,8 +211,8 @@ def train_mlx(run, stop, knobs) -> None:
 
     from localtune.callbacks import Attempt, RunEvents, RunInfo, SaveByClock
     from localtune.engines import require_engine
-    from localtune.engines.mlx_lora import (QUANT_BITS, QUANT_GROUP_SIZE, add_lora, checkpoint_weight_names,
-                                            load_base, model_folder, save_peft_adapter)
+    from localtune.engines.mlx_lora import (QUANT_GROUP_SIZE, add_lora, checkpoint_weight_names, load_base,
+                                            model_folder, save_peft_adapter, seeded_blocks)
     from localtune.events import append_event
     from localtune.methods.sft import SFT
     from localtune.worker import (_elapsed_before, _setup, commit_checkpoint, newest_usable_checkpoint,
@@ -238,6 +243,7 @@ def train_mlx(run, stop, knobs) -> None:
     model = load_base(folder, knobs, dtype)
     mx.random.seed(knobs.seed)  # the LoRA layers' initialisation
     adapted = add_lora(model, knobs, hf_weight_names=checkpoint_weight_names(folder))
+    seeded_blocks(model, checkpoint=knobs.gradient_checkpointing)
     model.train()
     optimizer = optim.AdamW(learning_rate=knobs.learning_rate, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0,
                             bias_correction=True)
