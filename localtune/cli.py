@@ -438,6 +438,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"note: --max-gpu-temp watches an NVIDIA GPU; this run trains on {plan.backend}, so it has no effect")
     proc = start_worker(run)
     how = "" if plan.knobs.method == "sft" else f" with {plan.knobs.method.upper()}"
+    if plan.knobs.engine == "mlx":
+        how += " on the MLX engine"
     if run_cfg.get("from_run"):
         how += f", continuing run {run_cfg['from_run']}"
     print(f"run {run.id} started: {plan.model.display_name}{how} on {run_cfg['data']}, worker pid {proc.pid}")

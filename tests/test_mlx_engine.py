@@ -135,6 +135,32 @@ def test_mlx_resume_after_sigkill_matches_the_uninterrupted_run(mlx_reference_ru
     assert partial_leftovers(run) == [] and not run.lock_path.exists()
 
 
+def test_mlx_stop_ends_the_step_with_a_checkpoint_and_resume_matches(mlx_reference_run: RunDir,
+                                                                     tiny_chat_model_dir: Path,
+                                                                     train_file: Path) -> None:
+    """`localtune stop` (SIGTERM) on an MLX run: the step under way ends, is logged and
+    checkpointed, the run is `stopped`; resuming it ends as the uninterrupted run did."""
+    run = make_run("mlx-stopped", tiny_chat_model_dir, train_file, **MLX_KNOBS)
+    proc = start_worker(run)
+    signal_after_first_checkpoint(proc, run, signal.SIGTERM)
+    assert wait_worker(proc, run) == 0, log_tail(run)
+    status = run.read_status()
+    assert status["state"] == "stopped" and run.state() == "stopped" and status["pid"] is None
+    assert [e["reason"] for e in events_of(run, "stopping")] == ["SIGTERM"]
+    (stopped,) = events_of(run, "stopped")
+    step = stopped["step"]
+    assert 0 < step < MAX_STEPS
+    assert events_of(run, "step")[-1]["step"] == step and stopped["checkpoint"] == f"checkpoint-{step}"
+    assert run.complete_checkpoints()[-1].name == f"checkpoint-{step}" and status["last_checkpoint"] == f"checkpoint-{step}"
+    assert not events_of(run, "finished") and not run.adapter_dir.exists() and not run.lock_path.exists()
+
+    run_to_end(run)
+    assert run.read_status()["state"] == "completed", log_tail(run)
+    got, want = step_losses(run), step_losses(mlx_reference_run)
+    assert sorted(got) == list(range(1, MAX_STEPS + 1))
+    assert max(abs(got[s] - want[s]) for s in got) <= LOSS_TOL
+
+
 def test_export_and_chat_work_unchanged_on_an_mlx_run(capsys, monkeypatch, mlx_reference_run: RunDir,
                                                       tmp_path: Path) -> None:
     """`localtune export` (adapter, merged with its own logits check, GGUF with a Modelfile) and
@@ -256,6 +282,7 @@ def test_train_with_engine_mlx_runs_the_mlx_engine_from_the_command_line(capsys,
                            "--set", "save_steps=2")
     assert rc == 0, out + err
     (run,) = list_runs()
+    assert f"run {run.id} started: {tiny_chat_model_dir} on the MLX engine on {train_file}, worker pid" in out, out
     assert run.read_config()["knobs"]["engine"] == "mlx"
     assert run.read_status()["state"] == "completed", log_tail(run)
     assert events_of(run, "started")[0]["device"] == "mlx:cpu"
