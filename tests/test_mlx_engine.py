@@ -161,6 +161,23 @@ def test_mlx_stop_ends_the_step_with_a_checkpoint_and_resume_matches(mlx_referen
     assert max(abs(got[s] - want[s]) for s in got) <= LOSS_TOL
 
 
+def test_a_damaged_mlx_checkpoint_is_named_and_not_resumed_from(mlx_reference_run: RunDir, tmp_path: Path) -> None:
+    """Resume reads an MLX checkpoint back before it trusts it: a truncated optimizer state or
+    a missing one is named (and the worker then sets the checkpoint aside, as for torch)."""
+    import shutil
+
+    from localtune.worker import checkpoint_problem
+
+    ck = tmp_path / "checkpoint-12"
+    shutil.copytree(mlx_reference_run.complete_checkpoints()[-1], ck)
+    assert checkpoint_problem(ck) is None
+    opt = ck / "optimizer.safetensors"
+    opt.write_bytes(opt.read_bytes()[: opt.stat().st_size // 2])
+    assert checkpoint_problem(ck).startswith("optimizer.safetensors is unreadable")
+    opt.unlink()
+    assert checkpoint_problem(ck) == "optimizer.safetensors is missing"
+
+
 def test_export_and_chat_work_unchanged_on_an_mlx_run(capsys, monkeypatch, mlx_reference_run: RunDir,
                                                       tmp_path: Path) -> None:
     """`localtune export` (adapter, merged with its own logits check, GGUF with a Modelfile) and

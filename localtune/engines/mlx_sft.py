@@ -28,15 +28,19 @@ MLX's own is here:
 - checkpoints: `adapter_config.json` + `adapter_model.safetensors` (PEFT's format, converted
   exactly back on resume), `optimizer.safetensors` (AdamW's moments, its step and learning
   rate, as MLX holds them), `trainer_state.json` (`engine: mlx`, the step, the rows and tokens
-  seen, the schedule, the data order's recipe).
-
+  seen, the schedule, the data order's recipe);
 - gradient checkpointing (`gradient_checkpointing`): each block recomputed in the backward pass
   with `mx.checkpoint`, its dropout seeded so the recompute draws the same masks
-  (mlx_lora.seeded_blocks says why mlx-lm's own helper cannot be used).
+  (mlx_lora.seeded_blocks says why mlx-lm's own helper cannot be used);
+- precision: float32 on MLX's CPU backend; on Apple's GPU the base in bfloat16 when `bf16`
+  (the LoRA weights and the loss in float32 always).
 
-Not here yet: the out-of-memory back-off, `packing`, tokens added by a chat template (refused),
-the preference methods, the `sample` of a run whose tokenizer has several end tokens (it stops
-at `eos_token_id` only).
+The order in which rows are read is not the torch engine's (transformers' sampler), so an MLX
+run and a torch run of the same configuration see the rows in different orders.
+
+Not here yet: the out-of-memory back-off, `packing` (accepted, not applied), tokens added by a
+chat template (refused), the preference methods; the `sample` generation stops at
+`eos_token_id` only.
 
 On Linux, MLX's CPU backend (`pip install 'localtune[mlx]'`) runs this same code: that is how
 it is tested. It is slow there (a 135M model trains at a few tokens per second).
