@@ -153,6 +153,10 @@ def hardware_event(run: RunDir, backend: str, hw, device: str) -> None:
             fields.update(utilization_pct=d.utilization_pct, temperature_c=d.temperature_c, power_w=d.power_w)
         except Exception:  # noqa: BLE001 - live readings are optional
             pass
+    elif device == "mlx:gpu":  # Apple's GPU under MLX: its buffers (in use and cached) are not in the RSS
+        import mlx.core as mx
+
+        fields.update(memory_used_bytes=mx.get_active_memory() + mx.get_cache_memory(), memory_total_bytes=vm.total)
     else:
         fields.update(memory_used_bytes=psutil.Process().memory_info().rss, memory_total_bytes=vm.total)
     append_event(run.events_path, "hardware", **fields)

@@ -403,6 +403,7 @@ def _wants_tui(args: argparse.Namespace) -> bool:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from localtune.engines import require_engine
     from localtune.hardware import probe
     from localtune.headless import follow
     from localtune.launch import continue_from, prepare_run, start_worker, with_method_defaults
@@ -427,6 +428,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_cfg, pinned = with_method_defaults(run_cfg, pinned, from_data=from_data)
     plan = make_plan(probe(), model, profile=run_cfg.get("profile"), pinned=pinned,
                      reference_adapter=bool(run_cfg.get("from_run")) and pinned.get("method") == "dpo")
+    require_engine(plan.knobs)  # engine=mlx without mlx installed: how to install it, in one line
     if not plan.fits:
         raise UserError(f"the run does not fit this machine (estimate {plan.estimate.total_bytes / GiB:.1f} GB, "
                         f"budget {plan.budget_bytes / GiB:.1f} GB); try: {'; '.join(plan.advice)}. "
@@ -438,6 +440,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"note: --max-gpu-temp watches an NVIDIA GPU; this run trains on {plan.backend}, so it has no effect")
     proc = start_worker(run)
     how = "" if plan.knobs.method == "sft" else f" with {plan.knobs.method.upper()}"
+    if plan.knobs.engine == "mlx":
+        how += " on the MLX engine"
     if run_cfg.get("from_run"):
         how += f", continuing run {run_cfg['from_run']}"
     print(f"run {run.id} started: {plan.model.display_name}{how} on {run_cfg['data']}, worker pid {proc.pid}")

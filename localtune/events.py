@@ -22,7 +22,7 @@ EVENT_FIELDS: dict[str, dict[str, str]] = {
         "pid": "the worker's process id",
         "resumed_from": "checkpoint folder name, or null for a fresh start",
         "max_steps": "optimizer steps the run will take",
-        "device": "what the model trains on, e.g. 'cpu' or 'cuda:0'",
+        "device": "what the model trains on, e.g. 'cpu' or 'cuda:0'; 'mlx:gpu' or 'mlx:cpu' on the MLX engine",
         "precision": "what it computes in, e.g. 'bfloat16', 'float32', 'bfloat16 autocast' (over float32 "
                      "weights, on CPUs with native bf16), 'nf4 weights, bfloat16 compute'",
         "padding_free": "whether batches are laid end to end without padding (or packed)",
@@ -42,7 +42,8 @@ EVENT_FIELDS: dict[str, dict[str, str]] = {
     "eval": {"step": "optimizer steps done", "eval_loss": "loss on the evaluation rows"},
     "sample": {"step": "optimizer steps done", "prompt": "the fixed prompt", "text": "the greedy answer"},
     "hardware": {
-        "memory_used_bytes": "memory in use on the training device (RSS on the CPU)",
+        "memory_used_bytes": "memory in use on the training device (RSS on the CPU; MLX's active and cached "
+                             "memory on Apple's GPU under the MLX engine)",
         "memory_total_bytes": "the device's memory",
         "utilization_pct": "GPU utilisation, or null",
         "temperature_c": "GPU temperature, or null",
@@ -68,7 +69,8 @@ EVENT_FIELDS: dict[str, dict[str, str]] = {
                  "train_loss": "mean training loss", "elapsed_s": "seconds of training",
                  "tokens": "non-padding tokens trained, resumes included",
                  "peak_memory_bytes": "peak memory of this attempt: the worker's peak RSS on the CPU and Apple, "
-                                      "torch.cuda.max_memory_allocated on CUDA"},
+                                      "torch.cuda.max_memory_allocated on CUDA, mx.get_peak_memory() on the "
+                                      "MLX engine (its arrays, on Apple's GPU or the CPU)"},
     "stopped": {"step": "optimizer steps done", "checkpoint": "the checkpoint to resume from"},
     "failed": {"error": "what went wrong, one line", "log": "the worker log with the traceback"},
 }

@@ -9,7 +9,7 @@ or peft reads them without a glossary: `r`, `lora_alpha`, `lora_dropout`, `targe
 for long steps that `save_steps` alone would leave unguarded for hours); `max_length`, `packing` (trl `SFTConfig`);
 `load_in_4bit`, `bnb_4bit_quant_type`, `bnb_4bit_use_double_quant`, `bnb_4bit_compute_dtype`
 (transformers `BitsAndBytesConfig`); `method` (localtune's: sft, dpo or orpo), `beta`, `loss_type`
-(trl `DPOConfig` / `ORPOConfig`).
+(trl `DPOConfig` / `ORPOConfig`); `engine` (localtune's: torch or mlx, localtune.engines).
 
 `warmup_steps` follows transformers 5: an integer is a step count, a float below 1 a
 fraction of the total steps (the old `warmup_ratio` is gone there, so it is gone here).
@@ -39,6 +39,8 @@ OPTIMIZERS = (
 SCHEDULERS = ("linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup")
 DTYPES = ("bfloat16", "float16", "float32")
 QUANT_TYPES = ("nf4", "fp4")
+ENGINES = ("torch", "mlx")
+"""Training engines: transformers + trl + peft on torch, or mlx + mlx-lm (localtune.engines)."""
 METHODS = ("sft", "dpo", "orpo")
 """Training methods: supervised fine-tuning, then the preference methods (localtune.methods)."""
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -109,6 +111,11 @@ class Knobs:
     eval_steps: int = _knob(50, "Evaluate every N optimizer steps.", lo=1, hi=1e12)
     logging_steps: int = _knob(1, "Report loss every N optimizer steps.", lo=1, hi=1e12)
     seed: int = _knob(42, "Seed for data order, dropout and LoRA initialisation.", lo=0, hi=2**32 - 1)
+    # --- the engine (localtune.engines) ---
+    engine: str = _knob("torch", "Training engine: torch (transformers, trl, peft; CUDA, Apple MPS or the CPU) or "
+                        "mlx (mlx and mlx-lm: Apple Silicon's GPU, 4-bit on a Mac; on Linux the CPU backend "
+                        "of `mlx[cpu]`). mlx trains sft only; install it with `pip install 'localtune[mlx]'`.",
+                        choices=ENGINES)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -261,8 +261,16 @@ def lora_param_count(shape: ModelShape, knobs: Knobs) -> int:
     return per_block * shape.num_hidden_layers
 
 
-def weights_bytes(shape: ModelShape, *, load_in_4bit: bool, double_quant: bool, dtype_bytes: int) -> tuple[int, int, int]:
-    """(bytes, base params, quantised params) of the base model's weights."""
+MLX_GROUP_SIZE = 64
+"""The MLX engine's 4-bit groups: each holds 64 weights (4 bits each) and a scale and a bias in
+the model's dtype (localtune.engines.mlx_lora)."""
+
+
+def weights_bytes(shape: ModelShape, *, load_in_4bit: bool, double_quant: bool, dtype_bytes: int,
+                  mlx: bool = False) -> tuple[int, int, int]:
+    """(bytes, base params, quantised params) of the base model's weights. `mlx`: 4-bit weights
+    are MLX's (every linear layer and the embeddings, in groups of MLX_GROUP_SIZE with a scale
+    and a bias each: 0.5625 bytes per parameter over a 16-bit model), not bitsandbytes' NF4."""
     h, L, V = shape.hidden_size, shape.num_hidden_layers, shape.vocab_size
     linears = shape.linear_layers()
     linear_weights_per_block = sum(i * o for i, o in linears.values())
@@ -274,6 +282,11 @@ def weights_bytes(shape: ModelShape, *, load_in_4bit: bool, double_quant: bool, 
     plain = (bias_per_block * L + embed + norms) * dtype_bytes
     if not load_in_4bit:
         return plain + linear_params * dtype_bytes, base_params, 0
+    if mlx:  # nn.quantize takes the embeddings (and an untied output layer) too; the norms stay
+        quantised = linear_params + embed
+        per_group = MLX_GROUP_SIZE // 2 + 2 * dtype_bytes
+        return ((bias_per_block * L + norms) * dtype_bytes + -(-quantised // MLX_GROUP_SIZE) * per_group,
+                base_params, quantised)
     constants = 0
     for i, o in linears.values():  # per tensor: each quantised weight has its own block constants
         blocks = -(-i * o // NF4_BLOCK)
@@ -358,7 +371,7 @@ def estimate(shape: ModelShape, knobs: Knobs, device: str | DeviceFacts, *,
     preference = method in ("dpo", "orpo")
     w_bytes, base_params, quantised = weights_bytes(
         shape, load_in_4bit=knobs.load_in_4bit, double_quant=knobs.bnb_4bit_use_double_quant,
-        dtype_bytes=precision.weights_bytes)
+        dtype_bytes=precision.weights_bytes, mlx=knobs.engine == "mlx")
     L, h, V, S = shape.num_hidden_layers, shape.hidden_size, shape.vocab_size, knobs.max_length
     kbit_upcast = 0
     if method == "orpo" and knobs.load_in_4bit and precision.weights_bytes < 4:
@@ -391,7 +404,9 @@ def estimate(shape: ModelShape, knobs: Knobs, device: str | DeviceFacts, *,
     else:
         per_token = L * full_block + 4 * h
     activations = int(tokens * (per_token + padding_mask))
-    dequant_buffer = max(i * o for i, o in shape.linear_layers().values()) * 2 if knobs.load_in_4bit else 0
+    # bitsandbytes dequantises a whole weight for each matmul; MLX's quantised matmul does not
+    dequant_buffer = (max(i * o for i, o in shape.linear_layers().values()) * 2
+                      if knobs.load_in_4bit and knobs.engine != "mlx" else 0)
     activations += dequant_buffer
     # trained token rows: peft merges them into a full copy of the output layer, and its full
     # gradient is formed, while the loss is computed (measured: 2.0 x V x h x 4 bytes on the CPU)

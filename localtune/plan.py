@@ -7,13 +7,13 @@ move. The order puts first what costs only speed, then what costs a little accur
 what changes what the model sees:
 
 1. gradient checkpointing on            recompute activations (~30% more compute)
-2. 4-bit base weights (NVIDIA)          only when the 16-bit weights take over half the
-                                        budget: then no batch size can make them fit
+2. 4-bit base weights (NVIDIA; the      only when the 16-bit weights take over half the
+   MLX engine on Apple)                 budget: then no batch size can make them fit
 3. 8-bit paged AdamW (NVIDIA)           optimizer state 8 -> ~2 bytes per LoRA parameter
 4. smaller micro-batch, more            the effective batch (micro-batch x accumulation) is
    gradient accumulation                exactly unchanged (knobs.halve_micro_batch), so
                                         training is the same, only slower
-5. 4-bit base weights (the CPU)         bitsandbytes 4-bit on the CPU is slower than 16-bit
+5. 4-bit base weights (the CPU, MLX)    bitsandbytes 4-bit on the CPU is slower than 16-bit
 6. halve max_length (not below 256)     longer rows get truncated
 7. halve the LoRA rank (not below 4)    lora_alpha is halved with it, keeping the scale
 
@@ -23,9 +23,12 @@ a reference forward without gradients; for ORPO, the full logits). Step 4 halves
 per micro-batch with the same rule, so the effective batch of pairs is unchanged; the plan
 carries one note saying so (`Plan.notes`).
 
-Apple's MPS never gets steps 2, 3 and 5: bitsandbytes does not run there
+On Apple's MPS the torch engine never gets steps 2, 3 and 5: bitsandbytes does not run there
 (profiles.BITSANDBYTES_BACKENDS), and a knob the user pins to it is refused before anything
-else (`check_backend_runs`). The dtypes, and so the bytes, come from localtune.precision with
+else (`check_backend_runs`). The Apple profiles train with the MLX engine (`engine = "mlx"`),
+whose 4-bit weights are MLX's own (memory.weights_bytes counts them): steps 2 and 5 turn
+them on there. A run of a method the MLX engine does not have (dpo, orpo) goes to torch, and
+the plan says so, unless the person pinned the engine. The dtypes, and so the bytes, come from localtune.precision with
 the probed device's facts: float32 weights on a Mac before macOS 14 count 4 bytes each.
 
 A pinned knob is never changed: its step is skipped (halving the micro-batch is also skipped
@@ -43,6 +46,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from localtune.engines import MLX_METHODS
 from localtune.errors import UserError
 from localtune.hardware import Device, GiB, Hardware
 from localtune.knobs import HARDWARE_KNOBS, KNOB_FIELDS, Knobs, halve_micro_batch
@@ -52,6 +56,8 @@ from localtune.precision import DeviceFacts
 from localtune.profiles import (BITSANDBYTES_BACKENDS, Profile, check_backend_runs, get_profile,
                                 match_profile)
 
+MLX_4BIT = "MLX 4-bit (group size 64, with a scale and a bias per group)"
+"""What the MLX engine's `load_in_4bit` is, in the planner's words (localtune.engines.mlx_lora)."""
 HEADROOM_FRAC = 0.05
 """Share of the device's total memory kept free for everything else."""
 MIN_MAX_LENGTH = 256
@@ -102,7 +108,9 @@ class Plan:
 
     def knob_sources(self) -> dict[str, str]:
         """Where each knob's value came from, in words, for the TUI and `plan`."""
-        out = {k: f"profile {self.profile.name}" if k in HARDWARE_KNOBS else "default" for k in KNOB_FIELDS}
+        defaults, ours = Knobs().to_dict(), self.profile.knobs.to_dict()
+        out = {k: f"profile {self.profile.name}" if k in HARDWARE_KNOBS or ours[k] != defaults[k] else "default"
+               for k in KNOB_FIELDS}
         for k in self.method_defaults:
             out[k] = f"{self.knobs.method} default"
         for k in self.pinned:
@@ -184,12 +192,18 @@ def make_plan(hardware: Hardware, model: ModelRef, *, profile: str | Profile | N
     knobs = prof.knobs.replace(**pinned)
     method_defaults = {k: v for k, v in METHOD_DEFAULTS.get(knobs.method, {}).items() if k not in pinned}
     knobs = knobs.replace(**method_defaults)
+    adjustments: list[Adjustment] = []
+    if knobs.engine == "mlx" and knobs.method not in MLX_METHODS and "engine" not in pinned:
+        # the profile's engine (Apple's), not the person's: the method goes to the engine that has it
+        adjustments.append(Adjustment("engine", "mlx", "torch", f"the MLX engine trains {', '.join(MLX_METHODS)} "
+                                      f"only; {knobs.method} trains with torch"))
+        knobs = knobs.replace(engine="torch")
     check_backend_runs(knobs, hardware.backend)  # a pinned knob the backend cannot run: refused before anything
     device = hardware.primary
     headroom = int(device.total_bytes * HEADROOM_FRAC)
     budget = max(0, device.free_bytes - headroom)
     backend = hardware.backend
-    adjustments: list[Adjustment] = []
+    mlx = knobs.engine == "mlx"
 
     facts = DeviceFacts.from_hardware(hardware)
     bnb = backend in BITSANDBYTES_BACKENDS
@@ -215,12 +229,12 @@ def make_plan(hardware: Hardware, model: ModelRef, *, profile: str | Profile | N
             change("gradient_checkpointing", True,
                    f"{over}: recomputing activations saves "
                    f"{_gb(current.activations_bytes - after.activations_bytes)} for ~30% more compute")
-        elif (backend == "cuda" and free("load_in_4bit") and not knobs.load_in_4bit
+        elif ((backend == "cuda" or mlx) and free("load_in_4bit") and not knobs.load_in_4bit
               and current.weights_bytes > budget / 2):
             after = est(knobs.replace(load_in_4bit=True))
             change("load_in_4bit", True,
                    f"{over}: the 16-bit weights ({_gb(current.weights_bytes)}) take over half the budget; "
-                   f"4-bit NF4 holds them in {_gb(after.weights_bytes)}")
+                   f"{MLX_4BIT if mlx else '4-bit NF4'} holds them in {_gb(after.weights_bytes)}")
         elif backend == "cuda" and free("optim") and "8bit" not in knobs.optim:
             after = est(knobs.replace(optim="paged_adamw_8bit"))
             change("optim", "paged_adamw_8bit",
@@ -234,11 +248,11 @@ def make_plan(hardware: Hardware, model: ModelRef, *, profile: str | Profile | N
                    f"{over}: a smaller micro-batch{rows} needs fewer activations; accumulation grows "
                    f"so the effective batch stays {knobs.effective_batch_size}",
                    gradient_accumulation_steps=smaller.gradient_accumulation_steps)
-        elif bnb and free("load_in_4bit") and not knobs.load_in_4bit:
+        elif (bnb or mlx) and free("load_in_4bit") and not knobs.load_in_4bit:
             after = est(knobs.replace(load_in_4bit=True))
-            cost = "" if backend == "cuda" else f"; bitsandbytes 4-bit on {backend} is slower than 16-bit"
+            cost = "" if backend == "cuda" or mlx else f"; bitsandbytes 4-bit on {backend} is slower than 16-bit"
             change("load_in_4bit", True,
-                   f"{over}: 4-bit NF4 weights take {_gb(after.weights_bytes)} instead of "
+                   f"{over}: {MLX_4BIT if mlx else '4-bit NF4'} weights take {_gb(after.weights_bytes)} instead of "
                    f"{_gb(current.weights_bytes)}{cost}")
         elif free("max_length") and knobs.max_length > MIN_MAX_LENGTH:
             new_len = max(MIN_MAX_LENGTH, knobs.max_length // 2)
@@ -278,7 +292,7 @@ def _advice(plan: Plan) -> list[str]:
         out.append(f"a smaller model: the weights alone need {_gb(e.weights_bytes)} of the {_gb(budget)} "
                    f"budget; about {params_b:.1f}B parameters or fewer would leave room to train")
     facts = DeviceFacts.from_hardware(plan.hardware)
-    if not k.load_in_4bit and backend in BITSANDBYTES_BACKENDS:
+    if not k.load_in_4bit and (backend in BITSANDBYTES_BACKENDS or k.engine == "mlx"):
         q = estimate(plan.model.shape, k.replace(load_in_4bit=True), facts,
                      reference_adapter=plan.reference_adapter)
         if q.total_bytes < e.total_bytes:

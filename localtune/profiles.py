@@ -51,9 +51,10 @@ shows that it works."""
 
 
 def needs_bitsandbytes(knobs: Knobs) -> list[str]:
-    """The knobs (as `key=value`) that only bitsandbytes can run."""
+    """The knobs (as `key=value`) that only bitsandbytes can run (on the MLX engine, 4-bit
+    weights are MLX's own)."""
     out = []
-    if knobs.load_in_4bit:
+    if knobs.load_in_4bit and knobs.engine != "mlx":
         out.append("load_in_4bit=true")
     if "8bit" in knobs.optim or knobs.optim.startswith("paged_"):
         out.append(f"optim={knobs.optim}")

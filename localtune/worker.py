@@ -6,7 +6,10 @@ the command or TUI that started it; it owns the accelerator. It reads `config.to
 `method` knob: localtune.methods builds SFTTrainer, DPOTrainer or ORPOTrainer; this module is
 the lifecycle around it and knows nothing of the method) and reports everything through
 `events.jsonl` and `status.json` (see localtune.events, localtune.runs and the callbacks in
-localtune.callbacks).
+localtune.callbacks). With `engine = "mlx"` in the knobs, `train` hands over to
+localtune.engines.mlx_sft, which drives MLX with this module's pieces: `_setup`,
+`newest_usable_checkpoint`, `commit_checkpoint`, `publish_adapter` (the torch trainers use the
+same two through `CommitCheckpoints` and `_save_adapter`).
 
 - Checkpoints are written under `checkpoints/.partial/` and renamed into `checkpoints/` only
   when complete, so a crash or a full disk never leaves a half checkpoint that resume would
@@ -219,6 +222,8 @@ def checkpoint_problem(ck: Path) -> str | None:
                 f.get_tensor(key)
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
         return f"adapter_model.safetensors is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    if state.get("engine") == "mlx":  # localtune.engines.mlx_sft: the optimizer state as safetensors
+        return _safetensors_problem(ck / "optimizer.safetensors")
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
         p = ck / name
         if not p.is_file():
@@ -230,6 +235,21 @@ def checkpoint_problem(ck: Path) -> str | None:
             return f"{name} is truncated or corrupt"
         if bad is not None:
             return f"{name} is corrupt (member {bad})"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """What makes a safetensors file unusable (missing, truncated, corrupt), or None."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return f"{path.name} is missing"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+        return f"{path.name} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
     return None
 
 
@@ -285,43 +305,53 @@ def _free_memory(backend: str) -> None:
         torch.mps.empty_cache()
 
 
+def commit_checkpoint(run: RunDir, step: int, keep: int, write) -> Path:
+    """Write the checkpoint of optimizer step `step` and put it in place, whatever the engine:
+    `write()` writes its files under `checkpoints/.partial/checkpoint-N`; only once it returned
+    is the folder renamed into `checkpoints/` (so resume never sees half of one), the oldest
+    beyond the newest `keep` removed, the status and a `checkpoint` event written. A full disk
+    (ENOSPC) removes the half-written copy, leaves the checkpoints before it as they were and
+    raises DiskFull saying so. Returns the checkpoint's folder."""
+    partial, final_dir = run.checkpoints_dir / ".partial", run.checkpoints_dir
+    name = f"checkpoint-{step}"
+    try:
+        write()
+        if os.environ.get(FAULT_ENOSPC_IN_CHECKPOINT_ENV) == str(step):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial / name / "optimizer.pt"))
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        shutil.rmtree(partial, ignore_errors=True)  # no half checkpoint; and the space back
+        last = run.complete_checkpoints()
+        raise DiskFull(
+            f"the disk is full: writing {name} failed ({e.filename or final_dir}); "
+            f"{'the checkpoints before it are intact (newest: ' + last[-1].name + ')' if last else 'no checkpoint was lost'}; "
+            f"free some space, then `localtune resume {run.id}`") from e
+    if os.environ.get(FAULT_KILL_IN_CHECKPOINT_ENV) == str(step):
+        os._exit(137)  # test-only: die with the checkpoint written but not yet renamed
+    src, dst = partial / name, final_dir / name
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(src, dst)  # complete: only now can resume see it
+    for old in run.complete_checkpoints()[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    run.write_status(last_checkpoint=name, step=step)
+    append_event(run.events_path, "checkpoint", step=step, path=str(dst))
+    return dst
+
+
 class CommitCheckpoints:
-    """Mixed into every method's trl trainer by the lifecycle (`committing`): a checkpoint is
-    written under `checkpoints/.partial/` and renamed into `checkpoints/` only when complete;
-    the newest `save_total_limit` are kept; a full disk leaves the ones before intact and fails
-    the run saying so. `localtune_run` and `localtune_keep` are set after the trainer is built."""
+    """Mixed into every method's trl trainer by the lifecycle (`committing`): the Trainer's
+    checkpoint goes through `commit_checkpoint` (written under `checkpoints/.partial/`, renamed
+    into place when complete, rotated). `localtune_run` and `localtune_keep` are set after the
+    trainer is built."""
 
     localtune_run: RunDir
     localtune_keep: int
 
     def _save_checkpoint(self, model, trial):
-        run = self.localtune_run
-        partial, final_dir = run.checkpoints_dir / ".partial", run.checkpoints_dir
-        step = self.state.global_step
-        name = f"checkpoint-{step}"
-        try:
-            super()._save_checkpoint(model, trial)
-            if os.environ.get(FAULT_ENOSPC_IN_CHECKPOINT_ENV) == str(step):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial / name / "optimizer.pt"))
-        except OSError as e:
-            if e.errno != errno.ENOSPC:
-                raise
-            shutil.rmtree(partial, ignore_errors=True)  # no half checkpoint; and the space back
-            last = run.complete_checkpoints()
-            raise DiskFull(
-                f"the disk is full: writing {name} failed ({e.filename or final_dir}); "
-                f"{'the checkpoints before it are intact (newest: ' + last[-1].name + ')' if last else 'no checkpoint was lost'}; "
-                f"free some space, then `localtune resume {run.id}`") from e
-        if os.environ.get(FAULT_KILL_IN_CHECKPOINT_ENV) == str(step):
-            os._exit(137)  # test-only: die with the checkpoint written but not yet renamed
-        src, dst = partial / name, final_dir / name
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(src, dst)  # complete: only now can resume see it
-        for old in run.complete_checkpoints()[:-self.localtune_keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        run.write_status(last_checkpoint=name, step=step)
-        append_event(run.events_path, "checkpoint", step=step, path=str(dst))
+        commit_checkpoint(self.localtune_run, self.state.global_step, self.localtune_keep,
+                          lambda: super(CommitCheckpoints, self)._save_checkpoint(model, trial))
 
 
 @lru_cache(maxsize=None)
@@ -396,6 +426,10 @@ def train(run: RunDir, stop: StopRequest) -> None:
     from localtune.methods import get_method
 
     knobs = knobs_from_mapping(run.read_config()["knobs"], str(run.config_path))
+    if knobs.engine == "mlx":  # the same lifecycle pieces, driving MLX instead of a trl trainer
+        from localtune.engines.mlx_sft import train_mlx
+
+        return train_mlx(run, stop, knobs)
     method = get_method(knobs.method)
     setup, hardware, model_path, trust = _setup(run, knobs)
     rcfg, backend, device, tokenizer = setup.rcfg, setup.backend, setup.device, setup.tokenizer
@@ -476,14 +510,21 @@ def train(run: RunDir, stop: StopRequest) -> None:
 
 def _save_adapter(run: RunDir, model, tokenizer, card: dict[str, Any]) -> None:
     """The trained adapter (the policy's alone: a DPO run continuing another run's adapter also
-    holds a frozen copy of it, "ref", that is not saved) and the tokenizer, written to a
-    temporary name and renamed; `localtune.json` beside them says how it was trained."""
+    holds a frozen copy of it, "ref", that is not saved) through `publish_adapter`."""
+    adapters = list(getattr(model, "peft_config", {}) or {})
+    publish_adapter(run, tokenizer, card, lambda tmp: model.save_pretrained(
+        tmp, selected_adapters=["default"] if "default" in adapters else None))
+
+
+def publish_adapter(run: RunDir, tokenizer, card: dict[str, Any], write) -> None:
+    """The final adapter, whatever the engine: `write(folder)` writes it there in PEFT's format;
+    the tokenizer and `localtune.json` (how it was trained) go beside it; the folder is written
+    under a temporary name and renamed to `adapter/`."""
     from localtune.events import atomic_write_json
 
     tmp = run.path / ".adapter.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    adapters = list(getattr(model, "peft_config", {}) or {})
-    model.save_pretrained(tmp, selected_adapters=["default"] if "default" in adapters else None)
+    write(tmp)
     tokenizer.save_pretrained(tmp)
     atomic_write_json(tmp / "localtune.json", {"run": run.id, **card})
     if run.adapter_dir.exists():

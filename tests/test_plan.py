@@ -154,17 +154,46 @@ def test_hypothetical_machine_matches_the_profile_for_its_size(tmp_path):
 # ---------------------------------------------------------------- Apple: only what MPS runs
 
 
-def test_an_8b_model_on_a_16gb_mac_never_gets_bitsandbytes(tmp_path, capsys):
+def test_an_8b_model_on_a_16gb_mac_never_gets_bitsandbytes_on_torch(tmp_path, capsys):
     from tests.helpers import run
 
-    plan = make_plan(hypothetical_hardware("mps", 16), model_dir(tmp_path, LLAMA_8B))
+    plan = make_plan(hypothetical_hardware("mps", 16), model_dir(tmp_path, LLAMA_8B), pinned={"engine": "torch"})
     assert not plan.knobs.load_in_4bit and "8bit" not in plan.knobs.optim
     assert "load_in_4bit" not in {a.knob for a in plan.adjustments} and "optim" not in {a.knob for a in plan.adjustments}
     assert not plan.fits  # 16-bit weights of 8B parameters (15 GB) do not fit 15.2 GB with room to train
     assert not any("4-bit" in a for a in plan.advice), plan.advice
-    rc, out, err = run(capsys, "plan", "--backend", "mps", "--budget", "16", "--model", str(tmp_path / "m"))
+    rc, out, err = run(capsys, "plan", "--backend", "mps", "--budget", "16", "--model", str(tmp_path / "m"),
+                       "--set", "engine=torch")
     assert rc == 1 and "load_in_4bit                 false" in out and "Does not fit" in out
     assert_consistent(plan)
+
+
+def test_an_8b_model_on_a_16gb_mac_trains_in_mlx_4bit_and_the_plan_says_so(tmp_path, capsys):
+    """The Apple profiles train on the MLX engine; an 8B model's 16-bit weights (15 GB) take over
+    half of a 16 GB Mac's budget, so the planner turns MLX's 4-bit weights on: 4 bits and a
+    16-bit scale and bias per group of 64 weights, the embeddings quantised too."""
+    from tests.helpers import run
+
+    plan = make_plan(hypothetical_hardware("mps", 16), model_dir(tmp_path, LLAMA_8B))
+    assert plan.knobs.engine == "mlx" and plan.knobs.load_in_4bit and plan.fits
+    (four_bit,) = [a for a in plan.adjustments if a.knob == "load_in_4bit"]
+    assert "MLX 4-bit (group size 64, with a scale and a bias per group)" in four_bit.reason
+    # 8.03B parameters; all but the norms quantised at 0.5625 bytes each
+    assert plan.estimate.weights_bytes == pytest.approx(8.03e9 * 0.5625, rel=0.01)
+    assert plan.knob_sources()["engine"] == "profile mps-16gb"
+    rc, out, err = run(capsys, "plan", "--backend", "mps", "--budget", "16", "--model", str(tmp_path / "m"))
+    assert rc == 0 and "MLX 4-bit" in out and "Does not fit" not in out
+    assert_consistent(plan)
+
+
+def test_a_preference_run_on_a_mac_goes_to_torch_and_the_plan_says_why(tmp_path):
+    plan = make_plan(hypothetical_hardware("mps", 32), model_dir(tmp_path, LLAMA_8B), pinned={"method": "dpo"})
+    assert plan.knobs.engine == "torch" and not plan.knobs.load_in_4bit
+    assert [(a.old, a.new, a.reason) for a in plan.adjustments if a.knob == "engine"] == [
+        ("mlx", "torch", "the MLX engine trains sft only; dpo trains with torch")]
+    pinned = make_plan(hypothetical_hardware("mps", 32), resolve_model(str(tmp_path / "m")),
+                       pinned={"method": "dpo", "engine": "mlx"})
+    assert pinned.knobs.engine == "mlx"  # pinned: never changed (`train` refuses it in one line)
 
 
 @pytest.mark.parametrize("knob", ["load_in_4bit=true", "optim=paged_adamw_8bit", "optim=adamw_bnb_8bit"])
@@ -173,7 +202,7 @@ def test_bitsandbytes_knobs_on_mps_are_refused_in_one_line(tmp_path, capsys, kno
 
     model_dir(tmp_path, LLAMA_8B)
     rc, out, err = run(capsys, "plan", "--backend", "mps", "--budget", "64", "--model", str(tmp_path / "m"),
-                       "--set", knob)
+                       "--set", "engine=torch", "--set", knob)  # torch on MPS (the Apple profiles' engine is MLX)
     assert rc == 1 and out == ""
     assert one_line_error(err) == (f"localtune: error: {knob} needs bitsandbytes, which does not run on mps "
                                    "(Apple's GPU); train in 16 bits with optim=adamw_torch (a smaller model fits "
@@ -183,12 +212,13 @@ def test_bitsandbytes_knobs_on_mps_are_refused_in_one_line(tmp_path, capsys, kno
                "--set", knob)[0] == 0
 
 
-def test_a_mac_before_macos_14_is_planned_in_float32(tmp_path):
+def test_a_mac_before_macos_14_is_planned_in_float32_on_torch(tmp_path):
     from dataclasses import replace
 
     hw = hypothetical_hardware("mps", 32)
-    old = make_plan(replace(hw, macos_version="13.6"), model_dir(tmp_path, LLAMA_8B))
-    new = make_plan(replace(hw, macos_version="14.4"), resolve_model(str(tmp_path / "m")))
+    torch_mps = {"engine": "torch"}  # PyTorch's MPS (the Apple profiles' engine is MLX)
+    old = make_plan(replace(hw, macos_version="13.6"), model_dir(tmp_path, LLAMA_8B), pinned=torch_mps)
+    new = make_plan(replace(hw, macos_version="14.4"), resolve_model(str(tmp_path / "m")), pinned=torch_mps)
     # 8.03B parameters: 4 bytes each before macOS 14, 2 after
     assert old.estimate.weights_bytes == 2 * new.estimate.weights_bytes
     assert round(old.estimate.weights_bytes / 2**30, 1) == 29.9
