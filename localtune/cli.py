@@ -41,6 +41,7 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
+    from localtune.engines import engine_line
     from localtune.hardware import describe, probe
     from localtune.profiles import match_profile
 
@@ -52,6 +53,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     for line in describe(hw):
         print(line)
     print(f"Profile: {profile.name} ({profile.description})")
+    print(f"Engine: {engine_line(profile.knobs.engine, hw.versions)}")
     return 0
 
 

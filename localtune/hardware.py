@@ -107,6 +107,8 @@ class Hardware:
 # probe
 
 LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes")
+MLX_LIBRARIES = ("mlx", "mlx-lm")
+"""The MLX engine's libraries: reported on a Mac always (installed or not), elsewhere when installed."""
 _LIVE_FIELDS = ("temperature_c", "utilization_pct", "power_w", "power_limit_w")
 
 
@@ -120,7 +122,7 @@ def probe() -> Hardware:
         ram_available_bytes=vm.available,
         cpu_cores=psutil.cpu_count(logical=False) or psutil.cpu_count() or 1,
         cpu_name=_cpu_name(),
-        versions=_versions(),
+        versions=_versions(apple=_is_apple_silicon()),
         notes=notes,
     )
     # macOS has had no NVIDIA driver for years; looking for NVML there would only add a note.
@@ -407,15 +409,21 @@ def _cpu_name() -> str:
     return platform.processor() or "CPU"
 
 
-def _versions() -> dict[str, str]:
-    # Read from package metadata: importing torch or bitsandbytes would cost seconds (and
-    # bitsandbytes may touch CUDA).
+def _is_apple_silicon() -> bool:
+    return sys.platform == "darwin" and platform.machine() == "arm64"
+
+
+def _versions(apple: bool = False) -> dict[str, str]:
+    """Library versions from package metadata: importing torch or bitsandbytes would cost
+    seconds (and bitsandbytes may touch CUDA). MLX's on Apple Silicon (where it is the engine),
+    elsewhere only when installed."""
     out = {}
-    for name in LIBRARIES:
+    for name in LIBRARIES + MLX_LIBRARIES:
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
+            if name in LIBRARIES or apple:
+                out[name] = "not installed"
     return out
 
 

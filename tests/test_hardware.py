@@ -149,6 +149,7 @@ def test_nvidia_ml_py_missing(monkeypatch):
 def test_m2_mac_32gb(monkeypatch):
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(hardware.platform, "machine", lambda: "arm64")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 21_845 * MiB, raising=False)
     monkeypatch.setattr(torch.mps, "current_allocated_memory", lambda: 1024 * MiB, raising=False)
@@ -171,6 +172,39 @@ def test_m2_mac_32gb(monkeypatch):
     text = "\n".join(describe(hw))
     assert "Apple M2" in text and "32.0 GB unified memory" in text
     assert "recommended working set 21.3 GB" in text
+    # the MLX engine's libraries, as installed (the test extra installs them here)
+    import importlib.metadata as md
+
+    assert hw.versions["mlx"] == md.version("mlx") and hw.versions["mlx-lm"] == md.version("mlx-lm")
+    assert f"mlx {md.version('mlx')}" in text
+
+
+def test_mlx_versions_on_a_mac_without_it_and_elsewhere(monkeypatch):
+    import importlib.metadata as md
+
+    real = md.version
+
+    def without_mlx(name):
+        if name in ("mlx", "mlx-lm"):
+            raise md.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(hardware.importlib.metadata, "version", without_mlx)
+    on_mac = hardware._versions(apple=True)
+    assert on_mac["mlx"] == "not installed" and on_mac["mlx-lm"] == "not installed"
+    elsewhere = hardware._versions(apple=False)
+    assert "mlx" not in elsewhere and "mlx-lm" not in elsewhere and elsewhere["torch"] == real("torch")
+
+
+def test_the_engine_line_says_which_engine_and_how_to_switch():
+    from localtune.engines import engine_line
+
+    assert engine_line("mlx", {"mlx": "0.32.4", "torch": "2.13.0"}) == (
+        "mlx (Apple's MLX, mlx-lm) 0.32.4; --set engine=torch trains on PyTorch (MPS) instead")
+    assert engine_line("mlx", {"mlx": "not installed"}) == (
+        "mlx (Apple's MLX, mlx-lm), not installed: pip install 'localtune[mlx]'; --set engine=torch trains on "
+        "PyTorch (MPS) instead")
+    assert engine_line("torch", {"torch": "2.13.0+cu126"}) == "torch (transformers, trl, peft) 2.13.0+cu126"
 
 
 def test_mac_chip_name_falls_back(monkeypatch):
@@ -191,7 +225,11 @@ def test_a_machine_without_a_gpu_is_a_clean_cpu_report(machine_without_gpu):
     assert hw.ram_total_bytes > 0 and hw.ram_available_bytes > 0 and hw.cpu_cores >= 1
     assert hw.primary.total_bytes == hw.ram_total_bytes
     assert "torch" in hw.versions and hw.versions["torch"] != "not installed"
-    assert hw.versions.keys() == {"torch", "transformers", "peft", "trl", "bitsandbytes"}
+    # MLX's libraries only where installed (the test extra installs mlx[cpu] here)
+    import importlib.util
+
+    mlx = {n for n in ("mlx", "mlx-lm") if importlib.util.find_spec(n.replace("-", "_")) is not None}
+    assert hw.versions.keys() == {"torch", "transformers", "peft", "trl", "bitsandbytes"} | mlx
     assert hw.cpu_name
     live = sample_devices(hw)
     assert len(live) == 1 and 0 < live[0].free_bytes <= live[0].total_bytes

@@ -87,6 +87,7 @@ def test_gpu_machine_shows_the_card_its_readings_and_profile(fixed_readings) -> 
         assert shown(app, "#profile-name").startswith("cuda-24gb: One 24 GB NVIDIA card")
         knobs = shown(app, "#profile-knobs")
         assert "rank 32" in knobs and "4-bit on" in knobs and "gradient checkpointing on" in knobs
+        assert shown(app, "#profile-engine").strip() == "torch (transformers, trl, peft) 2.13.0+cu126"
         assert "press 2 to plan a new run, 3 for runs" in shown(app, "#machine-next").lower()
 
     drive(gpu_machine(), test)
@@ -102,6 +103,24 @@ def test_cpu_machine_shows_ram_and_cpu_use_once(fixed_readings) -> None:
         assert shown(app, "#profile-name").startswith("cpu: CPU only")
 
     drive(cpu_machine(), test)
+
+
+def test_a_mac_shows_that_its_runs_train_on_mlx(fixed_readings) -> None:
+    from localtune.hardware import Device, Hardware
+    from tests.tui_support import GiB, VERSIONS
+
+    chip = Device(name="Apple M2", total_bytes=16 * GiB, free_bytes=10 * GiB, recommended_max_bytes=11 * GiB)
+    mac = Hardware(backend="mps", devices=[chip], chip="Apple M2", macos_version="14.5", ram_total_bytes=16 * GiB,
+                   ram_available_bytes=10 * GiB, cpu_cores=8, cpu_name="Apple M2",
+                   versions={**VERSIONS, "mlx": "0.32.4", "mlx-lm": "0.32.2"})
+
+    async def test(app, pilot) -> None:
+        assert shown(app, "#profile-name").startswith("mps-16gb")
+        assert shown(app, "#profile-engine").strip() == (
+            "mlx (Apple's MLX, mlx-lm) 0.32.4; --set engine=torch trains on PyTorch (MPS) instead")
+        assert "mlx 0.32.4 · mlx-lm 0.32.2" in shown(app, "#machine-libraries")
+
+    drive(mac, test)
 
 
 def test_live_readings_refresh_and_notes_show(fixed_readings, monkeypatch) -> None:

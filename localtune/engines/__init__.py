@@ -27,6 +27,23 @@ MLX_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 """The `optim` values the MLX engine honours: both are AdamW, which it runs as mlx.optimizers.AdamW."""
 
 
+ENGINE_NAMES = {"torch": "torch (transformers, trl, peft)", "mlx": "mlx (Apple's MLX, mlx-lm)"}
+
+
+def engine_line(engine: str, versions: dict[str, str]) -> str:
+    """Which engine a run will train on, for `localtune probe` and the Machine screen, e.g.
+    "mlx (Apple's MLX, mlx-lm) 0.32.4; --set engine=torch trains on PyTorch (MPS) instead"."""
+    version = versions.get("mlx" if engine == "mlx" else "torch")
+    text = ENGINE_NAMES.get(engine, engine)
+    if version == "not installed":
+        text += f", not installed: {mlx_install_hint() if engine == 'mlx' else 'pip install torch'}"
+    elif version:
+        text += f" {version}"
+    if engine == "mlx":
+        text += "; --set engine=torch trains on PyTorch (MPS) instead"
+    return text
+
+
 def mlx_install_hint() -> str:
     """The command that installs the MLX engine on this machine."""
     return "pip install 'localtune[mlx]'"

@@ -22,6 +22,7 @@ from textual.timer import Timer
 from textual.widget import Widget
 from textual.widgets import Footer, Header, Label, Static
 
+from localtune.engines import engine_line
 from localtune.errors import UserError
 from localtune.hardware import Device, Hardware, gpu_live_facts, sample_devices
 from localtune.profiles import Profile, match_profile
@@ -149,6 +150,7 @@ class MachineScreen(Screen):
                     yield row("matched", Static(Text.assemble((p.name, "bold"), f": {p.description}"),
                                                 id="profile-name"))
                     yield row("knobs", Static(profile_knobs_line(p), id="profile-knobs"))
+                    yield row("engine", Static(engine_line(p.knobs.engine, hw.versions), id="profile-engine"))
             yield Static("", id="machine-live-error", classes="error")
             yield Static("Press 2 to plan a new run, 3 for runs.", id="machine-next")
         yield Footer(compact=True)
