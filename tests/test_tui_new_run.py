@@ -184,16 +184,30 @@ def test_a_plan_over_the_budget_turns_red_and_start_refuses(monkeypatch) -> None
     drive(test, hw=small_gpu())
 
 
-def test_on_a_mac_4bit_is_not_offered(monkeypatch) -> None:
-    """bitsandbytes does not run on Apple's GPU: the 4-bit switch is off and cannot be turned on."""
+def test_on_a_mac_4bit_is_offered_by_mlx_not_by_bitsandbytes(monkeypatch) -> None:
+    """A Mac trains on MLX (the Apple profiles' engine), which quantises to 4 bits itself: the
+    switch is offered and turns 4-bit on. With engine torch (bitsandbytes does not run on
+    Apple's GPU) it is off and cannot be turned on."""
     async def test(app, pilot) -> None:
         screen = app.screen
+        for _ in range(100):
+            await settle_all(pilot)
+            if screen.plan is not None:
+                break
         box = screen.query_one("#knob-4bit")
-        assert box.disabled and box.value is False and "does not run on mps" in str(box.tooltip)
+        assert screen.plan.knobs.engine == "mlx" and screen.plan.profile.name == "mps-32gb"
+        assert not box.disabled and box.value is False
         await pilot.click("#knob-4bit")
         await settle_all(pilot)
-        assert box.value is False and not screen.plan.knobs.load_in_4bit
-        assert screen.plan.profile.name == "mps-32gb"
+        assert box.value is True and screen.plan.knobs.load_in_4bit
+
+        await pilot.click("#knob-4bit")
+        await settle_all(pilot)
+        screen.user_pinned["engine"] = "torch"
+        screen.replan()
+        await settle_all(pilot)
+        assert screen.plan.knobs.engine == "torch" and not screen.plan.knobs.load_in_4bit
+        assert box.disabled and box.value is False and "does not run on mps" in str(box.tooltip)
 
     mac = Hardware(backend="mps", devices=[Device(name="Apple M2 Pro", total_bytes=32 * GiB, free_bytes=21 * GiB,
                                                   recommended_max_bytes=21 * GiB)],

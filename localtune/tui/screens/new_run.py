@@ -340,9 +340,6 @@ class NewRunScreen(Screen):
                 with Horizontal(id="switch-row"):
                     for wid, (_, label) in SWITCH_KNOBS.items():
                         toggle = Toggle(label, id=wid, compact=True)
-                        if wid == "knob-4bit" and self.app.hardware.backend not in BITSANDBYTES_BACKENDS:
-                            toggle.disabled = True  # bitsandbytes does not run here: never offer it
-                            toggle.tooltip = f"bitsandbytes 4-bit does not run on {self.app.hardware.backend}"
                         yield toggle
                 yield Static("", id="knob-error", classes="error hide-empty")
                 yield EstimateBar(id="estimate")
@@ -747,6 +744,16 @@ class NewRunScreen(Screen):
             if box.value != values[knob]:
                 with box.prevent(Checkbox.Changed):
                     box.value = values[knob]
+        self._offer_4bit(values["engine"])
+
+    def _offer_4bit(self, engine: str) -> None:
+        """The 4-bit switch where 4-bit runs: bitsandbytes' backends, or the MLX engine (which
+        quantises with MLX, on a Mac too); never offered where neither runs."""
+        box = self.query_one("#knob-4bit", Checkbox)
+        backend = self.app.hardware.backend
+        runs = backend in BITSANDBYTES_BACKENDS or engine == "mlx"
+        box.disabled = not runs
+        box.tooltip = None if runs else f"bitsandbytes 4-bit does not run on {backend}"
 
     def _show_plan(self) -> None:
         estimate = self.query_one("#estimate", EstimateBar)
