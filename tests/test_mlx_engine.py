@@ -325,6 +325,18 @@ def test_engine_mlx_refuses_the_preference_methods_in_one_line(capsys, tiny_chat
     assert "engine=mlx trains sft only, not dpo" in one_line_error(err)
 
 
+def test_engine_mlx_refuses_packing_in_one_line(capsys, tiny_chat_model_dir: Path, train_file: Path) -> None:
+    """Packing is not in the MLX engine yet: said before a run folder is written, not ignored."""
+    from localtune.runs import list_runs
+
+    rc, out, err = run_cli(capsys, "train", "--headless", "--model", str(tiny_chat_model_dir), "--data",
+                           str(train_file), "--set", "engine=mlx", "--set", "packing=true")
+    assert rc == 1
+    assert one_line_error(err) == ("localtune: error: engine=mlx does not pack rows into one sequence yet: set "
+                                   "--set packing=false, or train with --set engine=torch")
+    assert list_runs() == []
+
+
 def test_gradient_checkpointing_on_mlx_gives_the_same_gradients_with_dropout(tiny_llama_dir: Path) -> None:
     """`gradient_checkpointing` on the MLX engine recomputes each block in the backward pass; with
     LoRA dropout on, the recompute must draw the same masks, so the loss and the gradients

@@ -66,6 +66,9 @@ def require_engine(knobs) -> None:
     if knobs.method not in MLX_METHODS:
         raise UserError(f"engine=mlx trains {', '.join(MLX_METHODS)} only, not {knobs.method}: "
                         "train it with --set engine=torch")
+    if knobs.packing:
+        raise UserError("engine=mlx does not pack rows into one sequence yet: set --set packing=false, "
+                        "or train with --set engine=torch")
     if knobs.optim not in MLX_OPTIMIZERS:
         raise UserError(f"engine=mlx trains with AdamW (optim={MLX_OPTIMIZERS[0]}), not optim={knobs.optim}: "
                         f"set --set optim={MLX_OPTIMIZERS[0]}, or train with --set engine=torch")

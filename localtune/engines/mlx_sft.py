@@ -38,7 +38,7 @@ MLX's own is here:
 The order in which rows are read is not the torch engine's (transformers' sampler), so an MLX
 run and a torch run of the same configuration see the rows in different orders.
 
-Not here yet: the out-of-memory back-off, `packing` (accepted, not applied), tokens added by a
+Not here yet: the out-of-memory back-off, `packing` (refused in one line), tokens added by a
 chat template (refused), the preference methods; the `sample` generation stops at
 `eos_token_id` only.
 
