@@ -203,8 +203,6 @@ def checkpoint_problem(ck: Path) -> str | None:
     member by member against their CRCs; the adapter's tensors are read in full."""
     import zipfile
 
-    from safetensors import safe_open
-
     try:
         state = json.loads((ck / "trainer_state.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -213,15 +211,9 @@ def checkpoint_problem(ck: Path) -> str | None:
         return "trainer_state.json is not valid JSON"
     if not isinstance(state, dict) or "global_step" not in state:
         return "trainer_state.json has no global_step"
-    weights = ck / "adapter_model.safetensors"
-    if not weights.is_file():
-        return "adapter_model.safetensors is missing"
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            for key in f.keys():
-                f.get_tensor(key)
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
-        return f"adapter_model.safetensors is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    problem = _safetensors_problem(ck / "adapter_model.safetensors")
+    if problem is not None:
+        return problem
     if state.get("engine") == "mlx":  # localtune.engines.mlx_sft: the optimizer state as safetensors
         return _safetensors_problem(ck / "optimizer.safetensors")
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
