@@ -57,7 +57,8 @@ under `checkpoints/.partial/`. Never set it otherwise.
 Test-only switch: with `LOCALTUNE_FAULT_OOM_AT_STEP=N` in the environment the worker raises
 `torch.cuda.OutOfMemoryError("CUDA out of memory (injected by LOCALTUNE_FAULT_OOM_AT_STEP)")`
 at the start of optimizer step N, once per process (it does not fire again after the back-off),
-on any backend. The tests use it to check the out-of-memory back-off. Never set it otherwise.
+on any backend; on the MLX engine, MLX's allocator error instead (`RuntimeError("[malloc] Unable
+to allocate ...")`). The tests use it to check the out-of-memory back-off. Never set it otherwise.
 
 Benchmark-only switch: with `LOCALTUNE_CUDA_MEMORY_CAP_GB=N` in the environment a worker that
 trains on CUDA lets torch's allocator use at most N GiB of its GPU
@@ -191,6 +192,28 @@ def _backoff_knobs(knobs):
     fixes.append(f"a shorter max_length (--set max_length=N, now {knobs.max_length})")
     raise UserError(f"out of memory even with a micro-batch of 1 and max_length {knobs.max_length}: "
                     f"train with {', or '.join(fixes)}")
+
+
+def back_off(run: RunDir, knobs, oom_step: int):
+    """After running out of memory at optimizer step `oom_step`, whatever the engine: the knobs to
+    go on with (`_backoff_knobs`; UserError when nothing is left to shrink), written into
+    config.toml so a later resume keeps them, an `oom_backoff` event and a line in the status's
+    notes naming the checkpoint training goes back to (the newest complete one)."""
+    new = _backoff_knobs(knobs)
+    _write_knobs(run, new)
+    newest = run.complete_checkpoints()
+    back_to = newest[-1].name if newest else None
+    append_event(run.events_path, "oom_backoff", step=oom_step,
+                 per_device_train_batch_size=new.per_device_train_batch_size,
+                 gradient_accumulation_steps=new.gradient_accumulation_steps,
+                 max_length=new.max_length, resume_from=back_to)
+    note = (f"out of memory at step {oom_step}: micro-batch {knobs.per_device_train_batch_size} x "
+            f"{knobs.gradient_accumulation_steps} -> {new.per_device_train_batch_size} x "
+            f"{new.gradient_accumulation_steps}, max_length {knobs.max_length} -> {new.max_length}; "
+            f"going back to {back_to or 'the start'}")
+    print(f"localtune worker: {note}", file=sys.stderr, flush=True)
+    run.write_status(notes=[*run.read_status().get("notes", []), note])
+    return new
 
 
 class DiskFull(UserError):
@@ -471,20 +494,7 @@ def train(run: RunDir, stop: StopRequest) -> None:
             trainer.ref_model = None
         del trainer, model, kwargs
         _free_memory(backend)
-        before, knobs = knobs, _backoff_knobs(knobs)  # UserError when nothing is left to shrink
-        _write_knobs(run, knobs)
-        newest = run.complete_checkpoints()
-        back_to = newest[-1].name if newest else None
-        append_event(run.events_path, "oom_backoff", step=oom_step,
-                     per_device_train_batch_size=knobs.per_device_train_batch_size,
-                     gradient_accumulation_steps=knobs.gradient_accumulation_steps,
-                     max_length=knobs.max_length, resume_from=back_to)
-        note = (f"out of memory at step {oom_step}: micro-batch {before.per_device_train_batch_size} x "
-                f"{before.gradient_accumulation_steps} -> {knobs.per_device_train_batch_size} x "
-                f"{knobs.gradient_accumulation_steps}, max_length {before.max_length} -> {knobs.max_length}; "
-                f"going back to {back_to or 'the start'}")
-        print(f"localtune worker: {note}", file=sys.stderr, flush=True)
-        run.write_status(notes=[*run.read_status().get("notes", []), note])
+        knobs = back_off(run, knobs, oom_step)  # UserError when nothing is left to shrink
     shutil.rmtree(setup.partial, ignore_errors=True)  # only trl's model card (README.md) is left there
     step = trainer.state.global_step
     if stop.requested:

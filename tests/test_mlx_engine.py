@@ -161,6 +161,65 @@ def test_mlx_stop_ends_the_step_with_a_checkpoint_and_resume_matches(mlx_referen
     assert max(abs(got[s] - want[s]) for s in got) <= LOSS_TOL
 
 
+MLX_OOM_LOSS_TOL = 2e-3
+"""Loss per step after an MLX back-off vs the uninterrupted run. Micro-batch 1 x 4 reads the same
+rows per optimizer step as 2 x 2 and the loss is normalised by the step's trained tokens either
+way; what differs is the LoRA dropout, whose masks are drawn for tensors of other shapes, and the
+padding (test_worker's OOM_LOSS_TOL says the same of torch). Measured on MLX's CPU backend: at
+most 1.4e-3 (step 11), 2e-5..4e-4 at the others; steps move the loss by ~1e-2."""
+
+
+def test_mlx_out_of_memory_backs_off_with_the_same_effective_batch(mlx_reference_run: RunDir,
+                                                                   tiny_chat_model_dir: Path,
+                                                                   train_file: Path) -> None:
+    """MLX runs out of memory at step 4 (injected as MLX's allocator says it): the same process
+    halves the micro-batch, doubles the accumulation, goes back to checkpoint-2 and trains to the
+    end; config.toml keeps the new knobs and the losses follow the uninterrupted run's."""
+    import tomllib
+
+    run = make_run("mlx-oom", tiny_chat_model_dir, train_file, **MLX_KNOBS)
+    proc = start_worker(run, LOCALTUNE_FAULT_OOM_AT_STEP="4")
+    assert wait_worker(proc, run) == 0, log_tail(run)
+    assert run.read_status()["state"] == "completed", log_tail(run)
+    for e in read_events(run.events_path):
+        assert set(e) - {"t", "kind"} == set(EVENT_FIELDS[e["kind"]]), e
+    backoffs = [{k: v for k, v in e.items() if k not in ("t", "kind")} for e in events_of(run, "oom_backoff")]
+    assert backoffs == [{"step": 4, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4,
+                         "max_length": 64, "resume_from": "checkpoint-2"}]
+    starts = events_of(run, "started")
+    assert [s["resumed_from"] for s in starts] == [None, "checkpoint-2"] and len({s["pid"] for s in starts}) == 1
+    (note,) = run.read_status()["notes"]
+    assert "out of memory at step 4" in note and "2 x 2 -> 1 x 4" in note and "checkpoint-2" in note
+    assert "localtune worker: out of memory at step 4" in run.log_path.read_text()
+    with run.config_path.open("rb") as f:
+        knobs = tomllib.load(f)["knobs"]
+    assert (knobs["per_device_train_batch_size"], knobs["gradient_accumulation_steps"]) == (1, 4)
+
+    got, want = step_losses(run), step_losses(mlx_reference_run)
+    assert sorted(got) == list(range(1, MAX_STEPS + 1))
+    diffs = {s: abs(got[s] - want[s]) for s in got}
+    print(f"MLX back-off: largest loss difference {max(diffs.values()):.3g}; per step {diffs}")
+    assert max(diffs[1], diffs[2]) <= LOSS_TOL  # before the error: the very same run
+    assert max(diffs.values()) <= MLX_OOM_LOSS_TOL, diffs
+    assert partial_leftovers(run) == [] and not run.lock_path.exists()
+
+
+@pytest.mark.parametrize("text, oom", [
+    ("[malloc] Unable to allocate 17179869184 bytes.", True),
+    ("[metal::malloc] Attempting to allocate 96905199616 bytes which is greater than the maximum allowed buffer "
+     "size of 17179869184 bytes.", True),
+    ("[METAL] Command buffer execution failed: Insufficient Memory "
+     "(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory).", True),
+    ("[metal::malloc] Resource limit (499000) exceeded.", False),
+    ("[matmul] Last dimension of first input with shape (2,3) must match second to last dimension", False),
+])
+def test_mlx_out_of_memory_is_told_from_other_errors(text: str, oom: bool) -> None:
+    from localtune.engines.mlx_sft import is_mlx_oom
+
+    assert is_mlx_oom(RuntimeError(text)) is oom
+    assert not is_mlx_oom(ValueError(text))
+
+
 def test_a_damaged_mlx_checkpoint_is_named_and_not_resumed_from(mlx_reference_run: RunDir, tmp_path: Path) -> None:
     """Resume reads an MLX checkpoint back before it trusts it: a truncated optimizer state or
     a missing one is named (and the worker then sets the checkpoint aside, as for torch)."""
@@ -255,6 +314,101 @@ def test_the_mlx_adapter_in_peft_format_gives_peft_the_same_logits(tiny_llama_di
     assert np.array_equal(np.array(fresh(mx.array(ids))), mlx_logits)  # the round trip is exact
     a, b = dict(tree_flatten(fresh.trainable_parameters())), dict(tree_flatten(model.trainable_parameters()))
     assert sorted(a) == sorted(b)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_added_chat_tokens_train_only_their_rows_on_mlx_and_peft_gives_the_same_logits(tmp_path: Path,
+                                                                                      tied: bool) -> None:
+    """A base model without a chat template gets ChatML's two tokens: on MLX only their rows
+    of the embedding (and of an untied output layer) train, as peft's trainable_token_indices,
+    and the saved adapter gives peft (over the base grown to the tokenizer) the same logits,
+    the added tokens' included, within LOGITS_TOL."""
+    import numpy as np
+    import torch
+    from mlx.utils import tree_flatten, tree_map
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from localtune.data import chat_template_for
+    from localtune.engines.mlx_lora import add_token_rows, load_peft_adapter, save_peft_adapter
+    from tests.test_added_tokens import base_model_without_template
+
+    folder = base_model_without_template(tmp_path / "base", tied=tied)
+    tok = AutoTokenizer.from_pretrained(folder)
+    template = chat_template_for(tok)
+    assert template.added_tokens == ["<|im_start|>", "<|im_end|>"]
+    new_ids = tok.convert_tokens_to_ids(template.added_tokens)
+
+    def mlx_model():
+        model, knobs, adapted = _mlx_lora_model(folder)
+        indices = add_token_rows(model, tok, template.added_tokens)
+        return model, knobs, adapted, indices
+
+    model, knobs, adapted, indices = mlx_model()
+    assert indices == ({"embed_tokens": new_ids} if tied else {"embed_tokens": new_ids, "lm_head": new_ids})
+    rows = {k: v.shape for k, v in tree_flatten(model.trainable_parameters()) if "lora" not in k}
+    assert rows == ({"model.embed_tokens.token_rows": (2, 64)} if tied
+                    else {"model.embed_tokens.token_rows": (2, 64), "lm_head.token_rows": (2, 64)})
+    rng = np.random.default_rng(0)  # a trained adapter and trained rows
+    model.update(tree_map(lambda a: mx.array(rng.normal(0, 0.2, a.shape).astype(np.float32)),
+                          model.trainable_parameters()))
+    ids = np.array([[new_ids[0], 5, 9, 12, new_ids[1], 3], [new_ids[0], 7, 7, 2, 4, new_ids[1]]])  # a 15-word vocabulary
+    mlx_logits = np.array(model(mx.array(ids)))
+    assert mlx_logits.shape == (2, 6, len(tok))
+    save_peft_adapter(model, tmp_path / "adapter", knobs, base_model=str(folder), adapted=adapted)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == indices
+
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    base.resize_token_embeddings(len(tok))  # as the export does for a run whose template added tokens
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        peft_logits = peft_model(torch.tensor(ids)).logits.numpy()
+    diff = np.abs(mlx_logits - peft_logits).max()
+    print(f"added tokens ({'tied' if tied else 'untied'}): MLX vs peft logits, largest difference {diff:.3g}")
+    assert diff <= LOGITS_TOL
+
+    fresh, _, _, _ = mlx_model()
+    load_peft_adapter(fresh, tmp_path / "adapter")
+    assert np.array_equal(np.array(fresh(mx.array(ids))), mlx_logits)
+
+
+def test_an_mlx_run_on_a_base_model_without_a_template_trains_exports_and_chats(tmp_path: Path, capsys,
+                                                                                 monkeypatch) -> None:
+    """The worker on MLX with a model that has no chat template: ChatML's tokens are added, their
+    rows train (the end-of-turn row moves), and export (merged) and chat read the run."""
+    from safetensors.numpy import load_file
+
+    from localtune.chat import ChatSession
+    from tests.test_added_tokens import base_model_without_template
+
+    folder = base_model_without_template(tmp_path / "base", tied=False)
+    data = tmp_path / "train.jsonl"
+    pairs = [("Hi", "Hello there."), ("Bye", "Goodbye."), ("Hello", "Hi there."), ("Goodbye", "Bye.")]
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                     {"role": "assistant", "content": a}]}) + "\n"
+                            for q, a in pairs * 4))
+    monkeypatch.setenv("LOCALTUNE_HOME", str(tmp_path / "home"))
+    run = make_run("mlx-added-tokens", folder, data, engine="mlx", max_steps=4, save_steps=2, eval_steps=4,
+                   max_length=32, r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-2, warmup_steps=0)
+    run_to_end(run)
+    assert run.read_status()["state"] == "completed", log_tail(run)
+    template = json.loads((run.path / "data.json").read_text())["chat_template"]
+    assert template["source"] == "chatml" and template["added_tokens"] == ["<|im_start|>", "<|im_end|>"]
+    tensors = load_file(run.adapter_dir / "adapter_model.safetensors")
+    rows = {k: v for k, v in tensors.items() if "trainable_tokens" in k}
+    assert sorted(rows) == ["base_model.model.lm_head.token_adapter.trainable_tokens_delta",
+                            "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    assert all(v.shape == (2, 64) for v in rows.values())
+    base = load_file(folder / "model.safetensors")
+    mean = base["lm_head.weight"].mean(axis=0)
+    moved = abs(rows["base_model.model.lm_head.token_adapter.trainable_tokens_delta"][1] - mean).max()
+    assert moved > 1e-3, "the end-of-turn token's output row did not train"
+
+    rc, out, err = run_cli(capsys, "export", str(run.path), "--format", "merged", "--out", str(tmp_path / "merged"))
+    assert rc == 0, err
+    session = ChatSession.load(run)
+    assert isinstance(session.reply([{"role": "user", "content": "Hi"}], max_new_tokens=4), str)
 
 
 def test_load_in_4bit_quantises_the_base_with_mlx_and_lora_trains_over_it(tiny_llama_dir: Path) -> None:

@@ -216,6 +216,64 @@ def test_on_a_mac_4bit_is_offered_by_mlx_not_by_bitsandbytes(monkeypatch) -> Non
     drive(test, hw=mac)
 
 
+def mac_32gb() -> Hardware:
+    return Hardware(backend="mps", devices=[Device(name="Apple M2 Pro", total_bytes=32 * GiB, free_bytes=21 * GiB,
+                                                   recommended_max_bytes=21 * GiB)],
+                    ram_total_bytes=32 * GiB, ram_available_bytes=20 * GiB, cpu_cores=10, chip="Apple M2 Pro",
+                    macos_version="14.5")
+
+
+def test_on_a_mac_the_engine_is_picked_on_the_screen(monkeypatch) -> None:
+    """A Mac has two engines: the switch shows the planned one (mlx), picking torch re-plans for
+    PyTorch on MPS (no 4-bit, the switch greyed out) and Start would write engine = "torch";
+    picking mlx again goes back. Without MLX installed, Start says how to install it."""
+    from localtune import engines
+
+    async def test(app, pilot) -> None:
+        screen = app.screen
+        for _ in range(100):
+            await settle_all(pilot)
+            if screen.plan is not None:
+                break
+        engine = screen.query_one("#knob-engine")
+        assert engine.display and engine.value == "mlx" and screen.plan.knobs.engine == "mlx"
+        await pilot.click("#knob-4bit")
+        await settle_all(pilot)
+        assert screen.plan.knobs.load_in_4bit
+
+        engine.value = "torch"
+        await settle_all(pilot)
+        assert screen.plan.knobs.engine == "torch" and screen.user_pinned["engine"] == "torch"
+        assert not screen.plan.knobs.load_in_4bit and screen.query_one("#knob-4bit").disabled
+        assert ("engine", "set by you") in [(r[0], r[2]) for r in knob_rows(screen.plan)]
+        assert screen.blockers() == []
+
+        monkeypatch.setattr(engines, "mlx_available", lambda: False)
+        engine.value = "mlx"
+        await settle_all(pilot)
+        assert screen.plan.knobs.engine == "mlx" and not screen.query_one("#knob-4bit").disabled
+        assert screen.blockers()[0].startswith("engine=mlx needs mlx and mlx-lm, which are not installed: "
+                                               "pip install 'localtune[mlx]'")
+        assert "engine=mlx needs mlx and mlx-lm" in shown(app, "#start-note")
+
+    drive(test, hw=mac_32gb())
+
+
+def test_the_engine_switch_is_shown_on_a_mac_only() -> None:
+    async def test(app, pilot) -> None:
+        assert not app.screen.query_one("#knob-engine").display
+        assert app.screen.plan.knobs.engine == "torch"
+
+    drive(test)
+
+
+def knob_rows(plan) -> list[tuple[str, str, str]]:
+    """The plan table's rows as (knob, value, from)."""
+    table = new_run.knob_table(plan)
+    cols = [list(c.cells) for c in table.columns]
+    return list(zip(*cols))
+
+
 def test_broken_data_shows_file_and_line_and_start_refuses(tmp_path, monkeypatch) -> None:
     data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "2+2?", "completion": "4"}, "{not json",
                                                {"prompt": "3+3?", "completion": "6"}])

@@ -21,6 +21,13 @@ maps the few that differ), so the LoRA layer at `model.layers.0.self_attn.q_proj
 layer's weight is in the folder's safetensors under that name, so an architecture whose names
 differ fails at the start, not at export.
 
+Tokens a chat template added (a base model without a template gets ChatML's two): as the torch
+engine does with peft's `trainable_token_indices`, only their rows train: the embedding (and an
+untied output layer) is wrapped so that those rows come from a small trainable matrix
+(`add_token_rows`), started at the mean of the base's rows. They are saved under peft's names
+(`<module>.token_adapter.trainable_tokens_delta`, the rows' values, not a difference) with the
+indices in adapter_config.json, so peft and the export grow the base and put them in.
+
 This module knows nothing about data, schedules or the run directory.
 """
 
@@ -158,6 +165,162 @@ def seeded_blocks(model, *, checkpoint: bool) -> None:
         layer._localtune_mode = "checkpoint" if checkpoint else "seeded"
 
 
+TOKEN_ROWS_LEAF = "token_rows"
+"""The trainable rows' parameter name inside a wrapped embedding or output layer."""
+PEFT_TOKEN_ROWS = "token_adapter.trainable_tokens_delta"
+"""peft's name for them (peft.tuners.trainable_tokens: the rows' values, put in with index_copy)."""
+
+
+def _dense_rows(m, start: int, stop: int):
+    """Rows start..stop of an embedding's or linear layer's weight, dequantised when MLX
+    quantised it, in float32."""
+    import mlx.core as mx
+
+    w = m.weight[start:stop]
+    if hasattr(m, "scales"):
+        biases = m.get("biases")
+        w = mx.dequantize(w, m.scales[start:stop], None if biases is None else biases[start:stop],
+                          group_size=m.group_size, bits=m.bits, mode=getattr(m, "mode", "affine"))
+    return w.astype(mx.float32)
+
+
+def _mean_row(m, chunk: int = 8192):
+    """The mean of all the rows of `m`'s weight (read a chunk at a time: an 8B model's 128k x
+    4096 embedding would be 2 GB in float32 at once)."""
+    import mlx.core as mx
+
+    n = m.weight.shape[0]
+    total = None
+    for i in range(0, n, chunk):
+        part = _dense_rows(m, i, min(n, i + chunk)).sum(axis=0)
+        total = part if total is None else total + part
+        mx.eval(total)
+    return total / n
+
+
+def _token_rows_module():
+    """The wrapper class (built on first use: mlx is imported only where the engine runs)."""
+    global _TokenRows
+    if _TokenRows is not None:
+        return _TokenRows
+    import types
+
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    class TokenRows(nn.Module):
+        """An embedding or output layer whose rows for `ids` come from the trainable
+        `token_rows` (one row per id) and whose vocabulary is `vocab` (the tokenizer's length,
+        as torch's `resize_token_embeddings` makes it): the base's rows past it are dropped, the
+        ids past the base's rows are added."""
+
+        def __init__(self, base, ids: list[int], vocab: int, rows) -> None:
+            super().__init__()
+            self.base = base
+            self.token_rows = rows
+            self._tokens = types.SimpleNamespace(ids=list(ids), vocab=vocab)  # not a parameter
+
+        @property
+        def token_ids(self) -> list[int]:
+            return list(self._tokens.ids)
+
+        def lookup(self, ids):
+            """Embedding: token ids -> vectors."""
+            rows = self.base.weight.shape[0]
+            x = self.base(mx.where(ids < rows, ids, 0))
+            for j, t in enumerate(self._tokens.ids):
+                x = mx.where(mx.expand_dims(ids == t, -1), self.token_rows[j].astype(x.dtype), x)
+            return x
+
+        def logits(self, h, base_logits):
+            """Output layer: the base's logits over `vocab`, the rows of `ids` from token_rows."""
+            vocab, have = self._tokens.vocab, base_logits.shape[-1]
+            if have > vocab:
+                base_logits = base_logits[..., :vocab]
+            elif have < vocab:
+                base_logits = mx.concatenate(
+                    [base_logits, mx.zeros((*base_logits.shape[:-1], vocab - have), dtype=base_logits.dtype)], axis=-1)
+            extra = h @ self.token_rows.astype(h.dtype).T
+            cols = mx.arange(vocab)
+            for j, t in enumerate(self._tokens.ids):
+                base_logits = mx.where(cols == t, extra[..., j:j + 1].astype(base_logits.dtype), base_logits)
+            return base_logits
+
+        def as_linear(self, h):  # a tied output layer: mlx-lm calls embed_tokens.as_linear(h)
+            return self.logits(h, self.base.as_linear(h))
+
+        def __call__(self, x):
+            if getattr(self._tokens, "output", False):
+                return self.logits(x, self.base(x))
+            return self.lookup(x)
+
+    _TokenRows = TokenRows
+    return TokenRows
+
+
+_TokenRows = None
+
+
+def add_token_rows(model, tokenizer, added_tokens: list[str], *,
+                   hf_weight_names: set[str] | None = None) -> dict[str, list[int]]:
+    """Train the rows of the tokens a chat template added, and only them (see the module
+    docstring): the embedding, and the output layer unless it is tied to it, wrapped in
+    TokenRows, the new rows started at the mean of the base's. Returns peft's
+    `trainable_token_indices` ({} when nothing was added)."""
+    import mlx.core as mx
+
+    if not added_tokens:
+        return {}
+    ids = [int(i) for i in tokenizer.convert_tokens_to_ids(added_tokens)]
+    vocab = len(tokenizer)
+    inner = getattr(model, "model", None)
+    embed = getattr(inner, "embed_tokens", None) if inner is not None else None
+    if embed is None:
+        raise UserError("the MLX engine cannot find this model's embed_tokens to train the chat template's added "
+                        "tokens; train it with --set engine=torch")
+    wrap = _token_rows_module()
+    targets = {"model.embed_tokens": embed}
+    if "lm_head" in model:
+        targets["lm_head"] = model.lm_head
+    if hf_weight_names is not None:
+        missing = [p for p in targets if f"{p}.weight" not in hf_weight_names]
+        if missing:
+            raise UserError(f"the MLX engine names {missing[0]} differently from the model's checkpoint, so the "
+                            "added tokens' rows could not be saved in PEFT's format; train it with --set engine=torch")
+    out = {}
+    for path, m in targets.items():
+        base_rows = m.weight.shape[0]
+        mean = _mean_row(m)
+        rows = mx.stack([_dense_rows(m, i, i + 1)[0] if i < base_rows else mean for i in ids])
+        w = wrap(m, ids, vocab, rows)
+        w.base.freeze()
+        if path == "lm_head":
+            w._tokens.output = True
+            model.lm_head = w
+        else:
+            inner.embed_tokens = w
+        out[path.rsplit(".", 1)[-1]] = ids
+    mx.eval(model.trainable_parameters())
+    return out
+
+
+def token_indices(model) -> dict[str, list[int]]:
+    """peft's `trainable_token_indices` of a model `add_token_rows` wrapped ({} otherwise)."""
+    wrap = _TokenRows
+    if wrap is None:
+        return {}
+    return {name.rsplit(".", 1)[-1]: m.token_ids for name, m in model.named_modules() if isinstance(m, wrap)}
+
+
+def _peft_name(name: str) -> tuple[str, bool]:
+    """peft's name for the trainable parameter `name` of the MLX model, and whether it is
+    transposed there (the LoRA matrices are; token rows are not)."""
+    module, leaf = name.rsplit(".", 1)
+    if leaf == TOKEN_ROWS_LEAF:
+        return f"{PEFT_PREFIX}{module}.{PEFT_TOKEN_ROWS}", False
+    return f"{PEFT_PREFIX}{module}.{ {'lora_a': 'lora_A', 'lora_b': 'lora_B'}[leaf]}.weight", True
+
+
 def checkpoint_weight_names(folder: Path) -> set[str]:
     """The weight names in the folder's safetensors files (read from their headers only)."""
     from safetensors import safe_open
@@ -177,9 +340,9 @@ def peft_tensors(model) -> dict[str, Any]:
 
     out = {}
     for name, w in tree_flatten(model.trainable_parameters()):
-        module, leaf = name.rsplit(".", 1)
-        which = {"lora_a": "lora_A", "lora_b": "lora_B"}[leaf]
-        out[f"{PEFT_PREFIX}{module}.{which}.weight"] = np.ascontiguousarray(np.array(w.astype(mx.float32)).T)
+        key, transposed = _peft_name(name)
+        arr = np.array(w.astype(mx.float32))
+        out[key] = np.ascontiguousarray(arr.T if transposed else arr)
     return out
 
 
@@ -193,7 +356,8 @@ def save_peft_adapter(model, folder: Path, knobs, *, base_model: str, adapted: l
     folder.mkdir(parents=True, exist_ok=True)
     targets = sorted({p.rsplit(".", 1)[-1] for p in adapted})
     LoraConfig(r=knobs.r, lora_alpha=knobs.lora_alpha, lora_dropout=knobs.lora_dropout, target_modules=targets,
-               task_type="CAUSAL_LM", base_model_name_or_path=base_model).save_pretrained(str(folder))
+               task_type="CAUSAL_LM", base_model_name_or_path=base_model,
+               trainable_token_indices=token_indices(model) or None).save_pretrained(str(folder))
     save_file(peft_tensors(model), str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
@@ -208,13 +372,13 @@ def load_peft_adapter(model, folder: Path) -> None:
     tensors = load_file(str(folder / "adapter_model.safetensors"))
     weights = []
     for name, w in want.items():
-        module, leaf = name.rsplit(".", 1)
-        key = f"{PEFT_PREFIX}{module}.{ {'lora_a': 'lora_A', 'lora_b': 'lora_B'}[leaf]}.weight"
+        key, transposed = _peft_name(name)
         if key not in tensors:
             raise ValueError(f"{folder}: the adapter has no {key}")
-        arr = mx.array(tensors[key].T).astype(w.dtype)
+        arr = mx.array(tensors[key].T if transposed else tensors[key]).astype(w.dtype)
         if arr.shape != w.shape:
-            raise ValueError(f"{folder}: {key} has shape {tuple(tensors[key].shape)}, the model wants {tuple(w.shape[::-1])}")
+            shape = tuple(w.shape[::-1]) if transposed else tuple(w.shape)
+            raise ValueError(f"{folder}: {key} has shape {tuple(tensors[key].shape)}, the model wants {shape}")
         weights.append((name, arr))
     model.load_weights(weights, strict=False)
     mx.eval(model.trainable_parameters())

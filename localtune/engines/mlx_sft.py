@@ -9,7 +9,8 @@ checkpoint, the final adapter written under a temporary name (`publish_adapter`)
 MLX's own is here:
 
 - the model: mlx-lm's class for the folder, 4-bit when `load_in_4bit`, frozen, LoRA layers on
-  `target_modules` (localtune.engines.mlx_lora);
+  `target_modules`, and the rows of the tokens a chat template added (a base model without one
+  gets ChatML's) trainable, as peft's `trainable_token_indices` (localtune.engines.mlx_lora);
 - the data: localtune.data's rows, chat template, token ids and trained mask, exactly what the
   torch engine trains (localtune.methods.sft prepares them, and writes data.json); rows longer
   than `max_length` are cut there, each micro-batch is padded to its longest row;
@@ -38,9 +39,13 @@ MLX's own is here:
 The order in which rows are read is not the torch engine's (transformers' sampler), so an MLX
 run and a torch run of the same configuration see the rows in different orders.
 
-Not here yet: the out-of-memory back-off, `packing` (refused in one line), tokens added by a
-chat template (refused), the preference methods; the `sample` generation stops at
-`eos_token_id` only.
+Out of memory (MLX_OOM_MESSAGES, during a step or an evaluation) backs off as on torch: the
+attempt is dropped and MLX's cache cleared, the micro-batch halved and the accumulation doubled
+(the same rows per optimizer step, in the same order), training goes back to the newest complete
+checkpoint; at a micro-batch of 1 max_length is halved (`localtune.worker.back_off`, shared
+with the torch engine: the same `oom_backoff` event, note and config.toml update).
+
+Not here yet: `packing` (refused in one line), the preference methods; the `sample` generation stops at `eos_token_id` only.
 
 On Linux, MLX's CPU backend (`pip install 'localtune[mlx]'`) runs this same code: that is how
 it is tested. It is slow there (a 135M model trains at a few tokens per second).
@@ -54,7 +59,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from localtune.errors import UserError
 
 MAX_GRAD_NORM = 1.0
 """Gradients are clipped to this global norm (transformers' TrainingArguments default)."""
@@ -204,49 +208,130 @@ def _read_checkpoint(folder: Path, model, optimizer) -> dict[str, Any]:
     return json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
 
 
+MLX_OOM_MESSAGES = (
+    "[malloc] Unable to allocate",                   # MLX's allocator: the Metal (and CUDA) buffer it asked for
+    "[metal::malloc] Attempting to allocate",        # one buffer over the GPU's largest (maxBufferLength)
+    "kIOGPUCommandBufferCallbackErrorOutOfMemory",   # "[METAL] Command buffer execution failed: Insufficient Memory"
+)
+"""How MLX says it ran out of memory (mlx 0.32: mlx/backend/metal/allocator.cpp and device.cpp).
+All of them reach Python as RuntimeError, raised by the `mx.eval` that runs the step."""
+
+
+def is_mlx_oom(e: BaseException) -> bool:
+    """An out-of-memory error of MLX (MLX_OOM_MESSAGES)."""
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in MLX_OOM_MESSAGES)
+
+
+class _OutOfMemory(Exception):
+    """An attempt ran out of memory during optimizer step `step` (MLX's own error is dropped with
+    the attempt's frames, so that the model and the optimizer state are freed)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(step)
+        self.step = step
+
+
 def train_mlx(run, stop, knobs) -> None:
     """Train the run on MLX to the end (or to a stop). Takes minutes to hours. The worker's
-    `train` hands over here for engine=mlx; its `main` has taken the lock and reports a failure."""
+    `train` hands over here for engine=mlx; its `main` has taken the lock and reports a failure.
+
+    As the torch engine does: one attempt per pass of the loop (load the base, put LoRA on it,
+    restore the newest usable checkpoint, train); out of memory frees the attempt, backs the
+    knobs off (a smaller micro-batch with the accumulation grown: the same rows per optimizer
+    step; at a micro-batch of 1, a shorter max_length) and goes round again."""
+    import gc
+    import os
+
+    import mlx.core as mx
+
+    from localtune.callbacks import FAULT_OOM_AT_STEP_ENV, RunInfo, SaveByClock
+    from localtune.engines import require_engine
+    from localtune.engines.mlx_lora import QUANT_GROUP_SIZE, model_folder
+    from localtune.events import append_event
+    from localtune.methods.sft import SFT
+    from localtune.worker import _setup, back_off
+
+    require_engine(knobs)
+    setup, hardware, model_path, _ = _setup(run, knobs)
+    data = SFT().prepare(setup, knobs)  # localtune.data's ids and mask; writes data.json
+    device = _device_name()
+    dtype = mx.bfloat16 if knobs.bf16 and device == "mlx:gpu" else mx.float32
+    weights = "bfloat16" if dtype == mx.bfloat16 else "float32"
+    precision = (f"4-bit weights (MLX, group size {QUANT_GROUP_SIZE}), {weights} compute" if knobs.load_in_4bit
+                 else weights)
+    info = RunInfo(run=run, device=device, backend=setup.backend, hardware=hardware, precision=precision,
+                   padding_free=False, method="sft")
+    fault = os.environ.get(FAULT_OOM_AT_STEP_ENV)
+    once = {"oom_at": int(fault)} if fault else {}  # test-only; fires once per process (see the worker)
+    base = _Base(folder=model_folder(model_path), model_path=str(model_path), dtype=dtype)
+    clock = SaveByClock(knobs.save_minutes)
+    while True:  # one attempt per pass; running out of memory backs off and goes round again
+        try:
+            outcome = _attempt(run, stop, knobs, setup, data, base, info, clock, once)
+            break
+        except _OutOfMemory as e:
+            oom_step = e.step
+        gc.collect()  # the attempt's model, optimizer state and graph
+        mx.clear_cache()
+        knobs = back_off(run, knobs, oom_step)  # UserError when nothing is left to shrink
+
+    step, model, adapted, losses, attempt, tokens = outcome
+    shutil.rmtree(setup.partial, ignore_errors=True)
+    if stop.requested:
+        last = run.complete_checkpoints()
+        run.write_status(state="stopped", step=step, pid=None)
+        append_event(run.events_path, "stopped", step=step, checkpoint=last[-1].name if last else None)
+        return
+    from localtune.engines.mlx_lora import save_peft_adapter
+    from localtune.worker import publish_adapter
+
+    publish_adapter(run, setup.tokenizer, {"method": "sft", "engine": "mlx"},
+                    lambda tmp: save_peft_adapter(model, tmp, knobs, base_model=base.model_path, adapted=adapted))
+    run.write_status(state="completed", step=step, pid=None, adapter=str(run.adapter_dir))
+    append_event(run.events_path, "finished", step=step, adapter=str(run.adapter_dir),
+                 train_loss=sum(losses) / len(losses) if losses else None, elapsed_s=round(attempt.elapsed(), 1),
+                 tokens=tokens, peak_memory_bytes=int(mx.get_peak_memory()))
+
+
+class _Base:
+    """Where the base model is and how it is held: the same for every attempt."""
+
+    def __init__(self, *, folder: Path, model_path: str, dtype) -> None:
+        self.folder, self.model_path, self.dtype = folder, model_path, dtype
+
+
+def _attempt(run, stop, knobs, setup, data, base: _Base, info, clock, once: dict):
+    """One pass of train_mlx's loop with these knobs: from the newest usable checkpoint (or the
+    start) to the end or a stop. Returns (step, model, adapted modules, this attempt's step
+    losses, the Attempt, tokens seen); raises _OutOfMemory when MLX runs out of memory."""
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
     from mlx.utils import tree_map
     from transformers import TrainerControl, TrainerState
 
-    from localtune.callbacks import Attempt, RunEvents, RunInfo, SaveByClock
-    from localtune.engines import require_engine
-    from localtune.engines.mlx_lora import (QUANT_GROUP_SIZE, add_lora, checkpoint_weight_names, load_base,
-                                            model_folder, save_peft_adapter, seeded_blocks)
-    from localtune.events import append_event
-    from localtune.methods.sft import SFT
-    from localtune.worker import (_elapsed_before, _setup, commit_checkpoint, newest_usable_checkpoint,
-                                  publish_adapter)
+    from localtune.callbacks import FAULT_OOM_AT_STEP_ENV, Attempt, RunEvents
+    from localtune.engines.mlx_lora import (add_lora, add_token_rows, checkpoint_weight_names, load_base,
+                                            seeded_blocks)
+    from localtune.worker import _elapsed_before, commit_checkpoint, newest_usable_checkpoint
 
-    require_engine(knobs)
-    setup, hardware, model_path, _ = _setup(run, knobs)
     tokenizer = setup.tokenizer
-    if setup.template.added_tokens:
-        raise UserError(f"the model has no chat template, so localtune adds ChatML's tokens "
-                        f"({', '.join(setup.template.added_tokens)}), which the MLX engine cannot train yet: "
-                        "train it with --set engine=torch")
-    data = SFT().prepare(setup, knobs)  # localtune.data's ids and mask; writes data.json
     train_rows = _rows(data.train, knobs.max_length)
     eval_rows = _rows(data.eval, knobs.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     mb, accum = knobs.per_device_train_batch_size, knobs.gradient_accumulation_steps
-    rows_per_step = mb * accum
+    rows_per_step = mb * accum  # a back-off keeps it: the same rows per optimizer step
     total = knobs.max_steps if knobs.max_steps > 0 else max(
         1, math.ceil(knobs.num_train_epochs * len(train_rows) / rows_per_step))
     schedule, warmup = lr_schedule(knobs, total)
     order = DataOrder(len(train_rows), knobs.seed)
 
     shutil.rmtree(setup.partial, ignore_errors=True)  # whatever a crash left there is incomplete
-    folder = model_folder(model_path)
-    device = _device_name()
-    dtype = mx.bfloat16 if knobs.bf16 and device == "mlx:gpu" else mx.float32
-    model = load_base(folder, knobs, dtype)
+    model = load_base(base.folder, knobs, base.dtype)
     mx.random.seed(knobs.seed)  # the LoRA layers' initialisation
-    adapted = add_lora(model, knobs, hf_weight_names=checkpoint_weight_names(folder))
+    names = checkpoint_weight_names(base.folder)
+    adapted = add_lora(model, knobs, hf_weight_names=names)
+    add_token_rows(model, tokenizer, setup.template.added_tokens, hf_weight_names=names)  # ChatML's, on a base model
     seeded_blocks(model, checkpoint=knobs.gradient_checkpointing)
     model.train()
     optimizer = optim.AdamW(learning_rate=knobs.learning_rate, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0,
@@ -259,16 +344,10 @@ def train_mlx(run, stop, knobs) -> None:
         saved = _read_checkpoint(resume, model, optimizer)
         step, rows_seen, tokens_seen = saved["global_step"], saved["rows_seen"], saved["num_input_tokens_seen"]
 
-    weights = "bfloat16" if dtype == mx.bfloat16 else "float32"
-    precision = (f"4-bit weights (MLX, group size {QUANT_GROUP_SIZE}), {weights} compute" if knobs.load_in_4bit
-                 else weights)
-    info = RunInfo(run=run, device=device, backend=setup.backend, hardware=hardware, precision=precision,
-                   padding_free=False, method="sft")
     attempt = Attempt(resumed_from=resume.name if resume else None, elapsed_before=_elapsed_before(run, resume))
     events = RunEvents(info, attempt, stop, tokenizer=tokenizer,
                        sample_prompt=setup.rcfg.get("sample_prompt") or "What is the capital of Italy?",
                        sample_steps=int(setup.rcfg.get("sample_steps") or knobs.eval_steps), sample=sample_answer_mlx)
-    clock = SaveByClock(knobs.save_minutes)
     state = TrainerState(global_step=step, max_steps=total, num_input_tokens_seen=tokens_seen,
                          epoch=rows_seen / len(train_rows))
 
@@ -284,7 +363,7 @@ def train_mlx(run, stop, knobs) -> None:
         name = f"checkpoint-{state.global_step}"
         commit_checkpoint(run, state.global_step, knobs.save_total_limit,
                           lambda: _write_checkpoint(setup.partial / name, model, optimizer, knobs,
-                                                    base_model=str(model_path), adapted=adapted,
+                                                    base_model=base.model_path, adapted=adapted,
                                                     trainer_state=trainer_state()))
 
     attempt.begin()
@@ -297,20 +376,28 @@ def train_mlx(run, stop, knobs) -> None:
         picked = order.rows(rows_seen, rows_per_step)
         lr = schedule(state.global_step)
         summed, trained, tokens, grads = 0.0, 0.0, 0, None
-        for k in range(accum):
-            part = [train_rows[i] for i in picked[k * mb:(k + 1) * mb]]
-            ids, mask = _batch(part, pad_id)
-            loss, g = loss_and_grad(model, ids, mask)
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            mx.eval(loss, grads)  # one micro-batch's graph at a time
-            summed += loss.item()
-            trained += mask[:, 1:].sum().item()
-            tokens += sum(len(r) for r, _ in part)
-        grads = tree_map(lambda x: x / max(trained, 1.0), grads)
-        grads, grad_norm = optim.clip_grad_norm(grads, MAX_GRAD_NORM)
-        optimizer.learning_rate = lr
-        optimizer.update(model, grads)
-        mx.eval(model.trainable_parameters(), optimizer.state, grad_norm)
+        try:
+            if once.get("oom_at") == state.global_step + 1:
+                del once["oom_at"]
+                raise RuntimeError(f"[malloc] Unable to allocate {2**32} bytes. (injected by {FAULT_OOM_AT_STEP_ENV})")
+            for k in range(accum):
+                part = [train_rows[i] for i in picked[k * mb:(k + 1) * mb]]
+                ids, mask = _batch(part, pad_id)
+                loss, g = loss_and_grad(model, ids, mask)
+                grads = g if grads is None else tree_map(mx.add, grads, g)
+                mx.eval(loss, grads)  # one micro-batch's graph at a time
+                summed += loss.item()
+                trained += mask[:, 1:].sum().item()
+                tokens += sum(len(r) for r, _ in part)
+            grads = tree_map(lambda x: x / max(trained, 1.0), grads)
+            grads, grad_norm = optim.clip_grad_norm(grads, MAX_GRAD_NORM)
+            optimizer.learning_rate = lr
+            optimizer.update(model, grads)
+            mx.eval(model.trainable_parameters(), optimizer.state, grad_norm)
+        except RuntimeError as e:
+            if is_mlx_oom(e):
+                raise _OutOfMemory(state.global_step + 1) from None
+            raise
         rows_seen += rows_per_step
         state.global_step += 1
         state.epoch = rows_seen / len(train_rows)
@@ -328,23 +415,16 @@ def train_mlx(run, stop, knobs) -> None:
                                                       "grad_norm": grad_norm.item()})
             since_log = []
         if eval_rows and done % knobs.eval_steps == 0:
-            events.on_log(None, state, control, logs={"eval_loss": eval_loss(model, eval_rows, mb, pad_id)})
+            try:
+                eval_loss_ = eval_loss(model, eval_rows, mb, pad_id)
+            except RuntimeError as e:
+                if is_mlx_oom(e):
+                    raise _OutOfMemory(state.global_step) from None
+                raise
+            events.on_log(None, state, control, logs={"eval_loss": eval_loss_})
         if control.should_save or done % knobs.save_steps == 0 or done == total:
             save()
             clock.on_save(None, state, control)
         if control.should_training_stop:
             break
-
-    step = state.global_step
-    shutil.rmtree(setup.partial, ignore_errors=True)
-    if stop.requested:
-        last = run.complete_checkpoints()
-        run.write_status(state="stopped", step=step, pid=None)
-        append_event(run.events_path, "stopped", step=step, checkpoint=last[-1].name if last else None)
-        return
-    publish_adapter(run, tokenizer, {"method": "sft", "engine": "mlx"},
-                    lambda tmp: save_peft_adapter(model, tmp, knobs, base_model=str(model_path), adapted=adapted))
-    run.write_status(state="completed", step=step, pid=None, adapter=str(run.adapter_dir))
-    append_event(run.events_path, "finished", step=step, adapter=str(run.adapter_dir),
-                 train_loss=sum(losses) / len(losses) if losses else None, elapsed_s=round(attempt.elapsed(), 1),
-                 tokens=int(state.num_input_tokens_seen), peak_memory_bytes=int(mx.get_peak_memory()))
+    return state.global_step, model, adapted, losses, attempt, int(state.num_input_tokens_seen)

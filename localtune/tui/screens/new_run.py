@@ -36,6 +36,7 @@ from textual.widgets import Button, Checkbox, DirectoryTree, Footer, Header, Inp
 
 from localtune.data import (CONVERSATION, DEMO, FILE_SUFFIXES, LoadedData, PreferenceExample, chat_template_for,
                             load_data, pair_texts, render, tokenize_pairs)
+from localtune.engines import require_engine
 from localtune.errors import UserError
 from localtune.knobs import KNOB_FIELDS, METHODS
 from localtune.data import DEMO_PREFERENCE_EVAL, DEMO_PREFERENCE_PARROT_EVAL
@@ -61,6 +62,8 @@ SWITCH_KNOBS = {
     "knob-gc": ("gradient_checkpointing", "gradient checkpointing"),
 }
 """On/off knobs the screen edits: widget id -> (knob, label)."""
+ENGINE_CHOICES = {"mlx": "mlx", "torch": "torch (MPS)"}
+"""The engines a Mac offers (the `engine` knob); elsewhere torch is the only one worth training on."""
 METHOD_ONLY_KNOBS = {"beta": PREFERENCE_METHODS, "loss_type": ("dpo",), "rpo_alpha": ("dpo",)}
 """Knobs only some methods use: the plan table leaves them out for the others."""
 DATA_PLACEHOLDERS = {"sft": "demo, or a path to your data",
@@ -333,6 +336,10 @@ class NewRunScreen(Screen):
                                  id="knob-method", tooltip="sft: answers to learn; dpo, orpo: preference pairs")
                     yield Label("beta", classes="knob-label beta")
                     yield Input(id="knob-beta", type="number", compact=True, classes="knob-input beta")
+                    yield Label("engine", classes="knob-label engine")
+                    yield Select([(label, e) for e, label in ENGINE_CHOICES.items()], value="mlx", allow_blank=False,
+                                 compact=True, id="knob-engine", classes="engine",
+                                 tooltip="mlx: Apple's MLX, 4-bit on the GPU; torch: PyTorch on MPS, 16-bit only")
                 with Horizontal(id="knob-row"):
                     for wid, (_, label) in NUMBER_KNOBS.items():
                         yield Label(label, classes="knob-label")
@@ -361,6 +368,8 @@ class NewRunScreen(Screen):
     def on_mount(self) -> None:
         for widget in self.query(".beta"):
             widget.display = False
+        for widget in self.query(".engine"):  # only a Mac has two engines to choose from
+            widget.display = self.app.hardware.backend == "mps"
         self._resolve(self._model_spec)
         self._load(self._data_source)
         self._refresh_all()
@@ -610,6 +619,16 @@ class NewRunScreen(Screen):
 
     # ------------------------------------------------------------ the method
 
+    @on(Select.Changed, "#knob-engine")
+    def _engine_selected(self, event: Select.Changed) -> None:
+        """Pin the engine the person picked (the planner then plans for it: MLX 4-bit, or
+        PyTorch on MPS in 16 bits)."""
+        if self.plan is not None and isinstance(event.value, str) and event.value != self.plan.knobs.engine:
+            self.user_pinned["engine"] = event.value
+            if event.value == "torch":
+                self.user_pinned.pop("load_in_4bit", None)  # a 4-bit pin from MLX would not run on MPS
+            self.replan()
+
     @on(Select.Changed, "#knob-method")
     def _method_selected(self, event: Select.Changed) -> None:
         if isinstance(event.value, str) and event.value != self.method:
@@ -744,6 +763,10 @@ class NewRunScreen(Screen):
             if box.value != values[knob]:
                 with box.prevent(Checkbox.Changed):
                     box.value = values[knob]
+        engine = self.query_one("#knob-engine", Select)
+        if values["engine"] in ENGINE_CHOICES and engine.value != values["engine"]:
+            with engine.prevent(Select.Changed):
+                engine.value = values["engine"]
         self._offer_4bit(values["engine"])
 
     def _offer_4bit(self, engine: str) -> None:
@@ -800,6 +823,11 @@ class NewRunScreen(Screen):
                        "or tick 'leave the bad rows out'")
         if self.plan_error:
             out.append(self.plan_error)
+        elif self.plan is not None and self.plan.knobs.engine != "torch":
+            try:
+                require_engine(self.plan.knobs)  # MLX installed, and a method it has
+            except UserError as e:
+                out.append(str(e))
         elif self.plan is not None and not self.plan.fits:
             over = self.plan.estimate.total_bytes - self.plan.budget_bytes
             out.append(f"the plan does not fit: over the budget by {gb(over, 2)}; see the advice under Plan")
