@@ -70,7 +70,7 @@ def test_plan_for_a_card_you_do_not_have(capsys, llama8b):
 
 
 def test_plan_prints_each_adjustment_and_why(capsys, llama8b):
-    rc, out, _ = run(capsys, "plan", "--model", str(llama8b), "--budget", "8", "--backend", "cuda")
+    rc, out, _ = run(capsys, "plan", "--model", str(llama8b), "--budget", "7", "--backend", "cuda")
     assert rc == 0
     assert "Adjustments" in out
     assert "max_length: 1024 → 512" in out

@@ -10,6 +10,8 @@ import json
 
 import pytest
 
+from localtune.precision import DeviceFacts
+
 from localtune.errors import UserError
 from localtune.hardware import probe
 from localtune.memory import estimate
@@ -38,7 +40,8 @@ def model_dir(tmp_path, cfg, name="m"):
 def assert_consistent(plan):
     """What every plan must satisfy: its estimate is the estimate of its knobs, and the
     effective batch is the profile's unless the user pinned a batch knob."""
-    assert plan.estimate.total_bytes == estimate(plan.model.shape, plan.knobs, plan.backend).total_bytes
+    facts = DeviceFacts.from_hardware(plan.hardware)  # the probed device's bf16, as the planner reads it
+    assert plan.estimate.total_bytes == estimate(plan.model.shape, plan.knobs, facts).total_bytes
     assert plan.fits == (plan.estimate.total_bytes <= plan.budget_bytes)
     if not {"per_device_train_batch_size", "gradient_accumulation_steps"} & set(plan.pinned):
         assert plan.knobs.effective_batch_size == plan.profile.knobs.effective_batch_size
@@ -106,7 +109,7 @@ def test_nothing_fits_says_so_and_what_would(tmp_path):
 
 def test_pinned_16bit_that_does_not_fit_suggests_4bit(tmp_path):
     plan = make_plan(hypothetical_hardware("cuda", 24), model_dir(tmp_path, LLAMA_8B),
-                     pinned={"load_in_4bit": False, "max_length": 8192})
+                     pinned={"load_in_4bit": False, "max_length": 16384})
     assert not plan.fits
     assert any("--set load_in_4bit=true" in a for a in plan.advice)
 
