@@ -180,11 +180,19 @@ def render_plan(plan) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from localtune.plan import max_context
+
     plan = build_plan(args)
+    context = max_context(plan) if args.max_context else None
     if args.json:
-        _print_json(plan.to_dict())
+        _print_json({**plan.to_dict(), **({"max_context": context.to_dict()} if context else {})})
     else:
         render_plan(plan)
+        if context:
+            from rich.console import Console
+
+            Console(highlight=False).print(f"\n[bold]Longest context[/] {context.line().split(': ', 1)[1]}",
+                                           soft_wrap=True)
     return 0 if plan.fits else 1
 
 
@@ -723,6 +731,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("cuda", "mps", "cpu"), default=None,
                    help="the backend of that device (with --budget)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--max-context", action="store_true",
+                   help="also find the longest max_length that fits, everything else as planned, and what bounds it")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("train", help="start a run and follow it (no arguments: the built-in model on the demo set)")

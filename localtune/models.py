@@ -97,6 +97,9 @@ class ModelShape:
     """Special tokens a run adds to the vocabulary: a model without a chat template gets
     ChatML's (`<|im_start|>`, `<|im_end|>`) where its vocabulary lacks them. Only their rows of
     the embeddings (and of an untied lm_head) train (peft's `trainable_token_indices`)."""
+    context_length: int = 0
+    """The longest sequence the model was built for (config.json's `max_position_embeddings`,
+    GGUF's `context_length`); 0 where the config does not say."""
 
     @property
     def q_dim(self) -> int:
@@ -176,6 +179,7 @@ def shape_from_config(cfg: dict[str, Any], where: str) -> ModelShape:
         # transformers' PretrainedConfig defaults tie_word_embeddings to True
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
         attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+        context_length=int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 0),
     )
 
 
@@ -233,6 +237,7 @@ def _shape_from_gguf_reader(reader: Any, path: Path) -> ModelShape:
         vocab_size=int(vocab),
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
+        context_length=int(field(f"{arch}.context_length") or 0),
     )
 
 

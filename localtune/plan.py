@@ -281,6 +281,81 @@ def make_plan(hardware: Hardware, model: ModelRef, *, profile: str | Profile | N
     return plan
 
 
+CONTEXT_STEP = 64
+"""`max_context` answers in multiples of this many tokens."""
+CONTEXT_SEARCH_LIMIT = 1 << 20
+"""Where `max_context` stops when the model's config names no context window."""
+
+
+@dataclass
+class ContextFit:
+    """The longest `max_length` that fits the plan's budget with every other knob as planned."""
+
+    max_length: int
+    """In tokens, a multiple of CONTEXT_STEP; 0 when not even CONTEXT_STEP tokens fit."""
+    bound: str
+    """What stops it going longer, in words."""
+    estimate: MemoryEstimate | None
+    """The estimate at `max_length` (None when nothing fits)."""
+    limit: str = "budget"
+    """What bounds it, in one word: budget, window (the model's), search (no window known), nothing."""
+
+    def line(self, short: bool = False) -> str:
+        if not self.max_length:
+            return "no context fits the budget" if short else f"no context fits: {self.bound}"
+        if short:
+            what = {"budget": "the memory budget", "window": "the model's context window",
+                    "search": "localtune's search limit"}[self.limit]
+            return f"longest context that fits: {self.max_length} tokens (bound by {what})"
+        return f"longest context that fits: {self.max_length} tokens ({self.bound})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_length": self.max_length, "bound": self.bound, "limit": self.limit,
+                "estimate_bytes": self.estimate.total_bytes if self.estimate else None}
+
+
+def max_context(plan: Plan) -> ContextFit:
+    """The largest `max_length` whose estimate fits `plan`'s budget, everything else as planned
+    (micro-batch, checkpointing, 4-bit, rank...), and what bounds it: the model's context window
+    (its config's max_position_embeddings) or the memory budget (then which parts grow with the
+    length, per 1024 tokens). The estimate grows with the length, so a binary search over
+    multiples of CONTEXT_STEP finds it in ~15 estimates (milliseconds)."""
+    facts = DeviceFacts.from_hardware(plan.hardware)
+    budget = plan.budget_bytes
+
+    def est(n: int) -> MemoryEstimate:
+        return estimate(plan.model.shape, plan.knobs.replace(max_length=n), facts,
+                        reference_adapter=plan.reference_adapter)
+
+    window = plan.model.shape.context_length
+    top = (window // CONTEXT_STEP) * CONTEXT_STEP if window >= CONTEXT_STEP else CONTEXT_SEARCH_LIMIT
+    lowest = est(CONTEXT_STEP)
+    if lowest.total_bytes > budget:
+        fixed = lowest.weights_bytes + lowest.adapter_bytes + lowest.overhead_bytes
+        return ContextFit(0, f"even {CONTEXT_STEP} tokens need {_gb(lowest.total_bytes)} of the {_gb(budget)} budget "
+                             f"(weights, adapter and overhead alone: {_gb(fixed)})", None, "nothing")
+    highest = est(top)
+    if highest.total_bytes <= budget:
+        what = (f"the model's context window, max_position_embeddings {window}" if window >= CONTEXT_STEP
+                else f"localtune's search limit; the model's config names no context window")
+        return ContextFit(top, f"{what}; the estimate there is {_gb(highest.total_bytes)} of a {_gb(budget)} budget",
+                          highest, "window" if window >= CONTEXT_STEP else "search")
+    lo, hi = 1, top // CONTEXT_STEP  # est(lo * STEP) fits, est(hi * STEP) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if est(mid * CONTEXT_STEP).total_bytes <= budget:
+            lo = mid
+        else:
+            hi = mid
+    n = lo * CONTEXT_STEP
+    at, over = est(n), est(n + 1024)
+    growth = sorted(((getattr(over, f"{k}_bytes") - getattr(at, f"{k}_bytes"), k)
+                     for k in ("activations", "logits", "reference", "fragmentation")), reverse=True)
+    grows = ", ".join(f"{k} +{_gb(d)}" for d, k in growth if d > 0)
+    return ContextFit(n, f"the {_gb(budget)} budget: the estimate is {_gb(at.total_bytes)} there; each 1024 more "
+                         f"tokens add {grows}", at)
+
+
 def _advice(plan: Plan) -> list[str]:
     """What would make a plan that does not fit fit, most effective first."""
     k, e, budget, backend = plan.knobs, plan.estimate, plan.budget_bytes, plan.backend

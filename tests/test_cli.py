@@ -212,3 +212,17 @@ def test_console_script_runs(tmp_path):
     assert r.stderr.strip() == "localtune: error: --set r: 'r' must be at least 1, got 0"
     r = subprocess.run([sys.executable, "-m", "localtune", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "probe" in r.stdout and "plan" in r.stdout
+
+
+def test_plan_max_context_prints_the_longest_context_and_what_bounds_it(capsys, llama8b):
+    rc, out, _ = run(capsys, "plan", "--model", str(llama8b), "--budget", "24", "--backend", "cuda", "--max-context")
+    assert rc == 0
+    line = [x for x in out.splitlines() if x.startswith("Longest context")]
+    assert len(line) == 1 and " tokens (the 22.80 GB budget: the estimate is " in line[0]
+    rc, out, _ = run(capsys, "plan", "--model", str(llama8b), "--budget", "24", "--backend", "cuda", "--max-context",
+                     "--json")
+    fit = json.loads(out)["max_context"]
+    assert fit["limit"] == "budget" and fit["max_length"] > json.loads(out)["knobs"]["max_length"]
+    assert fit["estimate_bytes"] <= json.loads(out)["budget_bytes"]
+    rc, out, _ = run(capsys, "plan", "--model", str(llama8b), "--budget", "24", "--backend", "cuda", "--json")
+    assert "max_context" not in json.loads(out)  # only when asked

@@ -255,3 +255,42 @@ def test_stepping_down_a_5_by_3_micro_batch_keeps_the_effective_batch_of_15(tmp_
     eight = five.replace(per_device_train_batch_size=12, gradient_accumulation_steps=2)
     assert (halve_micro_batch(eight).per_device_train_batch_size, halve_micro_batch(eight).effective_batch_size) == (6, 24)
     assert halve_micro_batch(five.replace(per_device_train_batch_size=1)) is None
+
+
+# ---------------------------------------------------------------- the longest context that fits
+
+
+def test_max_context_is_the_longest_length_that_fits_with_everything_else_as_planned(tmp_path):
+    from localtune.plan import CONTEXT_STEP, max_context
+
+    model = model_dir(tmp_path, {**LLAMA_8B, "max_position_embeddings": 131072})
+    plan = make_plan(hypothetical_hardware("cuda", 24), model)
+    fit = max_context(plan)
+    assert fit.limit == "budget" and fit.max_length % CONTEXT_STEP == 0 and fit.max_length > plan.knobs.max_length
+    at = estimate(plan.model.shape, plan.knobs.replace(max_length=fit.max_length), "cuda")
+    beyond = estimate(plan.model.shape, plan.knobs.replace(max_length=fit.max_length + CONTEXT_STEP), "cuda")
+    assert at.total_bytes <= plan.budget_bytes < beyond.total_bytes  # the longest, not merely one that fits
+    assert fit.estimate.total_bytes == at.total_bytes
+    assert "budget" in fit.bound and "activations +" in fit.bound  # what grows with the length, per 1024 tokens
+    # everything else as planned: a micro-batch of 1 (pinned) fits about twice the length
+    single = max_context(make_plan(hypothetical_hardware("cuda", 24), model,
+                                   pinned={"per_device_train_batch_size": 1}))
+    assert single.max_length > 1.8 * fit.max_length
+
+
+def test_max_context_stops_at_the_models_context_window(tmp_path):
+    from localtune.plan import max_context
+
+    plan = make_plan(hypothetical_hardware("cuda", 80), model_dir(tmp_path, {**LLAMA_8B, "max_position_embeddings": 2048}))
+    fit = max_context(plan)
+    assert (fit.max_length, fit.limit) == (2048, "window")
+    assert "max_position_embeddings 2048" in fit.bound
+    assert fit.line(short=True) == "longest context that fits: 2048 tokens (bound by the model's context window)"
+
+
+def test_max_context_when_nothing_fits_says_why(tmp_path):
+    from localtune.plan import max_context
+
+    fit = max_context(make_plan(hypothetical_hardware("cuda", 8), model_dir(tmp_path, LLAMA_70B)))
+    assert fit.max_length == 0 and fit.limit == "nothing" and fit.estimate is None
+    assert fit.line().startswith("no context fits: even 64 tokens need ")

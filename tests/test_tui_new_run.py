@@ -259,6 +259,18 @@ def test_on_a_mac_the_engine_is_picked_on_the_screen(monkeypatch) -> None:
     drive(test, hw=mac_32gb())
 
 
+def test_the_plan_says_the_longest_context_that_fits() -> None:
+    from localtune.plan import max_context
+
+    async def test(app, pilot) -> None:
+        text = shown(app, "#plan-context").strip()
+        fit = max_context(app.screen.plan)
+        assert fit.max_length > app.screen.plan.knobs.max_length
+        assert text == f"longest context that fits: {fit.max_length} tokens (bound by the memory budget)"
+
+    drive(test)
+
+
 def test_the_engine_switch_is_shown_on_a_mac_only() -> None:
     async def test(app, pilot) -> None:
         assert not app.screen.query_one("#knob-engine").display

@@ -43,7 +43,7 @@ from localtune.data import DEMO_PREFERENCE_EVAL, DEMO_PREFERENCE_PARROT_EVAL
 from localtune.launch import (DEMO_RECIPE, LORA_KNOBS, PREFERENCE_DEMO_RECIPE, SFT_THEN_DPO_DEMO_RECIPE, default_run_config, prepare_run,
                               start_worker)
 from localtune.models import BUILTIN_NAME, ModelRef, builtin_model_dir, load_tokenizer, resolve_model
-from localtune.plan import Plan, make_plan
+from localtune.plan import Plan, make_plan, max_context
 from localtune.profiles import BITSANDBYTES_BACKENDS
 from localtune.progress import PREFERENCE_METHODS
 from localtune.runs import RunDir
@@ -351,6 +351,7 @@ class NewRunScreen(Screen):
                 yield Static("", id="knob-error", classes="error hide-empty")
                 yield EstimateBar(id="estimate")
                 yield Static("", id="plan-advice", classes="hide-empty")
+                yield Static("", id="plan-context", classes="hide-empty")
                 yield Static("", id="plan-profile", classes="hide-empty")
                 yield Static("", id="plan-adjustments", classes="hide-empty")
                 yield Static("", id="plan-table", classes="hide-empty")
@@ -784,11 +785,12 @@ class NewRunScreen(Screen):
         if plan is None:
             estimate.show([], 0)
             self.show("#plan-advice", Text(self.plan_error or "", "red"))
-            for selector in ("#plan-profile", "#plan-adjustments", "#plan-table"):
+            for selector in ("#plan-profile", "#plan-adjustments", "#plan-table", "#plan-context"):
                 self.show(selector, "")
             return
         estimate.show(plan.estimate.parts(), plan.budget_bytes)
         self.show("#plan-advice", Text("\n".join(f"would fit: {a}" for a in plan.advice), "yellow"))
+        self.show("#plan-context", Text(max_context(plan).line(short=True), "dim"))
         self.show("#plan-profile", Text.assemble(("Profile ", "bold"), (plan.profile.name, "bold"),
                                                  f": {plan.profile.description}"))
         if plan.adjustments:
