@@ -149,7 +149,11 @@ def render_plan(plan) -> None:
     t.add_column("knob", no_wrap=True)
     t.add_column("value", overflow="fold")
     t.add_column("from")
+    from localtune.knobs import METHOD_ONLY_KNOBS
+
     for k, v in plan.knobs.to_dict().items():
+        if plan.knobs.method not in METHOD_ONLY_KNOBS.get(k, (plan.knobs.method,)):
+            continue  # beta, loss_type, rpo_alpha mean nothing to an sft run
         src = sources[k]
         t.add_row(k, _fmt_value(v), "planner (above)" if src.startswith("planner") else src)
     con.print()

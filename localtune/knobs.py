@@ -43,6 +43,8 @@ ENGINES = ("torch", "mlx")
 """Training engines: transformers + trl + peft on torch, or mlx + mlx-lm (localtune.engines)."""
 METHODS = ("sft", "dpo", "orpo")
 """Training methods: supervised fine-tuning, then the preference methods (localtune.methods)."""
+METHOD_ONLY_KNOBS = {"beta": ("dpo", "orpo"), "loss_type": ("dpo",), "rpo_alpha": ("dpo",)}
+"""Knobs only some methods use: the plan tables (`localtune plan`, the TUI) leave them out for the others."""
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
 """trl 1.16 DPOConfig's `loss_type` values that need nothing else (its 'sft' term is left out:
@@ -97,6 +99,10 @@ class Knobs:
                        "on macOS 14+, CPUs with AVX512-BF16 or AMX (autocast over float32 weights, about 2x "
                        "float32's speed). false: float32 on the CPU and Apple, float16 on CUDA.")
     gradient_checkpointing: bool = _knob(True, "Recompute each layer in the backward pass instead of storing its activations.")
+    activation_offloading: bool = _knob(False, "Keep the activations saved for the backward pass in the CPU's RAM "
+                                        "instead of the GPU's, moving them over PCIe as the forward and backward "
+                                        "passes go (trl's activation_offloading; CUDA only, sft and dpo): "
+                                        "longer sequences fit, each step moves them there and back.")
     optim: str = _knob("adamw_torch", "Optimizer (transformers name).", choices=OPTIMIZERS)
     learning_rate: float = _knob(2e-4, "Peak learning rate.", lo=1e-9, hi=1.0)
     lr_scheduler_type: str = _knob("cosine", "Learning-rate schedule.", choices=SCHEDULERS)

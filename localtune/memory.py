@@ -45,6 +45,11 @@ activations
     backward pass. Plus the final norm's float32 input (4 h per token). With 4-bit weights,
     bitsandbytes dequantises one weight at a time to the compute dtype for the matmul: one
     buffer the size of the largest linear layer in 16 bits (bitsandbytes `matmul_4bit`).
+    With `activation_offloading` (trl's `OffloadActivations`, CUDA) what the blocks keep for
+    the backward pass (their inputs with checkpointing, everything without) lives in the CPU's
+    pinned RAM instead (`details["offloaded_activation_bytes"]`); on the GPU one block's
+    working set remains, as when it is recomputed. Read from trl's source, not measured: no
+    CUDA device has run it here.
 logits
     The loss. trl 1.16's SFTTrainer (as its DPOTrainer) never forms the tokens x vocabulary
     logits: it scores through trl's fused LM head (`add_fused_lm_head`, described under the
@@ -407,9 +412,19 @@ def estimate(shape: ModelShape, knobs: Knobs, device: str | DeviceFacts, *,
         mask_once = S
     padding_mask = stored_blocks * mask_per_block + mask_once
     if knobs.gradient_checkpointing:
-        per_token = L * a * h + full_block + 4 * h
+        kept_per_token = L * a * h  # each block's input
+        per_token = kept_per_token + full_block + 4 * h
     else:
-        per_token = L * full_block + 4 * h
+        kept_per_token = L * full_block
+        per_token = kept_per_token + 4 * h
+    offloaded = 0
+    if knobs.activation_offloading:
+        # trl's OffloadActivations: every saved tensor over 1 KB goes to the CPU's pinned RAM as
+        # the forward makes it (at most 5 in flight); the backward brings one block's back at a
+        # time. What stays on the GPU is one block's working set, as with checkpointing.
+        offloaded = int(tokens * (kept_per_token + stored_blocks * mask_per_block))
+        per_token = full_block + 4 * h
+        padding_mask = mask_per_block + mask_once
     activations = int(tokens * (per_token + padding_mask))
     # bitsandbytes dequantises a whole weight for each matmul; MLX's quantised matmul does not
     dequant_buffer = (max(i * o for i, o in shape.linear_layers().values()) * 2
@@ -470,6 +485,7 @@ def estimate(shape: ModelShape, knobs: Knobs, device: str | DeviceFacts, *,
                  "token_rows_transient_bytes": token_rows_transient,
                  "activation_bytes_per_token_per_block": full_block,
                  "dequant_buffer_bytes": dequant_buffer,
+                 "offloaded_activation_bytes": offloaded,
                  "padding_mask_bytes_per_token": padding_mask,
                  "kbit_upcast_bytes": kbit_upcast, **details},
     )

@@ -14,8 +14,11 @@ what changes what the model sees:
    gradient accumulation                exactly unchanged (knobs.halve_micro_batch), so
                                         training is the same, only slower
 5. 4-bit base weights (the CPU, MLX)    bitsandbytes 4-bit on the CPU is slower than 16-bit
-6. halve max_length (not below 256)     longer rows get truncated
-7. halve the LoRA rank (not below 4)    lora_alpha is halved with it, keeping the scale
+6. activation offloading (NVIDIA)       what the blocks save moves to the CPU's RAM (trl's
+                                        activation_offloading; not ORPO): PCIe traffic each
+                                        step, only while the CPU's free RAM holds it twice
+7. halve max_length (not below 256)     longer rows get truncated
+8. halve the LoRA rank (not below 4)    lora_alpha is halved with it, keeping the scale
 
 With `method` dpo or orpo a row of the data is a preference pair: the micro-batch counts pairs,
 each two sequences (chosen and rejected), and the estimate says what that costs (for DPO, also
@@ -61,6 +64,9 @@ MLX_4BIT = "MLX 4-bit (group size 64, with a scale and a bias per group)"
 HEADROOM_FRAC = 0.05
 """Share of the device's total memory kept free for everything else."""
 MIN_MAX_LENGTH = 256
+PCIE_BYTES_PER_S = 20e9
+"""What a PCIe 4.0 x16 link moves per second to and from pinned memory in practice (the speed
+cost the planner states for activation offloading)."""
 MIN_RANK = 4
 
 
@@ -221,6 +227,17 @@ def make_plan(hardware: Hardware, model: ModelRef, *, profile: str | Profile | N
     def free(knob: str) -> bool:
         return knob not in pinned
 
+    def offloading(k: Knobs, now: MemoryEstimate) -> MemoryEstimate | None:
+        """The estimate with trl's activation offloading on, where it runs (torch on CUDA, not
+        ORPO), saves GPU memory, and the CPU's free RAM holds what it moves there (twice over)."""
+        if k.activation_offloading or k.engine != "torch" or k.method == "orpo":
+            return None
+        after = est(k.replace(activation_offloading=True))
+        moved = after.details["offloaded_activation_bytes"]
+        if after.total_bytes >= now.total_bytes or 2 * moved > hardware.ram_available_bytes:
+            return None
+        return after
+
     current = est(knobs)
     while current.total_bytes > budget:
         over = f"estimate {_gb(current.total_bytes)} > budget {_gb(budget)}"
@@ -254,6 +271,13 @@ def make_plan(hardware: Hardware, model: ModelRef, *, profile: str | Profile | N
             change("load_in_4bit", True,
                    f"{over}: {MLX_4BIT if mlx else '4-bit NF4'} weights take {_gb(after.weights_bytes)} instead of "
                    f"{_gb(current.weights_bytes)}{cost}")
+        elif backend == "cuda" and free("activation_offloading") and (after := offloading(knobs, current)):
+            moved = after.details["offloaded_activation_bytes"]
+            change("activation_offloading", True,
+                   f"{over}: trl's activation offloading keeps what the blocks save for the backward pass "
+                   f"({_gb(moved)} per micro-batch) in the CPU's RAM, saving {_gb(current.total_bytes - after.total_bytes)}"
+                   f" on the GPU; every micro-batch moves it over PCIe and back (~{2 * moved / PCIE_BYTES_PER_S:.1f} s "
+                   f"at {PCIE_BYTES_PER_S / 1e9:.0f} GB/s, partly hidden behind compute)")
         elif free("max_length") and knobs.max_length > MIN_MAX_LENGTH:
             new_len = max(MIN_MAX_LENGTH, knobs.max_length // 2)
             change("max_length", new_len,
@@ -316,6 +340,20 @@ class ContextFit:
 
 def max_context(plan: Plan) -> ContextFit:
     """The largest `max_length` whose estimate fits `plan`'s budget, everything else as planned
+    (`_longest`); on CUDA, where the plan has no activation offloading, the bound also says how
+    long a context would fit with it."""
+    fit = _longest(plan, plan.knobs)
+    k = plan.knobs
+    if (plan.backend == "cuda" and k.engine == "torch" and k.method != "orpo" and not k.activation_offloading
+            and fit.limit == "budget"):
+        offloaded = _longest(plan, k.replace(activation_offloading=True))
+        if offloaded.max_length > fit.max_length:
+            fit.bound += f"; with --set activation_offloading=true: {offloaded.max_length} tokens"
+    return fit
+
+
+def _longest(plan: Plan, knobs: Knobs) -> ContextFit:
+    """The largest `max_length` whose estimate fits `plan`'s budget, everything else as planned
     (micro-batch, checkpointing, 4-bit, rank...), and what bounds it: the model's context window
     (its config's max_position_embeddings) or the memory budget (then which parts grow with the
     length, per 1024 tokens). The estimate grows with the length, so a binary search over
@@ -324,7 +362,7 @@ def max_context(plan: Plan) -> ContextFit:
     budget = plan.budget_bytes
 
     def est(n: int) -> MemoryEstimate:
-        return estimate(plan.model.shape, plan.knobs.replace(max_length=n), facts,
+        return estimate(plan.model.shape, knobs.replace(max_length=n), facts,
                         reference_adapter=plan.reference_adapter)
 
     window = plan.model.shape.context_length

@@ -64,6 +64,12 @@ def needs_bitsandbytes(knobs: Knobs) -> list[str]:
 def check_backend_runs(knobs: Knobs, backend: str, where: str = "") -> None:
     """UserError (naming `where`, a file and table, when given) when `knobs` ask for what
     `backend` cannot run: bitsandbytes 4-bit weights or 8-bit / paged optimizers on Apple's MPS."""
+    if knobs.activation_offloading and (backend != "cuda" or knobs.engine != "torch" or knobs.method == "orpo"):
+        why = (f"ORPO's trainer (trl.experimental) has no activation offloading" if knobs.method == "orpo"
+               else f"it moves activations from an NVIDIA GPU to the CPU's RAM, and this run trains on "
+                    f"{'MLX' if knobs.engine == 'mlx' else backend}")
+        raise UserError(f"{where + ': ' if where else ''}activation_offloading=true: {why}; "
+                        "set --set activation_offloading=false")
     if backend in BITSANDBYTES_BACKENDS:
         return
     bad = needs_bitsandbytes(knobs)

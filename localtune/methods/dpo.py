@@ -77,7 +77,7 @@ class DPO(Method):
         model, peft_config = policy_model(setup, model, knobs)
         args = DPOConfig(**training_arguments(setup, knobs, has_eval=data.eval is not None),
                          max_length=knobs.max_length, beta=knobs.beta, precompute_ref_log_probs=False,
-                         **dpo_losses(knobs))
+                         activation_offloading=knobs.activation_offloading, **dpo_losses(knobs))
         return DPOTrainer, dict(model=model, args=args, processing_class=setup.tokenizer, callbacks=callbacks,
                                 train_dataset=data.train, eval_dataset=data.eval, peft_config=peft_config)
 

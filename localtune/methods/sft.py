@@ -88,6 +88,7 @@ class SFT(Method):
             max_length=None if data.padding_free else knobs.max_length,  # padding-free: truncated here
             packing=knobs.packing,
             padding_free=data.padding_free,
+            activation_offloading=knobs.activation_offloading,
         )
         return SFTTrainer, dict(
             model=model, args=args, processing_class=setup.tokenizer, callbacks=callbacks,

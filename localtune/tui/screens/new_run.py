@@ -38,7 +38,7 @@ from localtune.data import (CONVERSATION, DEMO, FILE_SUFFIXES, LoadedData, Prefe
                             load_data, pair_texts, render, tokenize_pairs)
 from localtune.engines import require_engine
 from localtune.errors import UserError
-from localtune.knobs import KNOB_FIELDS, METHODS
+from localtune.knobs import KNOB_FIELDS, METHOD_ONLY_KNOBS, METHODS
 from localtune.data import DEMO_PREFERENCE_EVAL, DEMO_PREFERENCE_PARROT_EVAL
 from localtune.launch import (DEMO_RECIPE, LORA_KNOBS, PREFERENCE_DEMO_RECIPE, SFT_THEN_DPO_DEMO_RECIPE, default_run_config, prepare_run,
                               start_worker)
@@ -64,8 +64,6 @@ SWITCH_KNOBS = {
 """On/off knobs the screen edits: widget id -> (knob, label)."""
 ENGINE_CHOICES = {"mlx": "mlx", "torch": "torch (MPS)"}
 """The engines a Mac offers (the `engine` knob); elsewhere torch is the only one worth training on."""
-METHOD_ONLY_KNOBS = {"beta": PREFERENCE_METHODS, "loss_type": ("dpo",), "rpo_alpha": ("dpo",)}
-"""Knobs only some methods use: the plan table leaves them out for the others."""
 DATA_PLACEHOLDERS = {"sft": "demo, or a path to your data",
                      "preference": "empty: the preference demo set; or a path to pairs"}
 EXAMPLE_LINES = 6
