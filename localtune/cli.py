@@ -17,7 +17,8 @@ import sys
 import time
 import traceback
 import warnings
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 from localtune import __version__
 from localtune.errors import UserError
@@ -324,6 +325,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
     if args.max_seq_len is not None:
         check_knob("max_length", args.max_seq_len, "--max-seq-len")
+    _fetch_hub_data(args.file)
     loaded = load_data(args.file, format=args.format, skip_bad_rows=True, method=args.method)
     pairs = is_preference(loaded.format)
     if pairs and args.train_on_inputs:
@@ -411,6 +413,38 @@ def _run_config(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any
     return run_cfg, pinned
 
 
+@contextmanager
+def _download_bar() -> Iterator[Callable[[Any], None]]:
+    """A rich progress bar on stderr for hub downloads (localtune.download): bytes, speed, ETA;
+    the report function to hand to them."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    bar = Progress(TextColumn("downloading {task.description}"), BarColumn(), DownloadColumn(),
+                   TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
+    tasks: dict[str, Any] = {}
+
+    def report(p: Any) -> None:
+        if p.repo not in tasks:
+            tasks[p.repo] = bar.add_task(p.repo, total=p.bytes_total)
+        bar.update(tasks[p.repo], completed=p.bytes_done, total=p.bytes_total)
+
+    with bar:
+        yield report
+
+
+def _fetch_hub_data(*sources: str) -> None:
+    """Hub datasets among `sources` are downloaded first, with a progress bar (local files and
+    cached datasets: nothing happens)."""
+    from localtune.data import fetch_hub_dataset
+
+    with _download_bar() as report:
+        for source in sources:
+            if source:
+                fetch_hub_dataset(source, report)
+
+
 def _wants_tui(args: argparse.Namespace) -> bool:
     """Follow a run in the TUI's dashboard: on a terminal, unless --headless."""
     return not args.headless and sys.stdin.isatty() and sys.stdout.isatty()
@@ -447,6 +481,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError(f"the run does not fit this machine (estimate {plan.estimate.total_bytes / GiB:.1f} GB, "
                         f"budget {plan.budget_bytes / GiB:.1f} GB); try: {'; '.join(plan.advice)}. "
                         "`localtune plan` shows the details")
+    _fetch_hub_data(run_cfg["data"], run_cfg.get("eval_data") or "")
     run, warnings = prepare_run(run_cfg, plan)
     for w in warnings:
         print(f"warning: {w}")

@@ -9,8 +9,9 @@ mark which tokens are trained on.
     tokenize_pairs(examples, tokenizer, "dpo")    -> the ids trl's DPOTrainer (or ORPOTrainer) trains
 
 Sources: a `.jsonl`, `.json` (a list, or an object holding one), `.csv`, `.parquet` file, a
-folder written by `datasets`' `save_to_disk`, or a Hugging Face dataset id (when online or
-cached). The formats are defined in `localtune.formats`.
+folder written by `datasets`' `save_to_disk`, or a Hugging Face dataset id (its data files
+are downloaded into the Hugging Face cache by localtune.download, then read from there; offline,
+a cached copy is used). The formats are defined in `localtune.formats`.
 
 `method` says which formats the rows may be in: supervised rows for sft, preference pairs
 (`PreferenceExample`) for dpo and orpo, any for None (to inspect a file). A file of the other
@@ -45,12 +46,15 @@ import statistics
 from bisect import bisect_left
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Iterator, TypeVar
 
 from localtune.errors import UserError
 from localtune.formats import (CONVERSATION, FORMATS, PREFERENCE_CONVERSATION, PREFERENCE_METHODS,
                                PREFERENCE_TEXT, PROMPT_COMPLETION, ROLES, SHAREGPT_ROLES, SFT_METHODS, TEXT, detect,
                                formats_for, is_preference)
+
+if TYPE_CHECKING:
+    from localtune.download import Progress
 
 MAX_PROBLEMS_SHOWN = 10
 E = TypeVar("E")
@@ -281,17 +285,38 @@ def _rows_saved_dataset(path: Path, name: str) -> Iterator[tuple[str, Any]]:
     yield from _rows_table(ds.to_list(), name)
 
 
-def _rows_hub(dataset_id: str) -> Iterator[tuple[str, Any]]:
+def _rows_hub(dataset_id: str, progress: Progress | None = None) -> Iterator[tuple[str, Any]]:
+    """The train split of a hub dataset: its data files downloaded into the Hugging Face cache
+    (localtune.download: the same checks, progress and resume as a model's weights), then read
+    by `datasets` from that local folder, so nothing but the download touches the network."""
     import datasets
-    from huggingface_hub import constants
 
+    from localtune.download import ensure
+    from localtune.paths import cache_dir
+
+    folder = ensure(dataset_id, "dataset", what="--data", progress=progress)
     try:
-        ds = datasets.load_dataset(dataset_id, split="train")
-    except Exception as e:  # noqa: BLE001 - datasets wraps network, cache and auth errors alike
-        offline = " (HF_HUB_OFFLINE is set and it is not cached)" if constants.HF_HUB_OFFLINE else ""
-        raise UserError(f"--data {dataset_id}: cannot load this Hugging Face dataset{offline}: "
-                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")) from None
+        ds = datasets.load_dataset(str(folder), split="train", cache_dir=str(cache_dir() / "datasets"))
+    except Exception as e:  # noqa: BLE001 - datasets raises many types for files it cannot read
+        raise UserError(f"--data {dataset_id}: cannot read the train split from its files in {folder} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     yield from _rows_table(ds.to_list(), dataset_id)
+
+
+def fetch_hub_dataset(source: str | os.PathLike, progress: Progress) -> None:
+    """Download `source`'s files first, reporting to `progress`, when it names a hub dataset
+    (org/name) that is not a local file or folder; nothing otherwise. `load_data` then finds
+    them in the cache. For a command that shows a progress bar while the data comes in."""
+    source = resolve_source(source)
+    if Path(source).expanduser().exists() or not _is_hub_id(str(source)):
+        return
+    from localtune.download import ensure
+
+    ensure(str(source), "dataset", what="--data", progress=progress, every_s=0.1)
+
+
+def _is_hub_id(s: str) -> bool:
+    return not (s.startswith((".", "/", "~")) or s.lower().endswith(FILE_SUFFIXES) or s.count("/") != 1)
 
 
 DEMO_PREFERENCE, DEMO_PREFERENCE_EVAL = "demo-preference", "demo-preference-eval"
@@ -331,7 +356,7 @@ def read_rows(source: str | os.PathLike) -> Iterator[tuple[str, Any]]:
                             "a save_to_disk folder or a Hugging Face dataset id")
         return readers[suffix](path, name)
     s = str(source)
-    if s.startswith((".", "/", "~")) or s.lower().endswith(FILE_SUFFIXES) or s.count("/") != 1:
+    if not _is_hub_id(s):
         raise UserError(f"{name}: no such file or folder")
     return _rows_hub(s)
 

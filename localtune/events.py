@@ -29,6 +29,14 @@ EVENT_FIELDS: dict[str, dict[str, str]] = {
         "method": "the training method: 'sft', 'dpo' or 'orpo'",
         "from_run": "the run whose adapter this one continues (dpo, orpo), or null",
     },
+    "download": {
+        "repo": "the hub model being downloaded before training (org/name)",
+        "file": "the file under way (its path in the repository)",
+        "bytes_done": "bytes of the files to fetch that are on disk (a resumed file's earlier part included)",
+        "bytes_total": "bytes of the files to fetch (those not in the Hugging Face cache yet)",
+        "bytes_per_s": "transfer speed since the download began, or null before the first chunk",
+        "eta_s": "seconds left at that speed, or null",
+    },
     "step": {
         "step": "optimizer steps done",
         "max_steps": "optimizer steps in all",

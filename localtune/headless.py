@@ -2,7 +2,9 @@
 
 Reads `events.jsonl` only, folded by the dashboard's own `RunProgress` (localtune.progress),
 so it can follow a run started by another process and says what the dashboard says. On a
-terminal it keeps one live panel; elsewhere (a log file, CI) it prints one line per step.
+terminal it keeps one live panel (while the worker downloads a hub model's weights, a rich
+progress bar with bytes, speed and ETA); elsewhere (a log file, CI) it prints one line per step
+(and a download's progress line every DOWNLOAD_LINE_EVERY_S).
 Notable events (start, eval, sample, checkpoint, warnings, the end) print one line each, in
 the fold's words. Ctrl-C asks whether to detach (the run goes on) or stop it.
 
@@ -24,12 +26,31 @@ from typing import Any, Callable
 from rich.text import Text
 
 from localtune.events import END_KINDS, EventReader
-from localtune.progress import RunProgress, duration, num
+from localtune.progress import RunProgress, download_line, duration, num
 from localtune.runs import RunDir
 
 POLL_S = 0.5
 START_GRACE_S = 30.0
 """How long a new run's worker may take to start before its absence means it died."""
+DOWNLOAD_LINE_EVERY_S = 10.0
+"""Off a terminal, a download's progress line is printed at most this often (by the events'
+times), and once at the end: a log file gets a line per 10 s, not per second."""
+
+
+def live_view(p: RunProgress) -> Any:
+    """What the live panel on a terminal shows: a download's bar while the worker fetches a hub
+    model's weights, the training progress after."""
+    if p.download is not None:
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+
+        done, total = p.download.get("bytes_done"), p.download.get("bytes_total")
+        ok = isinstance(done, int) and isinstance(total, int) and total > 0
+        view = Table.grid()
+        view.add_row(ProgressBar(total=total if ok else None, completed=done if ok else 0, width=60))
+        view.add_row(Text(download_line(p.download)))
+        return view
+    return Text(progress_line(p, sep="\n"))  # two lines fit an 80-column terminal
 
 
 def progress_line(p: RunProgress, sep: str = "  ") -> str:
@@ -117,10 +138,16 @@ def follow(run: RunDir, *, out=None, worker: subprocess.Popen | None = None,
     live = Live(console=console, auto_refresh=False, transient=True) if console.is_terminal else None
     held: str | None = None  # an end's line, printed once a new attempt follows it (the last gets `outcome`)
 
+    download_line_t = 0.0  # off a terminal: when the last download line was printed (the event's time)
+
     def show(events: list[dict[str, Any]]) -> None:
-        nonlocal held
+        nonlocal held, download_line_t
         for e in events:
             line = p.apply(e)
+            if e.get("kind") == "download" and not live and line is None:
+                t = e.get("t") if isinstance(e.get("t"), (int, float)) else time.time()
+                if t - download_line_t >= DOWNLOAD_LINE_EVERY_S:
+                    line, download_line_t = download_line(e), t
             if held is not None:
                 console.print(Text(held), soft_wrap=True)
                 held = None
@@ -138,7 +165,7 @@ def follow(run: RunDir, *, out=None, worker: subprocess.Popen | None = None,
             worker_gone = p.end is None and gone()  # asked before reading: what it wrote last is read below
             show(reader.read_new())
             if live:
-                live.update(progress_line(p, sep="\n"), refresh=True)  # two lines fit an 80-column terminal
+                live.update(live_view(p), refresh=True)
             if p.end is not None:
                 if over():
                     break

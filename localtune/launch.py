@@ -209,8 +209,14 @@ def default_run_config(**changes: Any) -> dict[str, Any]:
 def prepare_run(run_cfg: dict[str, Any], plan) -> tuple[RunDir, list[str]]:
     """Check every row of the data (and the evaluation data), then write the run directory.
     Returns the run and the warnings a person should see. A bad file raises UserError here,
-    before anything starts, not an hour into training."""
+    before anything starts, not an hour into training; so does a hub model that cannot be
+    downloaded (gated, missing, no network, offline and not cached) or does not fit on the disk:
+    the worker downloads it, but the person who started the run hears of these at once."""
     from localtune.data import load_data, split_eval
+    from localtune.download import check
+
+    if plan.model.kind == "hub":
+        check(plan.model.location, "model", what="--model", trust_remote_code=plan.model.trust_remote_code)
 
     fmt = run_cfg.get("format") or None
     skip = bool(run_cfg.get("skip_bad_rows"))

@@ -16,8 +16,11 @@ A model is named by `--model`:
   built-in model: `ensure_gguf_model()` converts it once into
   `cache/models/gguf/<name>-<hash of its path>/`, and the worker, the tokenizer, export and
   chat all load that folder (`weights_location()`); the run itself records only the file.
-- a Hugging Face id such as `meta-llama/Llama-3.1-8B`: only `config.json` is fetched, the local
-  cache is tried first, and `HF_HUB_OFFLINE=1` is respected.
+- a Hugging Face id such as `meta-llama/Llama-3.1-8B`: to plan, only `config.json` (and the
+  small tokenizer files) are fetched, the local cache is tried first, and `HF_HUB_OFFLINE=1` is
+  respected. The weights are downloaded by the worker before training (`weights_location`,
+  localtune.download: progress as `download` events, resumed after an interruption), after
+  `localtune train` has checked that the repository can be fetched and fits on the disk.
 
 A GGUF file, in more detail:
 
@@ -57,10 +60,13 @@ import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from localtune.errors import UserError
 from localtune.paths import cache_dir
+
+if TYPE_CHECKING:
+    from localtune.download import Progress
 
 BUILTIN_NAME = "smollm2-135m"
 BUILTIN_ALIASES = ("", "default", "builtin", BUILTIN_NAME, "SmolLM2-135M-Instruct")
@@ -478,11 +484,14 @@ def ensure_gguf_model(path: Path, log: Callable[[str], None] | None = None) -> P
     return dest
 
 
-def weights_location(model: ModelRef, log: Callable[[str], None] | None = None) -> str:
-    """Where `from_pretrained` finds the model's weights: a local safetensors folder, or the hub
-    id. The built-in model and a GGUF file are converted first when they have no current copy
+def weights_location(model: ModelRef, log: Callable[[str], None] | None = None,
+                     progress: Progress | None = None) -> str:
+    """Where `from_pretrained` finds the model's weights: a local safetensors folder. The
+    built-in model and a GGUF file are converted first when they have no current copy
     (seconds to minutes, once). For a quantised GGUF file, `log` also gets the warning that
-    names the quantisation, every time."""
+    names the quantisation, every time. A hub model's files are downloaded first when the cache
+    lacks some (minutes to hours; localtune.download), reporting to `progress`; the result is
+    its snapshot folder in the Hugging Face cache."""
     if model.kind == "builtin":
         return str(ensure_builtin_model())
     if model.kind == "gguf":
@@ -491,6 +500,11 @@ def weights_location(model: ModelRef, log: Callable[[str], None] | None = None) 
         if log and quantisation:
             log(quantisation_warning(Path(model.location).name, quantisation))
         return str(folder)
+    if model.kind == "hub":
+        from localtune.download import ensure
+
+        return str(ensure(model.location, "model", what="--model", trust_remote_code=model.trust_remote_code,
+                          progress=progress))
     return model.location
 
 
@@ -521,10 +535,12 @@ def _read_config_json(path: Path) -> dict[str, Any]:
 
 def _hub_config(repo_id: str) -> Path:
     """config.json of a hub model: the local cache first; the network only when allowed."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
-                                        LocalEntryNotFoundError, RepositoryNotFoundError)
+    from huggingface_hub import constants, hf_hub_download, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+    from huggingface_hub.file_download import get_hf_file_metadata
     from huggingface_hub.utils import HFValidationError
+
+    from localtune.download import hub_error
 
     try:
         cached = try_to_load_from_cache(repo_id, "config.json")
@@ -533,25 +549,19 @@ def _hub_config(repo_id: str) -> Path:
                         "(expected owner/name)") from None
     if isinstance(cached, str):
         return Path(cached)
-    from huggingface_hub import constants
-
     if constants.HF_HUB_OFFLINE:
         raise UserError(f"--model {repo_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
                         "download it once while online, or pass a local folder or .gguf file")
     try:
+        # one request without retries first: with the network down, hf_hub_download would retry
+        # with back-off for ~25 s before saying so
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json"))
         return Path(hf_hub_download(repo_id, "config.json"))
-    except GatedRepoError:
-        raise UserError(f"--model {repo_id}: the model is gated; accept its licence on the hub and log in "
-                        "with `hf auth login`") from None
-    except RepositoryNotFoundError:
-        raise UserError(f"--model {repo_id}: no such model on the Hugging Face hub (or it is private: "
-                        "log in with `hf auth login`)") from None
-    except EntryNotFoundError:
+    except RemoteEntryNotFoundError:
         raise UserError(f"--model {repo_id}: the repository has no config.json, so it is not a "
                         "transformers model") from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        raise UserError(f"--model {repo_id}: could not fetch its config.json ({type(e).__name__}); "
-                        "check the network, or pass a local folder or .gguf file") from None
+    except Exception as e:  # noqa: BLE001 - gated, missing, no network (httpx's own errors too): one line
+        raise hub_error("--model", repo_id, e) from None
 
 
 def _check_safetensors(folder: Path, spec: str) -> None:
@@ -645,6 +655,12 @@ def load_tokenizer(model: ModelRef) -> Any:
             if converted is not None:
                 return AutoTokenizer.from_pretrained(converted, **kw)
             return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name, **kw)
+        if model.kind == "hub":
+            from localtune.download import cached_snapshot
+
+            snapshot = cached_snapshot(model.location, "model")  # downloaded: no hub request at all
+            if snapshot is not None:
+                return AutoTokenizer.from_pretrained(snapshot, **kw)
         return AutoTokenizer.from_pretrained(model.location, **kw)
     except (OSError, ValueError) as e:
         raise UserError(f"--model {model.spec}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None

@@ -46,6 +46,28 @@ def num(v: float | None, fmt: str = ".4f") -> str:
     return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
 
 
+def human_bytes(n: float | None) -> str:
+    """'1.2 GB', '340 MB', '12 kB' (powers of 1000, as the hub shows sizes); '?' when unknown."""
+    if not isinstance(n, (int, float)) or isinstance(n, bool):
+        return "?"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def download_line(e: dict[str, Any]) -> str:
+    """'downloading org/name  1.2/2.5 GB  48%  35.1 MB/s  eta 0:37  model-00001-of-00002.safetensors'
+    from a `download` event."""
+    done, total = e.get("bytes_done"), e.get("bytes_total")
+    share = (f"  {100 * done / total:3.0f}%" if isinstance(done, (int, float)) and isinstance(total, (int, float))
+             and total > 0 else "")
+    speed = e.get("bytes_per_s")
+    return (f"downloading {e.get('repo', '?')}  {human_bytes(done)}/{human_bytes(total)}{share}  "
+            f"{human_bytes(speed) + '/s' if isinstance(speed, (int, float)) else '-'}  "
+            f"eta {duration(_num(e, 'eta_s'))}  {e.get('file') or ''}").rstrip()
+
+
 def _num(e: dict[str, Any], key: str) -> float | None:
     v = e.get(key)
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
@@ -114,6 +136,9 @@ class RunProgress:
         """The latest sample: {"step", "prompt", "text"}."""
         self.thermal_pause: dict[str, Any] | None = None
         """The thermal_pause event while the run waits for the GPU to cool, else None."""
+        self.download: dict[str, Any] | None = None
+        """The latest `download` event while the worker fetches a hub model's weights; None
+        before any and once training has started."""
         self.stopping = False
         self.log: deque[tuple[str, str]] = deque(maxlen=LOG_LINES)
         """(level, line): level is "info", "warning" or "error"."""
@@ -168,6 +193,7 @@ class RunProgress:
         self.max_steps = _int(e, "max_steps") or self.max_steps
         self.device, self.precision = e.get("device"), e.get("precision")
         self.end, self.stopping, self.thermal_pause = None, False, None  # a resume starts a new attempt
+        self.download = None  # training begins once the weights are all here
         self._step_times.clear()  # the time between attempts is no training pace
         src = f"resumed from {e['resumed_from']}" if e.get("resumed_from") else "from the start"
         how = f" in {self.precision}" if self.precision else ""
@@ -176,6 +202,17 @@ class RunProgress:
         what = f"{self.method} " if self.method in PREFERENCE_METHODS else ""
         then = f"; continues run {self.from_run}'s adapter" if self.from_run else ""
         return self._note(f"started {what}on {self.device or '?'}{how} ({src}), {self.max_steps or '?'} steps{then}")
+
+    def _on_download(self, e: dict[str, Any]) -> str | None:
+        """The numbers go to `download` (the views draw a bar); the running account gets a line
+        when a download begins and when it ends, not one a second."""
+        before, self.download = self.download, e
+        done, total = _int(e, "bytes_done"), _int(e, "bytes_total")
+        if total is not None and done is not None and done >= total:
+            return self._note(f"downloaded {e.get('repo', '?')}: {human_bytes(total)}")
+        if before is None or before.get("repo") != e.get("repo"):
+            return self._note(f"downloading {e.get('repo', '?')}: {human_bytes(total)} to fetch")
+        return None
 
     def _on_step(self, e: dict[str, Any]) -> None:
         step = _int(e, "step")

@@ -399,8 +399,9 @@ def _from_adapter(rcfg: dict[str, Any]) -> tuple[str | None, Path | None]:
 
 
 def _setup(run: RunDir, knobs):
-    """Everything the attempts share: the device and its precision, the model's files, the
-    tokenizer and its chat template, the run a preference run continues."""
+    """Everything the attempts share: the device and its precision, the model's files (a hub
+    model's downloaded first, with `download` events), the tokenizer and its chat template, the
+    run a preference run continues."""
     from localtune.data import chat_template_for
     from localtune.hardware import Hardware
     from localtune.methods import Setup
@@ -418,7 +419,10 @@ def _setup(run: RunDir, knobs):
     precision = precision_for(knobs, DeviceFacts.live(backend, torch_index(device)))
     trust = bool(rcfg.get("trust_remote_code", False))
     model_ref = resolve_model(rcfg["model"], trust_remote_code=trust)
-    model_path = weights_location(model_ref, log=lambda m: append_event(run.events_path, "warning", message=m))
+    # a hub model's weights are downloaded here, not by the command that started the run: the
+    # download survives the TUI being closed, and its progress reaches every viewer as events
+    model_path = weights_location(model_ref, log=lambda m: append_event(run.events_path, "warning", message=m),
+                                  progress=lambda p: append_event(run.events_path, "download", **p.to_event()))
     tokenizer = load_tokenizer(model_ref)
     template = chat_template_for(tokenizer)
     if tokenizer.pad_token is None:

@@ -13,6 +13,9 @@ dirty; a timer redraws at most REDRAWS_PER_S times a second. So opening a long f
 (tens of thousands of events at once) costs one fold and one redraw, not one redraw per
 event: toolong's `can_replace` idea, folding high-rate updates into the newest.
 
+While the worker downloads a hub model's weights (before training starts) the progress panel's
+first line says so (bytes, speed, ETA, the file) over a bar of the bytes.
+
 Keys: s stop (asks first; the worker finishes the step, writes a checkpoint and exits),
 d detach (leave; training goes on), r resume (a stopped, failed or interrupted run), e export
 (once there is an adapter), escape back.
@@ -36,7 +39,7 @@ from textual_plotext import PlotextPlot
 
 from localtune.errors import UserError
 from localtune.events import END_KINDS, EventReader
-from localtune.progress import PREFERENCE_METHODS, RunProgress
+from localtune.progress import PREFERENCE_METHODS, RunProgress, download_line
 from localtune.runs import RunDir
 from localtune.tui import fmt
 from localtune.tui.messages import EventsRead
@@ -234,9 +237,16 @@ class DashboardScreen(Screen):
         self._draw_rewards()
         total = p.max_steps or self.status.get("max_steps")
         epoch = f"   epoch {p.epoch:.2f}" if p.epoch is not None else ""
-        self._set("#dash-step", Text.assemble(("step ", "dim"), (f"{p.step}/{total or '?'}", "bold"), epoch))
         bar_width = max(10, self.query_one("#dash-stats").content_size.width)
-        self._set("#dash-bar", text_bar(p.step, total, bar_width))
+        if p.download is not None:  # the worker is fetching a hub model's weights; training has not begun
+            d = p.download
+            self._set("#dash-step", Text(download_line(d)))
+            done, total_bytes = d.get("bytes_done"), d.get("bytes_total")
+            ok = isinstance(done, int) and isinstance(total_bytes, int)
+            self._set("#dash-bar", text_bar(done if ok else 0, total_bytes if ok else None, bar_width))
+        else:
+            self._set("#dash-step", Text.assemble(("step ", "dim"), (f"{p.step}/{total or '?'}", "bold"), epoch))
+            self._set("#dash-bar", text_bar(p.step, total, bar_width))
         self._set("#dash-loss", Text.assemble(("loss ", "dim"), (fmt.num(p.loss), "bold"), ("   eval ", "dim"),
                                               fmt.num(p.eval_loss[-1][1] if p.eval_loss else None)))
         if self.preference:
