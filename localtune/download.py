@@ -438,6 +438,11 @@ def _fetch_file(plan: DownloadPlan, f: RemoteFile, meter: _Meter) -> None:
     hf_hub_download(plan.repo_id, f.name, repo_type=plan.repo_type, revision=plan.commit)
 
 
+class Stopped(Exception):
+    """Raised by a progress callback to end a download early (a stop request): the partial file
+    stays, and the next download resumes from it."""
+
+
 def fetch(plan: DownloadPlan, progress: Progress | None = None, *, every_s: float = EVERY_S) -> Path:
     """Fetch the plan's missing files (minutes to hours for a large model); return the
     snapshot folder. `progress` gets a report at most every `every_s` seconds and one at the end."""
@@ -449,7 +454,7 @@ def fetch(plan: DownloadPlan, progress: Progress | None = None, *, every_s: floa
         meter.begin(f.name, 0)
         try:
             _fetch_file(plan, f, meter)
-        except UserError:
+        except (UserError, Stopped):
             raise
         except OSError as e:
             if getattr(e, "errno", None) == 28:  # ENOSPC

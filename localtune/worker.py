@@ -398,10 +398,11 @@ def _from_adapter(rcfg: dict[str, Any]) -> tuple[str | None, Path | None]:
     return str(from_run), adapter
 
 
-def _setup(run: RunDir, knobs):
+def _setup(run: RunDir, knobs, stop: StopRequest | None = None):
     """Everything the attempts share: the device and its precision, the model's files (a hub
     model's downloaded first, with `download` events), the tokenizer and its chat template, the
-    run a preference run continues."""
+    run a preference run continues. A stop asked for while downloading ends the download
+    (localtune.download.Stopped; the partial file stays for the next start)."""
     from localtune.data import chat_template_for
     from localtune.hardware import Hardware
     from localtune.methods import Setup
@@ -421,8 +422,15 @@ def _setup(run: RunDir, knobs):
     model_ref = resolve_model(rcfg["model"], trust_remote_code=trust)
     # a hub model's weights are downloaded here, not by the command that started the run: the
     # download survives the TUI being closed, and its progress reaches every viewer as events
+    def progress(p) -> None:
+        append_event(run.events_path, "download", **p.to_event())
+        if stop is not None and stop.requested:  # `localtune stop` while downloading: the partial file stays
+            from localtune.download import Stopped
+
+            raise Stopped()
+
     model_path = weights_location(model_ref, log=lambda m: append_event(run.events_path, "warning", message=m),
-                                  progress=lambda p: append_event(run.events_path, "download", **p.to_event()))
+                                  progress=progress)
     tokenizer = load_tokenizer(model_ref)
     template = chat_template_for(tokenizer)
     if tokenizer.pad_token is None:
@@ -432,6 +440,19 @@ def _setup(run: RunDir, knobs):
                   template=template, seed=knobs.seed, partial=run.checkpoints_dir / ".partial",
                   from_adapter=from_adapter, from_run=from_run)
     return setup, hardware, model_path, trust
+
+
+def _setup_or_stop(run: RunDir, knobs, stop: StopRequest):
+    """`_setup`, or None after a stop asked for during the model's download (the run is then
+    `stopped` at step 0, and `localtune resume` goes on downloading where it stopped)."""
+    from localtune.download import Stopped
+
+    try:
+        return _setup(run, knobs, stop)
+    except Stopped:
+        run.write_status(state="stopped", step=0, pid=None)
+        append_event(run.events_path, "stopped", step=0, checkpoint=None)
+        return None
 
 
 def train(run: RunDir, stop: StopRequest) -> None:
@@ -450,7 +471,10 @@ def train(run: RunDir, stop: StopRequest) -> None:
 
         return train_mlx(run, stop, knobs)
     method = get_method(knobs.method)
-    setup, hardware, model_path, trust = _setup(run, knobs)
+    setup = _setup_or_stop(run, knobs, stop)
+    if setup is None:
+        return
+    setup, hardware, model_path, trust = setup
     rcfg, backend, device, tokenizer = setup.rcfg, setup.backend, setup.device, setup.tokenizer
     data = method.prepare(setup, knobs)
     info = RunInfo(run=run, device=device, backend=backend, hardware=hardware, precision=setup.precision.describe(),

@@ -485,3 +485,73 @@ def test_worker_downloads_with_events_and_headless_shows_them(hub: StandInHub, t
     console.print(live_view(p))
     shown = console.file.getvalue()
     assert "━" in shown and f"downloading {TINY}" in shown and "/s" in shown and "eta" in shown
+
+
+def test_stop_while_downloading_keeps_the_partial_file_and_resume_finishes(hub: StandInHub, tiny_chat_model_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    """`localtune stop` (SIGTERM) during the model's download: the worker ends within about a
+    second as `stopped` at step 0, the partial file stays in the cache, and the next start
+    resumes the transfer with a Range request and trains to the end."""
+    import signal
+    import time
+
+    from localtune.events import read_events
+    from localtune.models import resolve_model
+    from localtune.plan import make_plan
+    from localtune.runs import create_run
+    from tests.conftest import TINY_RUN_KNOBS
+    from tests.test_worker import _cpu_hardware
+
+    # huggingface_hub writes 10 MiB at a time and a stop is seen at a progress report: a model of
+    # ~50 MB (hidden 256, the real tokenizer) at 20 MB/s gives a stop time to land half-way
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    wide = tmp_path / "wide-tiny"
+    wide.mkdir()
+    for f in tiny_chat_model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, wide / f.name)
+    tok = AutoTokenizer.from_pretrained(wide)
+    config = LlamaConfig(hidden_size=256, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=256, vocab_size=len(tok), tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(wide, safe_serialization=True)
+    hub.repos[("model", TINY)] = {p.name: p for p in wide.iterdir() if p.is_file()}
+    hub.bytes_per_s = 20e6
+    data = tmp_path / "train.jsonl"
+    data.write_text(hub.repos[("dataset", DATASET)]["data/train-00000-of-00001.jsonl"].read_text(encoding="utf-8"))
+    plan = make_plan(_cpu_hardware(), resolve_model(TINY), profile="cpu", pinned={**TINY_RUN_KNOBS, "max_steps": 2})
+    run_dir = create_run({"run": {"model": TINY, "data": str(data)}, "knobs": plan.knobs.to_dict()},
+                         plan.to_dict(), "hub-stop")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "localtune.worker", str(run_dir.path)]
+    with open(run_dir.log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 120
+    while not [e for e in read_events(run_dir.events_path) if e["kind"] == "download" and e["bytes_done"] > 0]:
+        assert proc.poll() is None and time.monotonic() < deadline, run_dir.log_path.read_text()[-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stopped_at = time.monotonic()
+    assert proc.wait(timeout=60) == 0, run_dir.log_path.read_text()[-3000:]
+    assert time.monotonic() - stopped_at < 5
+    status = run_dir.read_status()
+    assert status["state"] == "stopped" and status["step"] == 0 and status["pid"] is None
+    assert [e for e in read_events(run_dir.events_path) if e["kind"] == "stopped"][-1]["checkpoint"] is None
+    partial = list(cache_files(repo=TINY).glob("blobs/*.incomplete"))
+    assert len(partial) == 1 and partial[0].stat().st_size > 0
+    kept = partial[0].stat().st_size
+    name = [n for n in hub.repos[("model", TINY)] if n.endswith(".safetensors")][0]
+
+    hub.bytes_per_s = None
+    with open(run_dir.log_path, "ab") as log:
+        assert subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=300).returncode == 0
+    assert run_dir.read_status()["state"] == "completed", run_dir.log_path.read_text()[-3000:]
+    assert hub.ranges(name) == [f"bytes={kept}-"]
+    assert not list(cache_files(repo=TINY).glob("blobs/*.incomplete"))

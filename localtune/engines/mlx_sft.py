@@ -249,10 +249,13 @@ def train_mlx(run, stop, knobs) -> None:
     from localtune.engines.mlx_lora import QUANT_GROUP_SIZE, model_folder
     from localtune.events import append_event
     from localtune.methods.sft import SFT
-    from localtune.worker import _setup, back_off
+    from localtune.worker import _setup_or_stop, back_off
 
     require_engine(knobs)
-    setup, hardware, model_path, _ = _setup(run, knobs)
+    setup = _setup_or_stop(run, knobs, stop)
+    if setup is None:  # stopped while the model downloaded
+        return
+    setup, hardware, model_path, _ = setup
     data = SFT().prepare(setup, knobs)  # localtune.data's ids and mask; writes data.json
     device = _device_name()
     dtype = mx.bfloat16 if knobs.bf16 and device == "mlx:gpu" else mx.float32
