@@ -188,17 +188,62 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from localtune.plan import max_context
 
     plan = build_plan(args)
+    if args.calibrate and args.budget is not None:
+        raise UserError("--calibrate measures this machine: leave out --budget and --backend")
     context = max_context(plan) if args.max_context else None
+    calibration = _calibrate_plan(plan, quiet=args.json) if args.calibrate else None
     if args.json:
-        _print_json({**plan.to_dict(), **({"max_context": context.to_dict()} if context else {})})
+        _print_json({**plan.to_dict(), **({"max_context": context.to_dict()} if context else {}),
+                     **({"calibration": calibration} if calibration else {})})
     else:
-        render_plan(plan)
-        if context:
-            from rich.console import Console
+        from rich.console import Console
 
-            Console(highlight=False).print(f"\n[bold]Longest context[/] {context.line().split(': ', 1)[1]}",
-                                           soft_wrap=True)
+        render_plan(plan)
+        con = Console(highlight=False)
+        if context:
+            con.print(f"\n[bold]Longest context[/] {context.line().split(': ', 1)[1]}", soft_wrap=True)
+        if calibration:
+            m = calibration["measured"]
+            con.print(f"\n[bold]Calibration[/] {m['micro_batch']} x {m['max_length']} tokens on this device in "
+                      f"{m['seconds']:.0f} s ({m['how']}): {calibration['note']}", soft_wrap=True)
+            for part, v in calibration["by_part"].items():
+                con.print(f"  {part:9s} estimate {v['estimate'] / GiB:6.2f} GB   measured {v['measured'] / GiB:6.2f} GB")
     return 0 if plan.fits else 1
+
+
+def _calibrate_plan(plan, quiet: bool = False) -> dict:
+    """`plan --calibrate`: measure the plan on this device in a throw-away run folder (the
+    worker's calibration, without training) and say what the worker would do."""
+    import shutil
+    import tempfile
+
+    from pathlib import Path
+
+    from localtune.calibrate import decide, record, run_measurement, supported
+    from localtune.events import atomic_write_json
+    from localtune.launch import default_run_config
+    from localtune.precision import DeviceFacts
+    from localtune.runs import RunDir
+
+    why = supported(plan.knobs)
+    if why:
+        raise UserError(f"--calibrate: {why}")
+    model = plan.model.location if plan.model.kind in ("folder", "gguf") else plan.model.spec
+    tmp = Path(tempfile.mkdtemp(prefix="localtune-calibrate-"))
+    run = RunDir(tmp / "run")
+    run.path.mkdir()
+    run.write_config({"run": default_run_config(model=model), "knobs": plan.knobs.to_dict()})
+    atomic_write_json(run.plan_path, plan.to_dict())
+    if not quiet:
+        print(f"calibrating: one training step of micro-batch {plan.knobs.per_device_train_batch_size} x "
+              f"{plan.knobs.max_length} tokens on this device (a minute or so)...", file=sys.stderr, flush=True)
+    m = run_measurement(run.path)  # UserError (naming the log, kept) when it fails
+    shutil.rmtree(tmp, ignore_errors=True)
+    e = plan.estimate
+    d = decide(m, plan.knobs, plan.model.shape, DeviceFacts.from_hardware(plan.hardware), plan.budget_bytes,
+               e.total_bytes, auto_batch=plan.knobs.auto_batch, reference_adapter=plan.reference_adapter)
+    changed = {k: v for k, v in d.knobs.to_dict().items() if plan.knobs.to_dict()[k] != v}
+    return record(m, d, e.to_dict(), plan.budget_bytes, changed)
 
 
 # ---------------------------------------------------------------- data
@@ -770,6 +815,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("cuda", "mps", "cpu"), default=None,
                    help="the backend of that device (with --budget)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--calibrate", action="store_true",
+                   help="also measure one training step of the plan on this device (a minute or so), and say "
+                        "what training would change")
     p.add_argument("--max-context", action="store_true",
                    help="also find the longest max_length that fits, everything else as planned, and what bounds it")
     p.set_defaults(func=cmd_plan)

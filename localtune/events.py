@@ -67,6 +67,12 @@ EVENT_FIELDS: dict[str, dict[str, str]] = {
         "max_length": "the new maximum sequence length",
         "resume_from": "checkpoint training goes back to",
     },
+    "calibrated": {
+        "estimate_bytes": "the plan's estimate", "measured_bytes": "the peak measured on this device",
+        "budget_bytes": "the plan's budget", "how": "how the peak was read",
+        "micro_batch": "the micro-batch measured", "max_length": "tokens per row measured",
+        "seconds": "what calibration took", "action": "kept | replanned | larger micro-batch fits | "
+        "larger micro-batch taken", "knobs": "the knobs it changed (new values)", "note": "what it found, one line"},
     "warning": {"message": "something a person should know"},
     "thermal_pause": {"step": "optimizer steps done", "temperature_c": "the GPU's temperature",
                       "max_gpu_temp_c": "the limit it is over (--max-gpu-temp)"},

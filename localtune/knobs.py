@@ -117,6 +117,12 @@ class Knobs:
     eval_steps: int = _knob(50, "Evaluate every N optimizer steps.", lo=1, hi=1e12)
     logging_steps: int = _knob(1, "Report loss every N optimizer steps.", lo=1, hi=1e12)
     seed: int = _knob(42, "Seed for data order, dropout and LoRA initialisation.", lo=0, hi=2**32 - 1)
+    # --- calibration (localtune.calibrate) ---
+    calibrate: bool = _knob(True, "Before step 1 of a new run, measure the peak memory of a training step at the planned "
+                            "micro-batch and max_length on this device (a separate process, thrown away), and "
+                            "step the knobs down when it is over the budget. Costs a second model load.")
+    auto_batch: bool = _knob(False, "When calibration measures far under the budget, take the largest micro-batch "
+                             "that fits (the accumulation shrinks with it: the effective batch stays).")
     # --- the engine (localtune.engines) ---
     engine: str = _knob("torch", "Training engine: torch (transformers, trl, peft; CUDA, Apple MPS or the CPU) or "
                         "mlx (mlx and mlx-lm: Apple Silicon's GPU, 4-bit on a Mac; on Linux the CPU backend "

@@ -133,6 +133,14 @@ class ModelShape:
         return asdict(self)
 
 
+def shape_from_dict(d: dict[str, Any]) -> ModelShape:
+    """A ModelShape from its `to_dict` (a run's plan.json), keys of newer versions left out."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(ModelShape)}
+    return ModelShape(**{k: v for k, v in d.items() if k in names})
+
+
 @dataclass
 class ModelRef:
     """A resolved `--model`: what the user named, where it is, and its shape."""

@@ -442,6 +442,49 @@ def _setup(run: RunDir, knobs, stop: StopRequest | None = None):
     return setup, hardware, model_path, trust
 
 
+def calibrate_run(run: RunDir, knobs, hardware):
+    """Before step 1 of a fresh run (no checkpoint, not calibrated before), with `calibrate`
+    on: measure a step in a separate process (localtune.calibrate), record the figures in
+    a `calibrated` event and plan.json's "calibration", and return the knobs to train with
+    (stepped down when the measurement is over the budget; a larger micro-batch with
+    `auto_batch`), written into config.toml when they changed. A run calibration cannot
+    measure yet (another engine or method) says so in plan.json only."""
+    from localtune import calibrate as cal
+    from localtune.events import atomic_write_json
+    from localtune.models import shape_from_dict
+    from localtune.precision import DeviceFacts
+
+    if not knobs.calibrate or newest_usable_checkpoint(run) is not None:
+        return knobs
+    plan = json.loads(run.plan_path.read_text(encoding="utf-8"))
+    if "calibration" in plan:  # an earlier start calibrated (and wrote its knobs)
+        return knobs
+    why = cal.supported(knobs)
+    if why:
+        plan["calibration"] = {"skipped": why}
+        atomic_write_json(run.plan_path, plan)
+        return knobs
+    print(f"localtune worker: calibrating: {cal.CALIBRATION_STEPS} step of micro-batch "
+          f"{knobs.per_device_train_batch_size} x {knobs.max_length} tokens in a separate process",
+          file=sys.stderr, flush=True)
+    m = cal.run_measurement(run.path)
+    budget, estimate_bytes = int(plan["budget_bytes"]), int(plan["estimate"]["total_bytes"])
+    decision = cal.decide(m, knobs, shape_from_dict(plan["model"]["shape"]), DeviceFacts.from_hardware(hardware),
+                          budget, estimate_bytes, auto_batch=knobs.auto_batch,
+                          reference_adapter=bool(plan.get("reference_adapter")))
+    changed = {k: v for k, v in decision.knobs.to_dict().items() if knobs.to_dict()[k] != v}
+    if changed:
+        _write_knobs(run, decision.knobs)
+    plan["calibration"] = cal.record(m, decision, plan["estimate"], budget, changed)
+    atomic_write_json(run.plan_path, plan)
+    append_event(run.events_path, "calibrated", estimate_bytes=estimate_bytes, measured_bytes=m.peak_bytes,
+                 budget_bytes=budget, how=m.how, micro_batch=m.micro_batch, max_length=m.max_length,
+                 seconds=m.seconds, action=decision.action, knobs=changed, note=decision.note)
+    print(f"localtune worker: calibration: {decision.note}", file=sys.stderr, flush=True)
+    run.write_status(notes=[*run.read_status().get("notes", []), f"calibration: {decision.note}"])
+    return decision.knobs
+
+
 def _setup_or_stop(run: RunDir, knobs, stop: StopRequest):
     """`_setup`, or None after a stop asked for during the model's download (the run is then
     `stopped` at step 0, and `localtune resume` goes on downloading where it stopped)."""
@@ -475,6 +518,7 @@ def train(run: RunDir, stop: StopRequest) -> None:
     if setup is None:
         return
     setup, hardware, model_path, trust = setup
+    knobs = calibrate_run(run, knobs, hardware)
     rcfg, backend, device, tokenizer = setup.rcfg, setup.backend, setup.device, setup.tokenizer
     data = method.prepare(setup, knobs)
     info = RunInfo(run=run, device=device, backend=backend, hardware=hardware, precision=setup.precision.describe(),

@@ -123,7 +123,7 @@ TINY_RUN_KNOBS = dict(
     max_steps=6, save_steps=3, save_total_limit=2, logging_steps=1, eval_steps=3,
     per_device_train_batch_size=2, gradient_accumulation_steps=2, max_length=64,
     r=8, lora_alpha=16, lora_dropout=0.0, learning_rate=1e-2, warmup_steps=1, lr_scheduler_type="constant",
-    gradient_checkpointing=False, optim="adamw_torch", seed=1234,
+    gradient_checkpointing=False, optim="adamw_torch", seed=1234, calibrate=False,
 )
 """A short run at a high learning rate: the adapter moves the tiny model's logits by more than
 their own size, so a merge that drops it cannot pass for one that keeps it."""

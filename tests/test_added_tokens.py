@@ -100,7 +100,7 @@ def test_a_worker_trains_the_added_token_rows_and_the_run_exports_and_chats(tmp_
                             + "\n" for q, a in pairs * 4))
     knobs = dict(max_steps=4, save_steps=2, logging_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=1,
                  max_length=32, r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-2, warmup_steps=0,
-                 gradient_checkpointing=False, optim="adamw_torch", bf16=False)
+                 gradient_checkpointing=False, optim="adamw_torch", bf16=False, calibrate=False)
     plan = make_plan(_cpu_hardware(), resolve_model(str(folder)), profile="cpu", pinned=knobs)
     assert plan.estimate.trainable_token_params == 2 * 64 * 2
     run = create_run({"run": {"model": str(folder), "data": str(data)}, "knobs": plan.knobs.to_dict()},

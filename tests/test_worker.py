@@ -40,6 +40,7 @@ KNOBS = dict(
     r=8, lora_alpha=16, lora_dropout=0.05,  # dropout: resume must restore the RNG exactly
     learning_rate=1e-3, warmup_steps=1, lr_scheduler_type="cosine", gradient_checkpointing=False,
     optim="adamw_torch", seed=1234,
+    calibrate=False,  # measured once, by test_calibrate.py; the others would pay a second model load each
     bf16=False,  # float32: the back-off test's tolerance is a float32 one (the default, bf16 where the CPU has it, is
 )                # what the end-to-end demo run trains with)
 LOSS_TOL = 1e-4
