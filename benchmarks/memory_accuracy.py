@@ -40,7 +40,8 @@ The training loop (what localtune's worker does)
     target_modules))`; `model.train()`; the optimizer that `knobs.optim` names
     (torch AdamW, bitsandbytes AdamW8bit / PagedAdamW8bit / PagedAdamW32bit); random token
     batches of exactly micro-batch x max_length with labels = input_ids and an all-ones
-    attention mask; forward with the model's own loss, backward, step,
+    attention mask; forward through trl's fused LM head (`add_fused_lm_head`, as trl 1.16's
+    SFTTrainer does: no full logits) and its loss, backward, step,
     `zero_grad(set_to_none=True)`; 3 steps. `--autocast on` wraps the forward pass in
     `torch.autocast("cuda", bfloat16)` the way Trainer does with `bf16=True`; `--autocast both`
     runs every configuration both ways. Between configurations everything is freed (gc,
@@ -51,6 +52,8 @@ How to run
     python benchmarks/memory_accuracy.py --quick         # only the smallest configuration
     python benchmarks/memory_accuracy.py --out FILE.md   # also write the tables to FILE.md
     python benchmarks/memory_accuracy.py --dry-run       # no GPU: print the estimates only
+    python benchmarks/memory_accuracy.py --mode cpu      # this machine's CPU: the real worker's peak
+                                                         # RSS against the plan (memory_accuracy_cpu.py)
     python benchmarks/memory_accuracy.py --only qwen     # configurations whose name contains 'qwen'
 
     Needs torch with CUDA, transformers, peft and bitsandbytes (4-bit and 8-bit optimizer
@@ -454,6 +457,11 @@ def run_case(case: Case, source: ModelSource, device: str, steps: int) -> Result
             gradient_checkpointing_kwargs=gc_kwargs)
     elif knobs.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    # trl 1.16's SFTTrainer scores through its fused LM head (added before peft wraps the model):
+    # no full logits, which is what localtune.memory estimates
+    from trl.trainer.utils import add_fused_lm_head
+
+    add_fused_lm_head(model)
     lora = LoraConfig(r=knobs.r, lora_alpha=knobs.lora_alpha, lora_dropout=knobs.lora_dropout,
                       target_modules=peft_target_modules(knobs), bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
@@ -474,7 +482,8 @@ def run_case(case: Case, source: ModelSource, device: str, steps: int) -> Result
         ids = torch.randint(0, vocab, (knobs.per_device_train_batch_size, knobs.max_length), generator=gen).to(dev)
         ac = torch.autocast("cuda", dtype=torch.bfloat16) if case.autocast and cuda else contextlib.nullcontext()
         with ac:
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False)
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False,
+                        fused_lm_head=True)
         loss = out.loss
         del out
         loss.backward()
@@ -636,6 +645,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--mode" in argv and argv[argv.index("--mode") + 1:argv.index("--mode") + 2] == ["cpu"]:
+        # the CPU mode: the real worker on this machine's CPU against the plan (memory_accuracy_cpu.py)
+        i = argv.index("--mode")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from memory_accuracy_cpu import main as cpu_main
+
+        return cpu_main(argv[:i] + argv[i + 2:])
     args = parse_args(argv)
     cases = select_cases(args)
     if not cases:

@@ -31,7 +31,8 @@ accumulation grown, then a shorter max_length) until the measured figure, scaled
 under it, a larger micro-batch that would fit is named (and taken with `auto_batch`, the
 effective batch kept).
 
-Only the torch engine's sft runs calibrate so far; the others skip it and say so.
+Runs on the torch engine calibrate (sft, dpo and orpo: for a preference method the rows are
+pairs whose chosen and rejected sequences both reach max_length); MLX runs skip it and say so.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class Measurement:
     micro_batch: int
     max_length: int
     tokens: int
-    """Tokens per micro-batch measured."""
+    """Tokens per micro-batch measured (both sequences of a pair counted)."""
     parts: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,8 +85,6 @@ def supported(knobs) -> str | None:
     """None when a run with `knobs` can be calibrated; else why not, in words."""
     if knobs.engine != "torch":
         return "calibration measures the torch engine only so far"
-    if knobs.method != "sft":
-        return f"calibration measures sft runs only so far, not {knobs.method}"
     return None
 
 
@@ -163,6 +162,17 @@ def worst_case_rows(vocab: int, length: int, count: int, seed: int = 0):
     return Dataset.from_list(rows)
 
 
+def worst_case_pairs(length: int, count: int):
+    """`count` preference pairs whose chosen and rejected sequences both run past `length`
+    tokens (a short prompt, answers of `length` words: one token each in a BPE or
+    sentencepiece vocabulary), so trl cuts both to max_length: the estimate's worst case."""
+    from datasets import Dataset
+
+    prompt = " ".join(["Tell"] + ["me"] * max(1, length // 8)) + "."
+    return Dataset.from_list([{"prompt": prompt, "chosen": " yes" * length, "rejected": " no" * length}
+                              for _ in range(count)])
+
+
 def measure(run_path: Path) -> Measurement:
     """Load the run's model, build its trainer and take CALIBRATION_STEPS steps on worst-case
     rows (see the module docstring). Minutes at most; in this process."""
@@ -185,12 +195,17 @@ def measure(run_path: Path) -> Measurement:
     if setup.template.added_tokens:
         model.resize_token_embeddings(len(setup.tokenizer))
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    rows = worst_case_rows(len(setup.tokenizer), knobs.max_length,
-                           knobs.per_device_train_batch_size * CALIBRATION_STEPS, knobs.seed)
+    count = knobs.per_device_train_batch_size * CALIBRATION_STEPS
     method = get_method(knobs.method)
     with tempfile.TemporaryDirectory(prefix="localtune-calibrate-") as tmp:
         setup.partial = Path(tmp)  # the trainer's output_dir: never the run's checkpoints
-        data = SFTData(train=rows, eval=None, padding_free=method.padding_free(setup, knobs))
+        if knobs.method == "sft":
+            data = SFTData(train=worst_case_rows(len(setup.tokenizer), knobs.max_length, count, knobs.seed),
+                           eval=None, padding_free=method.padding_free(setup, knobs))
+        else:  # dpo, orpo: pairs of two sequences at max_length
+            from localtune.methods.dpo import PreferenceData
+
+            data = PreferenceData(train=worst_case_pairs(knobs.max_length, count), eval=None)
         cls, kwargs = method.trainer(setup, data, model, steps, [])
         trainer = cls(**kwargs)
         settle_trainable_weights(trainer.model)
@@ -203,7 +218,7 @@ def measure(run_path: Path) -> Measurement:
     return Measurement(peak_bytes=peak, how=f"{how}, + the optimizer's state", before_load_bytes=before,
                        weights_bytes=weights, optimizer_bytes=opt_bytes, seconds=round(time.monotonic() - t0, 1),
                        micro_batch=knobs.per_device_train_batch_size, max_length=knobs.max_length,
-                       tokens=knobs.per_device_train_batch_size * knobs.max_length,
+                       tokens=knobs.per_device_train_batch_size * knobs.max_length * (1 if knobs.method == "sft" else 2),
                        parts={"runtime": before, "weights": weights, "training": peak - before - weights})
 
 

@@ -306,6 +306,10 @@ class RunProgress:
     def _on_warning(self, e: dict[str, Any]) -> str:
         return self._note(f"warning: {e.get('message', '')}", "warning")
 
+    def _on_calibrated(self, e: dict[str, Any]) -> str:
+        level = "warning" if e.get("action") == "replanned" else "info"
+        return self._note(f"calibration: {e.get('note', '')}", level)
+
     def _on_oom_backoff(self, e: dict[str, Any]) -> str:
         self._step_times.clear()
         back_to = e.get("resume_from") or "the start"

@@ -94,6 +94,11 @@ def test_a_calibrated_run_trains_exactly_as_it_would_have_without(reference_run:
     assert cal["by_part"]["weights"]["measured"] == pytest.approx(cal["by_part"]["weights"]["estimate"], rel=0.01)
     assert cal["by_part"]["runtime"]["measured"] > 100 * 1024 ** 2  # Python + torch + transformers
     assert run.read_status()["notes"][0].startswith("calibration: measured ")
+    # what the dashboard's log and the headless view show for it
+    from localtune.progress import RunProgress
+
+    p = RunProgress()
+    assert p.apply(e) == f"calibration: {e['note']}" and p.log[-1][0] == "info"
 
 
 def test_a_measurement_over_the_budget_replans_before_step_1(tiny_chat_model_dir: Path, train_file: Path) -> None:
@@ -113,19 +118,37 @@ def test_a_measurement_over_the_budget_replans_before_step_1(tiny_chat_model_dir
         knobs = tomllib.load(f)["knobs"]
     assert (knobs["per_device_train_batch_size"], knobs["gradient_accumulation_steps"]) == (1, 4)
     assert [s["step"] for s in events_of(run, "step")] == list(range(1, MAX_STEPS + 1))
+    from localtune.progress import RunProgress
+
+    p = RunProgress()
+    p.apply(e)
+    assert p.log[-1] == ("warning", f"calibration: {e['note']}") and "over the" in e["note"]
 
 
-def test_calibrate_false_skips_it_and_other_methods_say_why(tiny_chat_model_dir: Path, tmp_path: Path) -> None:
+def test_calibrate_false_skips_it_and_mlx_says_why(tiny_chat_model_dir: Path, tmp_path: Path) -> None:
     from localtune.worker import calibrate_run
 
     run = make_run("not-calibrated", tiny_chat_model_dir, tmp_path / "x.jsonl")
     knobs = Knobs(**run.read_config()["knobs"])
     assert not knobs.calibrate and calibrate_run(run, knobs, None) == knobs
     assert "calibration" not in json.loads(run.plan_path.read_text()) and not events_of(run, "calibrated")
-    dpo = knobs.replace(calibrate=True, method="dpo")
-    assert calibrate_run(run, dpo, None) == dpo
+    mlx = knobs.replace(calibrate=True, engine="mlx")
+    assert calibrate_run(run, mlx, None) == mlx
     assert json.loads(run.plan_path.read_text())["calibration"] == {
-        "skipped": "calibration measures sft runs only so far, not dpo"}
+        "skipped": "calibration measures the torch engine only so far"}
+
+
+def test_a_dpo_run_calibrates_on_pairs_at_max_length(tiny_chat_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """A preference run measures pairs whose two sequences both reach max_length: twice the
+    tokens of an sft micro-batch, and more memory than the same knobs' sft measurement."""
+    from localtune.calibrate import run_measurement
+
+    monkeypatch.setenv("LOCALTUNE_HOME", str(tmp_path / "home"))
+    sft = make_run("cal-sft", tiny_chat_model_dir, tmp_path / "x.jsonl", max_length=256)
+    dpo = make_run("cal-dpo", tiny_chat_model_dir, tmp_path / "x.jsonl", max_length=256, method="dpo")
+    a, b = run_measurement(sft.path), run_measurement(dpo.path)
+    assert (a.tokens, b.tokens) == (2 * 256, 2 * 2 * 256)
+    assert b.peak_bytes > a.peak_bytes > a.weights_bytes > 0 and b.optimizer_bytes == a.optimizer_bytes > 0
 
 
 def test_plan_calibrate_measures_without_training(capsys, tiny_chat_model_dir: Path, tmp_path: Path,
