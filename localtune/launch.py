@@ -34,6 +34,7 @@ DEMO_RECIPE: dict[str, Any] = {
     "save_steps": 10,
     "eval_steps": 10,
     "logging_steps": 1,
+    "calibrate": False,  # 8 x 128 tokens: measured (benchmarks/README.md), far inside any budget
 }
 
 PREFERENCE_DEMO_RECIPE: dict[str, Any] = {
@@ -48,8 +49,10 @@ PREFERENCE_DEMO_RECIPE: dict[str, Any] = {
     "save_steps": 6,
     "eval_steps": 6,
     "logging_steps": 1,
+    "calibrate": False,  # short pairs, measured: far inside any budget
 }
-"""What `localtune train --method dpo` (or orpo) runs on the preference demo set (localtune.demo)."""
+"""What `localtune train --method dpo` (or orpo) runs on the preference demo set (localtune.demo).
+The demo recipes skip calibration: their memory is known and small, and it would add a minute."""
 
 SFT_THEN_DPO_DEMO_RECIPE: dict[str, Any] = {**PREFERENCE_DEMO_RECIPE, "rpo_alpha": 1.0}
 """What `--method dpo --from RUN` runs when RUN is the SFT demo (the pairs in its voice): the

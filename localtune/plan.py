@@ -159,6 +159,10 @@ def hypothetical_hardware(backend: str, budget_gb: float) -> Hardware:
                     cpu_cores=0, notes=[f"planning for a {backend} machine with {budget_gb:g} GB, not this one"])
 
 
+def _seconds(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.1f} s"
+
+
 def _gb(n: float) -> str:
     return f"{n / GiB:.2f} GB"
 
@@ -276,7 +280,7 @@ def make_plan(hardware: Hardware, model: ModelRef, *, profile: str | Profile | N
             change("activation_offloading", True,
                    f"{over}: trl's activation offloading keeps what the blocks save for the backward pass "
                    f"({_gb(moved)} per micro-batch) in the CPU's RAM, saving {_gb(current.total_bytes - after.total_bytes)}"
-                   f" on the GPU; every micro-batch moves it over PCIe and back (~{2 * moved / PCIE_BYTES_PER_S:.1f} s "
+                   f" on the GPU; every micro-batch moves it over PCIe and back (~{_seconds(2 * moved / PCIE_BYTES_PER_S)} "
                    f"at {PCIE_BYTES_PER_S / 1e9:.0f} GB/s, partly hidden behind compute)")
         elif free("max_length") and knobs.max_length > MIN_MAX_LENGTH:
             new_len = max(MIN_MAX_LENGTH, knobs.max_length // 2)
