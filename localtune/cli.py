@@ -471,12 +471,17 @@ def _download_bar() -> Iterator[Callable[[Any], None]]:
     tasks: dict[str, Any] = {}
 
     def report(p: Any) -> None:
+        if not tasks:  # started on the first report: nothing to fetch draws nothing (not even a blank line)
+            bar.start()
         if p.repo not in tasks:
             tasks[p.repo] = bar.add_task(p.repo, total=p.bytes_total)
         bar.update(tasks[p.repo], completed=p.bytes_done, total=p.bytes_total)
 
-    with bar:
+    try:
         yield report
+    finally:
+        if tasks:
+            bar.stop()
 
 
 def _fetch_hub_data(*sources: str) -> None:
