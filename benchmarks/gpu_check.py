@@ -343,7 +343,7 @@ def run_worker(run, name: str, deadline: float, *, echo_steps: bool = False) -> 
                     if e["kind"] == "step":
                         say(f"  [{name}] step {e['step']}/{e['max_steps']} loss {e['loss']:.4f} "
                             f"{e.get('tokens_per_s') or 0:,.0f} tokens/s")
-                    elif e["kind"] in ("started", "checkpoint", "sample", "oom_backoff", "warning", "failed"):
+                    elif e["kind"] in ("calibrated", "started", "checkpoint", "sample", "oom_backoff", "warning", "failed"):
                         say(f"  [{name}] {e['kind']}: " + ", ".join(
                             f"{k}={v!r:.100}" if isinstance(v, str) else f"{k}={v}"
                             for k, v in e.items() if k not in ("t", "kind")))
