@@ -79,7 +79,8 @@ def test_local_folder_gives_the_shape_from_its_config(tiny_llama_dir):
     assert Path(ref.location) == tiny_llama_dir.resolve()
     assert ref.shape == ModelShape(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=256,
-                                   tie_word_embeddings=False, attention_bias=False)
+                                   tie_word_embeddings=False, attention_bias=False,
+                                   context_length=2048)  # config.json's max_position_embeddings
 
 
 def test_gguf_file_gives_the_shape_from_its_metadata():
