@@ -428,6 +428,25 @@ def test_hub_dataset_downloads_its_train_files_then_loads(hub: StandInHub) -> No
 # ---------------------------------------------------------------- the worker and the views
 
 
+def hub_run(hub: StandInHub, tmp_path: Path, run_id: str):
+    """A run of the stand-in hub's TINY model on its dataset's rows (2 steps, as `localtune
+    train` writes it), and the worker's command line and environment for it."""
+    from localtune.models import resolve_model
+    from localtune.plan import make_plan
+    from localtune.runs import create_run
+    from tests.conftest import TINY_RUN_KNOBS
+    from tests.test_worker import _cpu_hardware
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(hub.repos[("dataset", DATASET)]["data/train-00000-of-00001.jsonl"].read_text(encoding="utf-8"))
+    plan = make_plan(_cpu_hardware(), resolve_model(TINY), profile="cpu", pinned={**TINY_RUN_KNOBS, "max_steps": 2})
+    run_dir = create_run({"run": {"model": TINY, "data": str(data)}, "knobs": plan.knobs.to_dict()},
+                         plan.to_dict(), run_id)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return run_dir, [sys.executable, "-m", "localtune.worker", str(run_dir.path)], env
+
+
 def test_worker_downloads_with_events_and_headless_shows_them(hub: StandInHub, tiny_chat_model_dir: Path,
                                                               tmp_path: Path) -> None:
     """A run of a hub model: the worker downloads it before training, writing `download` events
@@ -435,25 +454,13 @@ def test_worker_downloads_with_events_and_headless_shows_them(hub: StandInHub, t
     the headless view prints the download's lines."""
     from localtune.events import EVENT_FIELDS, read_events
     from localtune.headless import follow, live_view
-    from localtune.models import resolve_model
-    from localtune.plan import make_plan
     from localtune.progress import RunProgress
-    from localtune.runs import create_run
-    from tests.conftest import TINY_RUN_KNOBS
-    from tests.test_worker import _cpu_hardware
 
     hub.repos[("model", TINY)] = {p.name: p for p in tiny_chat_model_dir.iterdir() if p.is_file()}
     hub.bytes_per_s = 6e6  # ~2.5 s for the tiny model's 13 MB: more than one progress event
-    data = tmp_path / "train.jsonl"
-    data.write_text(hub.repos[("dataset", DATASET)]["data/train-00000-of-00001.jsonl"].read_text(encoding="utf-8"))
-    plan = make_plan(_cpu_hardware(), resolve_model(TINY), profile="cpu", pinned={**TINY_RUN_KNOBS, "max_steps": 2})
-    run_dir = create_run({"run": {"model": TINY, "data": str(data)}, "knobs": plan.knobs.to_dict()},
-                         plan.to_dict(), "hub-run")
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run_dir, cmd, env = hub_run(hub, tmp_path, "hub-run")
     with open(run_dir.log_path, "ab") as log:
-        rc = subprocess.run([sys.executable, "-m", "localtune.worker", str(run_dir.path)], stdout=log,
-                            stderr=subprocess.STDOUT, env=env, timeout=300).returncode
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=300).returncode
     assert rc == 0, run_dir.log_path.read_text()[-3000:]
     events = read_events(run_dir.events_path)
     downloads = [e for e in events if e["kind"] == "download"]
@@ -496,11 +503,6 @@ def test_stop_while_downloading_keeps_the_partial_file_and_resume_finishes(hub: 
     import time
 
     from localtune.events import read_events
-    from localtune.models import resolve_model
-    from localtune.plan import make_plan
-    from localtune.runs import create_run
-    from tests.conftest import TINY_RUN_KNOBS
-    from tests.test_worker import _cpu_hardware
 
     # huggingface_hub writes 10 MiB at a time and a stop is seen at a progress report: a model of
     # ~50 MB (hidden 256, the real tokenizer) at 20 MB/s gives a stop time to land half-way
@@ -523,14 +525,7 @@ def test_stop_while_downloading_keeps_the_partial_file_and_resume_finishes(hub: 
         LlamaForCausalLM(config).save_pretrained(wide, safe_serialization=True)
     hub.repos[("model", TINY)] = {p.name: p for p in wide.iterdir() if p.is_file()}
     hub.bytes_per_s = 20e6
-    data = tmp_path / "train.jsonl"
-    data.write_text(hub.repos[("dataset", DATASET)]["data/train-00000-of-00001.jsonl"].read_text(encoding="utf-8"))
-    plan = make_plan(_cpu_hardware(), resolve_model(TINY), profile="cpu", pinned={**TINY_RUN_KNOBS, "max_steps": 2})
-    run_dir = create_run({"run": {"model": TINY, "data": str(data)}, "knobs": plan.knobs.to_dict()},
-                         plan.to_dict(), "hub-stop")
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [sys.executable, "-m", "localtune.worker", str(run_dir.path)]
+    run_dir, cmd, env = hub_run(hub, tmp_path, "hub-stop")
     with open(run_dir.log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 120

@@ -184,6 +184,13 @@ def test_a_plan_over_the_budget_turns_red_and_start_refuses(monkeypatch) -> None
     drive(test, hw=small_gpu())
 
 
+def mac_32gb() -> Hardware:
+    return Hardware(backend="mps", devices=[Device(name="Apple M2 Pro", total_bytes=32 * GiB, free_bytes=21 * GiB,
+                                                   recommended_max_bytes=21 * GiB)],
+                    ram_total_bytes=32 * GiB, ram_available_bytes=20 * GiB, cpu_cores=10, chip="Apple M2 Pro",
+                    macos_version="14.5")
+
+
 def test_on_a_mac_4bit_is_offered_by_mlx_not_by_bitsandbytes(monkeypatch) -> None:
     """A Mac trains on MLX (the Apple profiles' engine), which quantises to 4 bits itself: the
     switch is offered and turns 4-bit on. With engine torch (bitsandbytes does not run on
@@ -209,18 +216,7 @@ def test_on_a_mac_4bit_is_offered_by_mlx_not_by_bitsandbytes(monkeypatch) -> Non
         assert screen.plan.knobs.engine == "torch" and not screen.plan.knobs.load_in_4bit
         assert box.disabled and box.value is False and "does not run on mps" in str(box.tooltip)
 
-    mac = Hardware(backend="mps", devices=[Device(name="Apple M2 Pro", total_bytes=32 * GiB, free_bytes=21 * GiB,
-                                                  recommended_max_bytes=21 * GiB)],
-                   ram_total_bytes=32 * GiB, ram_available_bytes=20 * GiB, cpu_cores=10, chip="Apple M2 Pro",
-                   macos_version="14.5")
-    drive(test, hw=mac)
-
-
-def mac_32gb() -> Hardware:
-    return Hardware(backend="mps", devices=[Device(name="Apple M2 Pro", total_bytes=32 * GiB, free_bytes=21 * GiB,
-                                                   recommended_max_bytes=21 * GiB)],
-                    ram_total_bytes=32 * GiB, ram_available_bytes=20 * GiB, cpu_cores=10, chip="Apple M2 Pro",
-                    macos_version="14.5")
+    drive(test, hw=mac_32gb())
 
 
 def test_on_a_mac_the_engine_is_picked_on_the_screen(monkeypatch) -> None:
