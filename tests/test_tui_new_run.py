@@ -184,6 +184,15 @@ def test_a_plan_over_the_budget_turns_red_and_start_refuses(monkeypatch) -> None
     drive(test, hw=small_gpu())
 
 
+async def planned(app, pilot):
+    """The New run screen once its first plan is made (the model resolves in a thread)."""
+    for _ in range(100):
+        await settle_all(pilot)
+        if app.screen.plan is not None:
+            break
+    return app.screen
+
+
 def mac_32gb() -> Hardware:
     return Hardware(backend="mps", devices=[Device(name="Apple M2 Pro", total_bytes=32 * GiB, free_bytes=21 * GiB,
                                                    recommended_max_bytes=21 * GiB)],
@@ -196,11 +205,7 @@ def test_on_a_mac_4bit_is_offered_by_mlx_not_by_bitsandbytes(monkeypatch) -> Non
     switch is offered and turns 4-bit on. With engine torch (bitsandbytes does not run on
     Apple's GPU) it is off and cannot be turned on."""
     async def test(app, pilot) -> None:
-        screen = app.screen
-        for _ in range(100):
-            await settle_all(pilot)
-            if screen.plan is not None:
-                break
+        screen = await planned(app, pilot)
         box = screen.query_one("#knob-4bit")
         assert screen.plan.knobs.engine == "mlx" and screen.plan.profile.name == "mps-32gb"
         assert not box.disabled and box.value is False
@@ -226,11 +231,7 @@ def test_on_a_mac_the_engine_is_picked_on_the_screen(monkeypatch) -> None:
     from localtune import engines
 
     async def test(app, pilot) -> None:
-        screen = app.screen
-        for _ in range(100):
-            await settle_all(pilot)
-            if screen.plan is not None:
-                break
+        screen = await planned(app, pilot)
         engine = screen.query_one("#knob-engine")
         assert engine.display and engine.value == "mlx" and screen.plan.knobs.engine == "mlx"
         await pilot.click("#knob-4bit")
