@@ -29,7 +29,8 @@ and the rest of the peak (against adapter + activations + logits + fragmentation
 over the budget, the knobs step down (the back-off's rule: a smaller micro-batch with the
 accumulation grown, then a shorter max_length) until the measured figure, scaled, fits; far
 under it, a larger micro-batch that would fit is named (and taken with `auto_batch`, the
-effective batch kept).
+effective batch kept). A measured step that itself runs out of memory is a measurement too:
+the worker backs the knobs off by the same rule and measures again, instead of failing the run.
 
 Runs on the torch engine calibrate (sft, dpo and orpo: for a preference method the rows are
 pairs whose chosen and rejected sequences both reach max_length); MLX runs skip it and say so.
@@ -52,6 +53,9 @@ CALIBRATION_STEPS = 1
 gradients) comes before AdamW allocates its state, which every later step holds through its
 own peak: the state's bytes, counted from the optimizer, are added to the measured peak.
 (Two steps would measure it directly, at twice the time.)"""
+FAULT_OOM_ENV = "LOCALTUNE_FAULT_CALIBRATION_OOM_OVER"
+"""Test-only: with N here, calibration runs out of memory (torch's error, injected) at every
+micro-batch above N, as a card too small for the plan would."""
 FAR_UNDER = 0.6
 """Measured below this share of the budget: say what larger micro-batch would fit."""
 
@@ -76,6 +80,8 @@ class Measurement:
     tokens: int
     """Tokens per micro-batch measured (both sequences of a pair counted)."""
     parts: dict[str, int] = field(default_factory=dict)
+    out_of_memory: bool = False
+    """The step ran out of memory: the peak is unknown, only that it is over what the device has."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -209,17 +215,32 @@ def measure(run_path: Path) -> Measurement:
         cls, kwargs = method.trainer(setup, data, model, steps, [])
         trainer = cls(**kwargs)
         settle_trainable_weights(trainer.model)
-        trainer.train()
+        oom, opt_bytes = False, 0
+        try:
+            fault = os.environ.get(FAULT_OOM_ENV)
+            if fault and knobs.per_device_train_batch_size > int(fault):
+                import torch
+
+                raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {FAULT_OOM_ENV})")
+            trainer.train()
+        except Exception as e:  # noqa: BLE001 - out of memory is a measurement; the rest goes on up
+            from localtune.worker import _is_oom
+
+            if not _is_oom(e):
+                raise
+            oom = True
         meter.now()
-        state = [t for s in trainer.optimizer.state.values() for t in s.values() if hasattr(t, "element_size")]
-        opt_bytes = sum(t.numel() * t.element_size() for t in state)
+        if not oom:
+            state = [t for s in trainer.optimizer.state.values() for t in s.values() if hasattr(t, "element_size")]
+            opt_bytes = sum(t.numel() * t.element_size() for t in state)
     peak, how = meter.peak()
     peak += opt_bytes
     return Measurement(peak_bytes=peak, how=f"{how}, + the optimizer's state", before_load_bytes=before,
                        weights_bytes=weights, optimizer_bytes=opt_bytes, seconds=round(time.monotonic() - t0, 1),
                        micro_batch=knobs.per_device_train_batch_size, max_length=knobs.max_length,
                        tokens=knobs.per_device_train_batch_size * knobs.max_length * (1 if knobs.method == "sft" else 2),
-                       parts={"runtime": before, "weights": weights, "training": peak - before - weights})
+                       parts={"runtime": before, "weights": weights, "training": peak - before - weights},
+                       out_of_memory=oom)
 
 
 def run_measurement(run_path: Path, env: dict[str, str] | None = None, timeout: float | None = None) -> Measurement:

@@ -467,15 +467,29 @@ def calibrate_run(run: RunDir, knobs, hardware):
     print(f"localtune worker: calibrating: {cal.CALIBRATION_STEPS} step of micro-batch "
           f"{knobs.per_device_train_batch_size} x {knobs.max_length} tokens in a separate process",
           file=sys.stderr, flush=True)
-    m = cal.run_measurement(run.path)
-    budget, estimate_bytes = int(plan["budget_bytes"]), int(plan["estimate"]["total_bytes"])
-    decision = cal.decide(m, knobs, shape_from_dict(plan["model"]["shape"]), DeviceFacts.from_hardware(hardware),
-                          budget, estimate_bytes, auto_batch=knobs.auto_batch,
-                          reference_adapter=bool(plan.get("reference_adapter")))
+    m, measured, failed = cal.run_measurement(run.path), knobs, []
+    while m.out_of_memory:  # the step itself did not fit: back off as training would, and measure again
+        failed.append(f"{measured.per_device_train_batch_size} x {measured.max_length}")
+        measured = _backoff_knobs(measured)  # UserError when nothing is left to shrink
+        _write_knobs(run, measured)  # the measuring process reads config.toml
+        m = cal.run_measurement(run.path)
+    shape, facts = shape_from_dict(plan["model"]["shape"]), DeviceFacts.from_hardware(hardware)
+    reference = bool(plan.get("reference_adapter"))
+    estimate = plan["estimate"]
+    if failed:
+        from localtune.memory import estimate as estimate_of
+
+        estimate = estimate_of(shape, measured, facts, reference_adapter=reference).to_dict()
+    budget, estimate_bytes = int(plan["budget_bytes"]), int(estimate["total_bytes"])
+    decision = cal.decide(m, measured, shape, facts, budget, estimate_bytes, auto_batch=knobs.auto_batch,
+                          reference_adapter=reference)
+    if failed:
+        decision.action = "replanned"
+        decision.note = (f"out of memory at micro-batch x tokens {', '.join(failed)}, then {decision.note}")
     changed = {k: v for k, v in decision.knobs.to_dict().items() if knobs.to_dict()[k] != v}
-    if changed:
+    if changed or failed:
         _write_knobs(run, decision.knobs)
-    plan["calibration"] = cal.record(m, decision, plan["estimate"], budget, changed)
+    plan["calibration"] = cal.record(m, decision, estimate, budget, changed)
     atomic_write_json(run.plan_path, plan)
     append_event(run.events_path, "calibrated", estimate_bytes=estimate_bytes, measured_bytes=m.peak_bytes,
                  budget_bytes=budget, how=m.how, micro_batch=m.micro_batch, max_length=m.max_length,

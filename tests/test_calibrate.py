@@ -125,6 +125,28 @@ def test_a_measurement_over_the_budget_replans_before_step_1(tiny_chat_model_dir
     assert p.log[-1] == ("warning", f"calibration: {e['note']}") and "over the" in e["note"]
 
 
+def test_a_step_that_runs_out_of_memory_while_calibrating_backs_off_and_measures_again(
+        tiny_chat_model_dir: Path, train_file: Path) -> None:
+    """The measured step itself does not fit (out of memory injected above a micro-batch of 1,
+    as on a card too small for the plan): no failed run; the knobs back off as training's
+    back-off would (2 x 2 -> 1 x 4), the smaller step is measured, and the run trains with it."""
+    from localtune.calibrate import FAULT_OOM_ENV
+    from tests.test_worker import start_worker, wait_worker
+
+    run = make_run("calibration-oom", tiny_chat_model_dir, train_file, calibrate=True)
+    proc = start_worker(run, **{FAULT_OOM_ENV: "1"})
+    assert wait_worker(proc, run) == 0, log_tail(run)
+    assert run.read_status()["state"] == "completed", log_tail(run)
+    (e,) = events_of(run, "calibrated")
+    assert e["action"] == "replanned" and e["micro_batch"] == 1
+    assert e["knobs"] == {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 4}
+    assert e["note"].startswith("out of memory at micro-batch x tokens 2 x 64, then measured ")
+    with run.config_path.open("rb") as f:
+        knobs = tomllib.load(f)["knobs"]
+    assert (knobs["per_device_train_batch_size"], knobs["gradient_accumulation_steps"]) == (1, 4)
+    assert not events_of(run, "failed") and not events_of(run, "oom_backoff")
+
+
 def test_calibrate_false_skips_it_and_mlx_says_why(tiny_chat_model_dir: Path, tmp_path: Path) -> None:
     from localtune.worker import calibrate_run
 
