@@ -12,8 +12,9 @@ What it measures
     launcher gives it (MALLOC_MMAP_THRESHOLD_ = 4 MB). The measured peak is the worker's peak
     resident size (`getrusage(RUSAGE_CHILDREN).ru_maxrss` of a wrapper that runs only the
     worker): everything the process held, model load included. Next to it: the plan's
-    estimate (`total_bytes`: tensors + the CPU's 1 GiB runtime overhead + 5% fragmentation) and
-    the error (estimate / measured - 1; negative: the estimate is too low, the dangerous side).
+    estimate (`total_bytes`: tensors + the CPU's runtime overhead, 0.75 GiB, and in 4 bits the
+    float32 checkpoint + 5% fragmentation) and the error (estimate / measured - 1; negative:
+    the estimate is too low, the dangerous side).
 
     Rows whose estimate exceeds what this machine can hold are left out and listed.
 

@@ -108,7 +108,9 @@ preference methods (`method` dpo or orpo)
 overhead
     What the framework costs beyond the tensors: the CUDA context and cuBLAS workspaces
     (~0.5 GiB, not counted by `torch.cuda.max_memory_allocated`), ~0.25 GiB for Metal,
-    ~1 GiB of process memory for Python + torch + transformers on the CPU.
+    0.75 GiB of process memory for Python + torch + transformers on the CPU (measured:
+    OVERHEAD_BYTES). On the CPU a 4-bit model also keeps the full-precision checkpoint that
+    bitsandbytes quantised from (cpu_4bit_load_bytes), counted here.
 fragmentation
     The caching allocator rarely packs the tensors that come and go each step perfectly: 10%
     of the adapter, activation and logits parts on CUDA, 5% on Apple and the CPU. The weights
@@ -147,7 +149,12 @@ DQ_BLOCK = 256
 NF4_CODE_BYTES = 16 * 4
 """Each 4-bit weight's own code book: its 16 float32 values (bitsandbytes QuantState.code)."""
 
-OVERHEAD_BYTES = {"cuda": int(0.5 * GiB), "mps": int(0.25 * GiB), "cpu": int(1.0 * GiB)}
+OVERHEAD_BYTES = {"cuda": int(0.5 * GiB), "mps": int(0.25 * GiB), "cpu": int(0.75 * GiB)}
+"""What the process holds besides the tensors. CUDA: the context and cuBLAS workspaces (not yet
+measured here). The CPU: the interpreter with torch, transformers, peft and trl imported
+(calibration's `runtime`, 0.55-0.76 GB on this project's machine) plus what glibc's heap keeps
+of the step's small tensors (the rows of benchmarks/memory_accuracy_cpu.py whose micro-batches
+hold 1024 tokens or fewer: 0.7-1.1 GB above their tensors; the longer ones 0.6-0.7 GB)."""
 FRAGMENTATION_FRAC = {"cuda": 0.10, "mps": 0.05, "cpu": 0.05}
 
 # bytes per token per block: (h, q, kv, i) coefficients, and the extra with LoRA dropout
@@ -353,6 +360,19 @@ def fused_head_bytes(n: int, shape: ModelShape, backend: str, c: int, weights_by
     return forward, backward
 
 
+def cpu_4bit_load_bytes(full_precision_bytes: int, training_bytes: int) -> int:
+    """What loading a model in 4 bits on the CPU adds to the peak resident size, counted in the
+    overhead part. bitsandbytes quantises each weight after transformers has read the
+    checkpoint in full precision: the checkpoint's pages stay mapped through training (the
+    4-bit rows of benchmarks/memory_accuracy_cpu.py are 0.4-0.7 GB above the 16-bit rows' share
+    of what is not the tensors, for 0.54 GB of float32 weights), and while loading, the full-
+    precision copy is there too (a run of few tokens peaks there: 1.86 GB for 128 tokens of the
+    built-in model, 0.43 GB of tensors in training). So: the full-precision bytes once, or twice
+    less the training's own tensors when loading is the higher peak. (On a GPU the
+    checkpoint is in the host's memory, not the card's.)"""
+    return max(full_precision_bytes, 2 * full_precision_bytes - training_bytes)
+
+
 def reference_block_bytes_per_token(shape: ModelShape, a: int, max_length: int, adapter: bool) -> int:
     """Peak bytes per token of one decoder block run under no_grad (the reference forward):
     the larger of the MLP's working set (the embeddings, the block's input, the residual, the
@@ -467,14 +487,18 @@ def estimate(shape: ModelShape, knobs: Knobs, device: str | DeviceFacts, *,
         details.update(fused_head_forward_bytes=fused_fwd, fused_head_backward_bytes=fused_bwd,
                        fused_head_saved_bytes=saved_hidden)
     transient = adapter + activations + logits + reference
+    fragmentation = int(transient * FRAGMENTATION_FRAC[backend])
+    cpu_4bit_load = 0
+    if backend == "cpu" and knobs.load_in_4bit and knobs.engine != "mlx":
+        cpu_4bit_load = cpu_4bit_load_bytes(base_params * precision.weights_bytes, transient + fragmentation)
     return MemoryEstimate(
         weights_bytes=w_bytes,
         adapter_bytes=adapter,
         activations_bytes=activations,
         logits_bytes=logits,
         reference_bytes=reference,
-        overhead_bytes=OVERHEAD_BYTES[backend],
-        fragmentation_bytes=int(transient * FRAGMENTATION_FRAC[backend]),
+        overhead_bytes=OVERHEAD_BYTES[backend] + cpu_4bit_load,
+        fragmentation_bytes=fragmentation,
         lora_params=lora,
         trainable_token_params=tokens_trained,
         base_params=base_params,
@@ -487,5 +511,5 @@ def estimate(shape: ModelShape, knobs: Knobs, device: str | DeviceFacts, *,
                  "dequant_buffer_bytes": dequant_buffer,
                  "offloaded_activation_bytes": offloaded,
                  "padding_mask_bytes_per_token": padding_mask,
-                 "kbit_upcast_bytes": kbit_upcast, **details},
+                 "kbit_upcast_bytes": kbit_upcast, "cpu_4bit_load_bytes": cpu_4bit_load, **details},
     )

@@ -44,7 +44,7 @@ def test_offloading_moves_what_the_blocks_keep_to_the_cpu(checkpointing):
 
 
 def test_the_planner_offloads_on_cuda_before_it_shortens_sequences(tmp_path):
-    plan = make_plan(hypothetical_hardware("cuda", 16), model_dir(tmp_path, LLAMA_8B),
+    plan = make_plan(hypothetical_hardware("cuda", 20), model_dir(tmp_path, LLAMA_8B),
                      pinned={"max_length": 16384, "per_device_train_batch_size": 1})
     steps = [a for a in plan.adjustments if not a.reason.startswith("follows")]
     assert [a.knob for a in steps][0] == "activation_offloading" and plan.knobs.activation_offloading

@@ -218,7 +218,7 @@ def test_plan_max_context_prints_the_longest_context_and_what_bounds_it(capsys, 
     rc, out, _ = run(capsys, "plan", "--model", str(llama8b), "--budget", "24", "--backend", "cuda", "--max-context")
     assert rc == 0
     line = [x for x in out.splitlines() if x.startswith("Longest context")]
-    assert len(line) == 1 and " tokens (the 22.80 GB budget: the estimate is " in line[0]
+    assert len(line) == 1 and " tokens (the 21.60 GB budget: the estimate is " in line[0]
     rc, out, _ = run(capsys, "plan", "--model", str(llama8b), "--budget", "24", "--backend", "cuda", "--max-context",
                      "--json")
     fit = json.loads(out)["max_context"]

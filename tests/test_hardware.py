@@ -12,6 +12,7 @@ import pytest
 
 from localtune import hardware
 from localtune.hardware import GiB, describe, probe, sample_devices
+from localtune.plan import HEADROOM_FRAC
 from tests.fakes import (RTX_3060, RTX_4090, RTX_A6000, FakeGPU, FakeMig, MiB, cuda_bus_id, fake_nvml,
                          install_gpus)
 
@@ -289,7 +290,7 @@ def test_a_mig_slice_is_budgeted_with_its_own_memory_not_its_cards(use, tmp_path
                                           '"num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 256}')
     plan = make_plan(hw, resolve_model(str(tmp_path)))
     assert plan.profile.name == "cuda-48gb"
-    assert plan.budget_bytes == (40192 - 512 - 300) * MiB - int(40192 * MiB * 0.05)
+    assert plan.budget_bytes == (40192 - 512 - 300) * MiB - int(40192 * MiB * HEADROOM_FRAC)
     # live readings: the slice's memory, the card's temperature and power, no per-slice utilisation
     live = sample_devices(hw)[1]
     assert live.free_bytes == (40192 - 30000 - 300) * MiB and live.temperature_c == 52.0 and live.power_w == 180.0

@@ -355,3 +355,28 @@ def test_activation_estimate_with_dropout_is_larger():
     k = Knobs(lora_dropout=0.0, gradient_checkpointing=False)
     assert (estimate(LLAMA_31_8B, k.replace(lora_dropout=0.05), "cuda").activations_bytes
             > estimate(LLAMA_31_8B, k, "cuda").activations_bytes)
+
+
+def test_the_headroom_covers_the_worst_shortfall_measured_on_this_cpu():
+    """The planner keeps free what the estimate has been measured to be short by: the rows of
+    benchmarks/memory_accuracy_cpu.json (the real worker's peak resident size on this machine,
+    the built-in model, 19 configurations) scored against today's estimate, as
+    `memory_accuracy_cpu.py --rescore` does."""
+    import sys
+
+    from localtune.plan import ESTIMATE_WORST_UNDER, HEADROOM_FRAC
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        import memory_accuracy_cpu
+    finally:
+        sys.path.remove(str(bench))
+    rows = memory_accuracy_cpu.rescore(json.loads((bench / "memory_accuracy_cpu.json").read_text(encoding="utf-8")))
+    worst = min(r["error"] for r in rows)
+    assert worst < 0  # some row is under its measured peak: the headroom has something to cover
+    assert ESTIMATE_WORST_UNDER == pytest.approx(-worst, abs=0.0005), "plan.ESTIMATE_WORST_UNDER is out of date"
+    assert HEADROOM_FRAC >= -worst
+    # where the CPU's terms stand: the 4-bit rows carry the float32 checkpoint the loader read
+    four_bit = [r for r in rows if r["four_bit"]]
+    assert all(r["parts"]["overhead"] >= 0.75 * GiB + 135e6 * 4 * 0.99 for r in four_bit)
