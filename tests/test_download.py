@@ -425,6 +425,46 @@ def test_hub_dataset_downloads_its_train_files_then_loads(hub: StandInHub) -> No
     assert hub.gets("train-00000-of-00001.jsonl") == 1 and hub.gets("test-00000-of-00001.jsonl") == 0
 
 
+def test_the_new_run_screen_shows_a_hub_datasets_download(hub: StandInHub) -> None:
+    """Typed into the New run screen's data field, a hub dataset's files come in with a progress
+    line in place of the data summary (held half-way by the stand-in to read it), then its rows
+    are checked as a file's are."""
+    import asyncio
+
+    from tests.test_tui_new_run import drive, settle_all, shown
+
+    # huggingface_hub writes what it receives CHUNK bytes at a time: a file of more than one
+    # chunk (the 30 rows over and over), held after the first, shows a share of it
+    name, big = "data/train-00000-of-00001.jsonl", "stand-in/big-data"
+    rows = hub.repos[("dataset", DATASET)][name].read_text(encoding="utf-8")
+    copies = CHUNK * 6 // 5 // len(rows.encode()) + 1
+    path = hub.repos[("dataset", DATASET)][name].parent / "big-train.jsonl"
+    path.write_text(rows * copies, encoding="utf-8")
+    hub.repos[("dataset", big)] = {name: path}
+    size = path.stat().st_size
+    hub.stall_after[name] = CHUNK
+
+    async def test(app, pilot) -> None:
+        field = app.screen.query_one("#data-input")
+        field.focus()
+        field.value = big
+        await pilot.press("enter")
+        assert await asyncio.to_thread(hub.stalled.wait, 30), "the download never reached the stall"
+        for _ in range(100):
+            await pilot.pause(0.05)
+            if shown(app, "#data-summary").startswith("downloading"):
+                break
+        line = shown(app, "#data-summary")
+        assert line.startswith(f"downloading {big}") and f"{100 * CHUNK / size:3.0f}%" in line, line
+        assert "train-00000-of-00001.jsonl" in line
+        hub.release.set()
+        await settle_all(pilot)
+        assert f"Rows {30 * copies}: {30 * copies} valid" in shown(app, "#data-summary")
+        assert hub.ranges(name) == [f"bytes={CHUNK}-"]  # the rest, not the whole file again
+
+    drive(test)
+
+
 # ---------------------------------------------------------------- the worker and the views
 
 

@@ -35,7 +35,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Checkbox, DirectoryTree, Footer, Header, Input, Label, Select, Static
 
 from localtune.data import (CONVERSATION, DEMO, FILE_SUFFIXES, LoadedData, PreferenceExample, chat_template_for,
-                            load_data, pair_texts, render, tokenize_pairs)
+                            fetch_hub_dataset, load_data, pair_texts, render, tokenize_pairs)
 from localtune.engines import require_engine
 from localtune.errors import UserError
 from localtune.knobs import KNOB_FIELDS, METHOD_ONLY_KNOBS, METHODS
@@ -45,7 +45,7 @@ from localtune.launch import (DEMO_RECIPE, LORA_KNOBS, PREFERENCE_DEMO_RECIPE, S
 from localtune.models import BUILTIN_NAME, ModelRef, builtin_model_dir, load_tokenizer, resolve_model
 from localtune.plan import Plan, make_plan, max_context
 from localtune.profiles import BITSANDBYTES_BACKENDS
-from localtune.progress import PREFERENCE_METHODS
+from localtune.progress import PREFERENCE_METHODS, download_line
 from localtune.runs import RunDir
 from localtune.tui.fmt import gb
 from localtune.tui.widgets import EstimateBar, Toggle
@@ -85,6 +85,15 @@ class DataLoaded(Message):
     def __init__(self, source: str, loaded: LoadedData | None, error: str | None) -> None:
         super().__init__()
         self.source, self.loaded, self.error = source, loaded, error
+
+
+class DataDownload(Message):
+    """A hub dataset's files coming in (localtune.download's report, as a `download` event's
+    fields) while `source` is being checked."""
+
+    def __init__(self, source: str, event: dict[str, Any]) -> None:
+        super().__init__()
+        self.source, self.event = source, event
 
 
 class ExampleRendered(Message):
@@ -433,11 +442,17 @@ class NewRunScreen(Screen):
     @work(thread=True, group="data", exit_on_error=False)
     def _load_thread(self, source: str, method: str = "sft") -> None:
         try:
+            # a hub dataset's files first, its progress on the screen as they come in
+            fetch_hub_dataset(source, lambda p: self.post_message(DataDownload(source, p.to_event())))
             self.post_message(DataLoaded(source, load_data(source, skip_bad_rows=True, method=method), None))
         except UserError as e:
             self.post_message(DataLoaded(source, None, str(e)))
         except Exception as e:  # whatever a broken file does to a reader, the screen stays up
             self.post_message(DataLoaded(source, None, f"{source}: cannot read it ({type(e).__name__}: {e})"))
+
+    def on_data_download(self, message: DataDownload) -> None:
+        if message.source == self._data_source and self.data is None and self.data_error is None:
+            self.show("#data-summary", Text(download_line(message.event), "dim"))
 
     def on_data_loaded(self, message: DataLoaded) -> None:
         if message.source != self._data_source:
