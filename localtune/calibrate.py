@@ -33,7 +33,10 @@ effective batch kept). A measured step that itself runs out of memory is a measu
 the worker backs the knobs off by the same rule and measures again, instead of failing the run.
 
 Runs on the torch engine calibrate (sft, dpo and orpo: for a preference method the rows are
-pairs whose chosen and rejected sequences both reach max_length); MLX runs skip it and say so.
+pairs whose chosen and rejected sequences both reach max_length), and so do MLX runs (sft):
+there the peak is the process's memory before loading plus MLX's own peak
+(`mx.get_peak_memory`, which counts every array MLX allocated: on a Mac, in the unified memory
+the Metal GPU uses; with `mlx[cpu]`, on the CPU).
 """
 
 from __future__ import annotations
@@ -88,9 +91,10 @@ class Measurement:
 
 
 def supported(knobs) -> str | None:
-    """None when a run with `knobs` can be calibrated; else why not, in words."""
-    if knobs.engine != "torch":
-        return "calibration measures the torch engine only so far"
+    """None when a run with `knobs` can be calibrated; else why not, in words. (Both engines
+    measure: torch for sft, dpo and orpo, MLX for sft, the one method it trains.)"""
+    if knobs.engine not in ("torch", "mlx"):
+        return f"calibration does not know the {knobs.engine} engine"
     return None
 
 
@@ -195,6 +199,8 @@ def measure(run_path: Path) -> Measurement:
     steps = knobs.replace(max_steps=CALIBRATION_STEPS, gradient_accumulation_steps=1, save_steps=10**9,
                           eval_steps=10**9, logging_steps=10**9, warmup_steps=0)
     setup, _, model_path, trust = _setup(run, knobs)
+    if knobs.engine == "mlx":
+        return _measure_mlx(setup, knobs, model_path, t0)
     meter = _Meter(setup.backend, setup.device)
     before = meter.now()
     model = load_base_model(model_path, knobs, setup.precision, setup.device, trust)
@@ -239,6 +245,61 @@ def measure(run_path: Path) -> Measurement:
                        weights_bytes=weights, optimizer_bytes=opt_bytes, seconds=round(time.monotonic() - t0, 1),
                        micro_batch=knobs.per_device_train_batch_size, max_length=knobs.max_length,
                        tokens=knobs.per_device_train_batch_size * knobs.max_length * (1 if knobs.method == "sft" else 2),
+                       parts={"runtime": before, "weights": weights, "training": peak - before - weights},
+                       out_of_memory=oom)
+
+
+def _measure_mlx(setup, knobs, model_path, t0: float) -> Measurement:
+    """measure() for an MLX run: the base loaded as train_mlx loads it (4-bit with MLX where the
+    plan says so), LoRA put on it, CALIBRATION_STEPS AdamW step(s) of one micro-batch of rows of
+    exactly max_length random ids. The peak is what the process held before loading (its
+    resident size) plus MLX's own peak (`mx.get_peak_memory`: every array MLX allocated, the
+    optimizer's state included, on Apple's GPU or, with mlx[cpu], the CPU)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+
+    from localtune.engines.mlx_lora import (add_lora, add_token_rows, checkpoint_weight_names, load_base,
+                                            model_folder, seeded_blocks)
+    from localtune.engines.mlx_sft import _batch, _device_name, is_mlx_oom, loss_sum
+
+    before = _rss()
+    mx.reset_peak_memory()
+    dtype = mx.bfloat16 if knobs.bf16 and _device_name() == "mlx:gpu" else mx.float32
+    folder = model_folder(model_path)
+    model = load_base(folder, knobs, dtype)
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    names = checkpoint_weight_names(folder)
+    add_lora(model, knobs, hf_weight_names=names)
+    add_token_rows(model, setup.tokenizer, setup.template.added_tokens, hf_weight_names=names)
+    seeded_blocks(model, checkpoint=knobs.gradient_checkpointing)
+    model.train()
+    optimizer = optim.AdamW(learning_rate=knobs.learning_rate, weight_decay=0.0)
+    loss_and_grad = nn.value_and_grad(model, loss_sum)
+    mb = knobs.per_device_train_batch_size
+    rows = worst_case_rows(len(setup.tokenizer), knobs.max_length, mb * CALIBRATION_STEPS, knobs.seed)
+    oom, opt_bytes = False, 0
+    try:
+        fault = os.environ.get(FAULT_OOM_ENV)
+        if fault and mb > int(fault):
+            raise RuntimeError(f"[malloc] Unable to allocate {2**32} bytes. (injected by {FAULT_OOM_ENV})")
+        for k in range(CALIBRATION_STEPS):
+            part = [(r["input_ids"], r["assistant_masks"]) for r in rows.select(range(k * mb, (k + 1) * mb))]
+            ids, mask = _batch(part, 0)
+            loss, grads = loss_and_grad(model, ids, mask)
+            optimizer.update(model, grads)
+            mx.eval(loss, model.trainable_parameters(), optimizer.state)
+        opt_bytes = sum(v.nbytes for _, v in tree_flatten(optimizer.state) if hasattr(v, "nbytes"))
+    except RuntimeError as e:
+        if not is_mlx_oom(e):
+            raise
+        oom = True
+    peak = before + int(mx.get_peak_memory())
+    return Measurement(peak_bytes=peak, how="the process before loading + MLX's peak memory (mx.get_peak_memory)",
+                       before_load_bytes=before, weights_bytes=weights, optimizer_bytes=opt_bytes,
+                       seconds=round(time.monotonic() - t0, 1), micro_batch=mb, max_length=knobs.max_length,
+                       tokens=mb * knobs.max_length,
                        parts={"runtime": before, "weights": weights, "training": peak - before - weights},
                        out_of_memory=oom)
 

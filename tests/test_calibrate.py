@@ -147,17 +147,14 @@ def test_a_step_that_runs_out_of_memory_while_calibrating_backs_off_and_measures
     assert not events_of(run, "failed") and not events_of(run, "oom_backoff")
 
 
-def test_calibrate_false_skips_it_and_mlx_says_why(tiny_chat_model_dir: Path, tmp_path: Path) -> None:
+def test_calibrate_false_skips_it(tiny_chat_model_dir: Path, tmp_path: Path) -> None:
+    """(MLX runs calibrate too: tests/test_mlx_engine.py.)"""
     from localtune.worker import calibrate_run
 
     run = make_run("not-calibrated", tiny_chat_model_dir, tmp_path / "x.jsonl")
     knobs = Knobs(**run.read_config()["knobs"])
     assert not knobs.calibrate and calibrate_run(run, knobs, None) == knobs
     assert "calibration" not in json.loads(run.plan_path.read_text()) and not events_of(run, "calibrated")
-    mlx = knobs.replace(calibrate=True, engine="mlx")
-    assert calibrate_run(run, mlx, None) == mlx
-    assert json.loads(run.plan_path.read_text())["calibration"] == {
-        "skipped": "calibration measures the torch engine only so far"}
 
 
 def test_a_dpo_run_calibrates_on_pairs_at_max_length(tiny_chat_model_dir: Path, tmp_path: Path, monkeypatch) -> None:

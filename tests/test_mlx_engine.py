@@ -21,7 +21,7 @@ import pytest
 from localtune.events import EVENT_FIELDS, read_events
 from localtune.runs import RunDir
 from tests.helpers import one_line_error, run as run_cli
-from tests.test_worker import (MAX_STEPS, SAVE_STEPS, _no_orphan_workers, events_of, log_tail,  # noqa: F401
+from tests.test_worker import (KNOBS, MAX_STEPS, SAVE_STEPS, _no_orphan_workers, events_of, log_tail,  # noqa: F401
                                make_run, partial_leftovers, run_to_end, signal_after_first_checkpoint, start_worker,
                                step_losses, train_file, wait_worker)
 
@@ -218,6 +218,48 @@ def test_mlx_out_of_memory_is_told_from_other_errors(text: str, oom: bool) -> No
 
     assert is_mlx_oom(RuntimeError(text)) is oom
     assert not is_mlx_oom(ValueError(text))
+
+
+def test_an_mlx_run_calibrates_with_mlxs_peak_and_trains_as_it_would_have_without(
+        mlx_reference_run: RunDir, tiny_chat_model_dir: Path, train_file: Path, tmp_path: Path, monkeypatch) -> None:
+    """Calibration on MLX: one MLX step in a separate process before step 1, read through
+    mx.get_peak_memory (on top of the process's memory before loading), recorded as on torch;
+    the run's losses equal the uncalibrated run's."""
+    monkeypatch.setenv("LOCALTUNE_HOME", str(tmp_path / "home"))
+    run = make_run("mlx-calibrated", tiny_chat_model_dir, train_file, **MLX_KNOBS, calibrate=True)
+    run_to_end(run)
+    assert run.read_status()["state"] == "completed", log_tail(run)
+    kinds = [e["kind"] for e in read_events(run.events_path)]
+    assert kinds[0] == "calibrated" and kinds[1] == "started"
+    (e,) = events_of(run, "calibrated")
+    assert "mx.get_peak_memory" in e["how"] and e["max_length"] == KNOBS["max_length"]
+    cal = json.loads(run.plan_path.read_text())["calibration"]
+    assert cal["measured"]["peak_bytes"] == e["measured_bytes"]
+    # the tiny model's float32 weights as MLX holds them, against the estimate's
+    assert cal["by_part"]["weights"]["measured"] == pytest.approx(cal["by_part"]["weights"]["estimate"], rel=0.02)
+    assert cal["by_part"]["training"]["measured"] > 0 and cal["measured"]["optimizer_bytes"] > 0
+    assert step_losses(run) == step_losses(mlx_reference_run)  # another process measured: the same run
+
+
+def test_an_mlx_step_out_of_memory_while_calibrating_backs_off_and_measures_again(
+        tiny_chat_model_dir: Path, train_file: Path, tmp_path: Path, monkeypatch) -> None:
+    """MLX's own out-of-memory error in the measured step (injected above a micro-batch of 1):
+    the knobs back off as training's back-off would and the smaller step is measured."""
+    from localtune.calibrate import FAULT_OOM_ENV
+    from localtune.hardware import Hardware
+    from localtune.knobs import Knobs
+    from localtune.worker import calibrate_run
+
+    monkeypatch.setenv("LOCALTUNE_HOME", str(tmp_path / "home"))
+    run = make_run("mlx-cal-oom", tiny_chat_model_dir, train_file, **MLX_KNOBS, calibrate=True)
+    knobs = Knobs(**run.read_config()["knobs"])
+    monkeypatch.setenv(FAULT_OOM_ENV, "1")
+    after = calibrate_run(run, knobs, Hardware.from_dict(json.loads(run.plan_path.read_text())["hardware"]))
+    assert after.per_device_train_batch_size == 1
+    assert (after.per_device_train_batch_size * after.gradient_accumulation_steps
+            == knobs.per_device_train_batch_size * knobs.gradient_accumulation_steps)
+    (e,) = events_of(run, "calibrated")
+    assert e["micro_batch"] == 1 and "out of memory at micro-batch x tokens" in e["note"]
 
 
 def test_a_damaged_mlx_checkpoint_is_named_and_not_resumed_from(mlx_reference_run: RunDir, tmp_path: Path) -> None:

@@ -256,6 +256,9 @@ def train_mlx(run, stop, knobs) -> None:
     if setup is None:  # stopped while the model downloaded
         return
     setup, hardware, model_path, _ = setup
+    from localtune.worker import calibrate_run
+
+    knobs = calibrate_run(run, knobs, hardware)  # one measured MLX step before step 1 (localtune.calibrate)
     data = SFT().prepare(setup, knobs)  # localtune.data's ids and mask; writes data.json
     device = _device_name()
     dtype = mx.bfloat16 if knobs.bf16 and device == "mlx:gpu" else mx.float32
