@@ -3,8 +3,9 @@ that `localtune/memory.py` uses (`_ACT_COEF`, `_ACT_DROPOUT_COEF`).
 
 What it measures
     For tiny random Llama-style models of several shapes (hidden size h, attention width
-    q = heads x head_dim, key/value width kv = kv_heads x head_dim, MLP width i), in float32
-    and bfloat16, with a peft LoRA adapter on all seven projections (q, k, v, o, gate, up,
+    q = heads x head_dim, key/value width kv = kv_heads x head_dim, MLP width i), in float32,
+    bfloat16 and float32 under `torch.autocast("cpu", bfloat16)` (how the worker trains on a
+    CPU that computes bf16 natively), with a peft LoRA adapter on all seven projections (q, k, v, o, gate, up,
     down) and LoRA dropout 0 or 0.05, in training mode, without gradient checkpointing: the
     bytes of every distinct storage that autograd saves for the backward pass during one
     forward pass with a loss (`torch.autograd.graph.saved_tensors_hooks`, deduplicated by
@@ -31,6 +32,7 @@ What it fits
 How to run
     python benchmarks/activation_fit.py                   # CPU, 10-90 s
     python benchmarks/activation_fit.py --dtype float32   # one compute dtype only
+    python benchmarks/activation_fit.py --dtype autocast  # float32 weights under the CPU's bf16 autocast
     python benchmarks/activation_fit.py --device cuda     # the same on a GPU
 
 It needs torch, transformers and peft (the project's own dependencies), no GPU, no network.
@@ -112,8 +114,12 @@ def build(shape: Shape, layers: int, dtype: torch.dtype, dropout: float, device:
     return model
 
 
-def saved_bytes(model, seq: int) -> int:
-    """Bytes of the distinct storages autograd saves in one forward pass with a loss."""
+def saved_bytes(model, seq: int, autocast: bool = False) -> int:
+    """Bytes of the distinct storages autograd saves in one forward pass with a loss (under the
+    CPU's bfloat16 autocast with `autocast`, as a float32 model trains where the CPU computes
+    bf16 natively)."""
+    import contextlib
+
     ids = torch.randint(0, VOCAB, (1, seq), generator=torch.Generator().manual_seed(seq)).to(model.device)
     saved: dict[int, int] = {}
 
@@ -122,22 +128,23 @@ def saved_bytes(model, seq: int) -> int:
         saved.setdefault(s.data_ptr(), s.nbytes())
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    cast = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), cast:
         out = model(input_ids=ids, labels=ids)
     del out
     return sum(saved.values())
 
 
-def per_token_per_block(shape: Shape, dtype: torch.dtype, dropout: float, device: str) -> float:
+def per_token_per_block(shape: Shape, dtype: torch.dtype, dropout: float, device: str, autocast: bool = False) -> float:
     slope = {}
     for layers in LAYERS:
         model = build(shape, layers, dtype, dropout, device)
-        b = {seq: saved_bytes(model, seq) for seq in SEQS}
+        b = {seq: saved_bytes(model, seq, autocast) for seq in SEQS}
         slope[layers] = (b[SEQS[1]] - b[SEQS[0]]) / (SEQS[1] - SEQS[0])
     return (slope[LAYERS[1]] - slope[LAYERS[0]]) / (LAYERS[1] - LAYERS[0])
 
 
-def predicted(shape: Shape, a: int, dropout: float) -> float:
+def predicted(shape: Shape, a: int | str, dropout: float) -> float:
     """memory.py's bytes per token per block for this shape (its own function)."""
     from localtune.knobs import Knobs
     from localtune.memory import activation_bytes_per_token_per_block
@@ -166,26 +173,30 @@ def _row(label: str, values) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "both"), default="both")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "autocast", "both", "all"), default="all",
+                        help="autocast: float32 weights under the CPU's bfloat16 autocast; both: the two plain "
+                             "dtypes; all: the three")
     parser.add_argument("--device", default="cpu", help="torch device to measure on (default: cpu)")
     args = parser.parse_args(argv)
 
     from localtune.memory import _ACT_COEF, _ACT_DROPOUT_COEF
 
-    dtypes = {"float32": [torch.float32], "bfloat16": [torch.bfloat16],
-              "both": [torch.float32, torch.bfloat16]}[args.dtype]
+    modes = {"float32": ["float32"], "bfloat16": ["bfloat16"], "autocast": ["autocast"],
+             "both": ["float32", "bfloat16"], "all": ["float32", "bfloat16", "autocast"]}[args.dtype]
     start = time.perf_counter()
     worst = 0.0
     nan = float("nan")
-    for dtype in dtypes:
-        a = torch.finfo(dtype).bits // 8
+    for mode in modes:
+        autocast = mode == "autocast"
+        dtype = torch.float32 if autocast else getattr(torch, mode)
+        a = "autocast" if autocast else torch.finfo(dtype).bits // 8  # memory.py's key
         base: list[tuple[Shape, float]] = []
         extra: list[tuple[Shape, float]] = []
-        print(f"\n== {dtype} on {args.device} (compute dtype bytes a={a}): bytes per token per decoder block")
+        print(f"\n== {mode} on {args.device} (memory.py key {a!r}): bytes per token per decoder block")
         print(f"{'shape':40s} {'dropout':>7s} {'measured':>10s} {'memory.py':>10s} {'ratio':>6s}")
         for shape in SHAPES:
-            m0 = per_token_per_block(shape, dtype, 0.0, args.device)
-            m1 = per_token_per_block(shape, dtype, 0.05, args.device)
+            m0 = per_token_per_block(shape, dtype, 0.0, args.device, autocast)
+            m1 = per_token_per_block(shape, dtype, 0.05, args.device, autocast)
             base.append((shape, m0))
             extra.append((shape, m1 - m0))
             for p, m in ((0.0, m0), (0.05, m1)):

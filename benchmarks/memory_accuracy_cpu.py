@@ -84,10 +84,15 @@ def plan_for(max_length: int, micro_batch: int, checkpointing: bool, four_bit: b
 
 
 def rescore(rows: list[dict]) -> list[dict]:
-    """The rows' measured peaks against the installed localtune's estimate."""
+    """The rows' measured peaks against the installed localtune's estimate, made for the CPU
+    they were measured on (`cpu_bf16`: whether it computed bf16 natively, so that the worker
+    trained under bf16 autocast), whatever CPU this is."""
+    from unittest import mock
+
     out = []
     for r in rows:
-        e = plan_for(r["max_length"], r["micro_batch"], r["checkpointing"], r["four_bit"]).estimate
+        with mock.patch("localtune.hardware.cpu_has_native_bf16", lambda: bool(r.get("cpu_bf16", True))):
+            e = plan_for(r["max_length"], r["micro_batch"], r["checkpointing"], r["four_bit"]).estimate
         out.append({**r, "estimate": e.total_bytes, "allocated": e.allocated_bytes, "parts": dict(e.parts()),
                     "error": e.total_bytes / r["measured"] - 1})
     return out
@@ -116,8 +121,10 @@ def measure(max_length: int, micro_batch: int, checkpointing: bool, four_bit: bo
         raise RuntimeError(f"the worker failed on {max_length}x{micro_batch}: {status.get('error')} "
                            f"(log {run.log_path})")
     e = plan.estimate
+    from localtune.hardware import cpu_has_native_bf16
+
     return {"max_length": max_length, "micro_batch": micro_batch, "checkpointing": checkpointing,
-            "four_bit": four_bit, "estimate": e.total_bytes, "allocated": e.allocated_bytes,
+            "four_bit": four_bit, "cpu_bf16": cpu_has_native_bf16(), "estimate": e.total_bytes, "allocated": e.allocated_bytes,
             "parts": dict(e.parts()), "measured": peak, "error": e.total_bytes / peak - 1,
             "seconds": round(time.perf_counter() - t0, 1), "fits_plan": plan.fits}
 

@@ -36,9 +36,14 @@ activations
     projections; `benchmarks/activation_fit.py` prints the fit). In bytes per token per block:
     float32 compute:  16 h + 8 q + 8 kv + 16 i      (+32 h + 8 q + 4 i with LoRA dropout > 0)
     bfloat16 compute: 28 h + 8 q + 4 kv + 10 i      (+20 h + 4 q + 4 i with LoRA dropout > 0)
+    CPU bf16 autocast over float32 weights (a CPU with AVX512-BF16 or AMX, 16-bit weights):
+                      18 h + 6 q + 4 kv + 8 i       (+20 h + 4 q + 4 i with LoRA dropout > 0)
     where q = heads * head_dim and kv = kv_heads * head_dim; plus 4 bytes * r per adapted
-    module (the LoRA A outputs). The bf16 figures are higher per element than 2/4 of the
-    float32 ones because RMSNorm and peft upcast copies to float32.
+    module (the LoRA A outputs; 2 under autocast). The bf16 figures are higher per element
+    than 2/4 of the float32 ones because RMSNorm and peft upcast copies to float32. Under
+    autocast each matmul also keeps the bf16 copy of its frozen weight (autocast caches only
+    weights that require grad): every stored block's linear weights at 2 bytes. (4-bit on the
+    CPU is counted at the float32 figures: bitsandbytes dequantises to float32 there.)
     SDPA (flash / memory-efficient) kernels keep no seq x seq attention matrix.
     With gradient checkpointing only each block's input is kept (`a * h` per token per
     block) and one block's full activations live again while it is recomputed in the
@@ -158,8 +163,14 @@ hold 1024 tokens or fewer: 0.7-1.1 GB above their tensors; the longer ones 0.6-0
 FRAGMENTATION_FRAC = {"cuda": 0.10, "mps": 0.05, "cpu": 0.05}
 
 # bytes per token per block: (h, q, kv, i) coefficients, and the extra with LoRA dropout
-_ACT_COEF = {4: (16, 8, 8, 16), 2: (28, 8, 4, 10)}
-_ACT_DROPOUT_COEF = {4: (32, 8, 0, 4), 2: (20, 4, 0, 4)}
+# "autocast": float32 weights under the CPU's bfloat16 autocast (benchmarks/activation_fit.py
+# --dtype autocast: the matmuls' outputs and the casts they save are bf16, the residual stream
+# and the norms float32)
+_ACT_COEF = {4: (16, 8, 8, 16), 2: (28, 8, 4, 10), "autocast": (18, 6, 4, 8)}
+_ACT_DROPOUT_COEF = {4: (32, 8, 0, 4), 2: (20, 4, 0, 4), "autocast": (20, 4, 0, 4)}
+_LORA_A_OUT_BYTES = {4: 4, 2: 4, "autocast": 2}
+"""Bytes per rank per adapted module of the LoRA-A output kept for the backward: peft computes
+the branch in its float32 LoRA weights' dtype, except under autocast (bf16)."""
 
 LINEAR_ALIASES = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
@@ -330,14 +341,16 @@ def optimizer_bytes_per_param(optim: str) -> float:
     return 8.0
 
 
-def activation_bytes_per_token_per_block(shape: ModelShape, knobs: Knobs, a: int) -> float:
+def activation_bytes_per_token_per_block(shape: ModelShape, knobs: Knobs, a: int | str) -> float:
+    """What autograd keeps per token per decoder block for LoRA training, `a` the compute
+    dtype's bytes (4, 2) or "autocast" (float32 weights under the CPU's bf16 autocast)."""
     ch, cq, ckv, ci = _ACT_COEF[a]
     h, q, kv, i = shape.hidden_size, shape.q_dim, shape.kv_dim, shape.intermediate_size
     per = ch * h + cq * q + ckv * kv + ci * i
     if knobs.lora_dropout > 0:
         dh, dq, dkv, di = _ACT_DROPOUT_COEF[a]
         per += dh * h + dq * q + dkv * kv + di * i
-    per += 4 * knobs.r * len(resolve_targets(shape, knobs.target_modules))
+    per += _LORA_A_OUT_BYTES[a] * knobs.r * len(resolve_targets(shape, knobs.target_modules))
     return per
 
 
@@ -422,7 +435,8 @@ def estimate(shape: ModelShape, knobs: Knobs, device: str | DeviceFacts, *,
     tokens = sequences * S
     # trl's preference trainers set every dropout to p=0 (disable_dropout, on by default)
     act_knobs = knobs.replace(lora_dropout=0.0) if preference else knobs
-    full_block = activation_bytes_per_token_per_block(shape, act_knobs, a)
+    autocast = precision.autocast_bf16 and not knobs.load_in_4bit
+    full_block = activation_bytes_per_token_per_block(shape, act_knobs, "autocast" if autocast else a)
     stored_blocks = 1 if knobs.gradient_checkpointing else L
     mask_per_block = mask_once = 0
     if preference and precision.attn_implementation != "flash_attention_2":
@@ -450,6 +464,12 @@ def estimate(shape: ModelShape, knobs: Knobs, device: str | DeviceFacts, *,
     dequant_buffer = (max(i * o for i, o in shape.linear_layers().values()) * 2
                       if knobs.load_in_4bit and knobs.engine != "mlx" else 0)
     activations += dequant_buffer
+    # the CPU's bf16 autocast casts each frozen float32 weight for its matmul, and the matmul
+    # keeps the bf16 copy for the backward (autocast caches only weights that require grad):
+    # every stored block's linear weights at 2 bytes
+    autocast_copies = (sum(i * o for i, o in shape.linear_layers().values()) * 2 * stored_blocks
+                       if autocast else 0)
+    activations += autocast_copies
     # trained token rows: peft merges them into a full copy of the output layer, and its full
     # gradient is formed, while the loss is computed (measured: 2.0 x V x h x 4 bytes on the CPU)
     token_rows_transient = 2 * V * h * precision.weights_bytes if shape.added_tokens else 0
@@ -508,7 +528,7 @@ def estimate(shape: ModelShape, knobs: Knobs, device: str | DeviceFacts, *,
         details={"compute_dtype_bytes": a, "weights_dtype": precision.weights_dtype, "quantised_params": quantised,
                  "token_rows_transient_bytes": token_rows_transient,
                  "activation_bytes_per_token_per_block": full_block,
-                 "dequant_buffer_bytes": dequant_buffer,
+                 "dequant_buffer_bytes": dequant_buffer, "autocast_weight_copies_bytes": autocast_copies,
                  "offloaded_activation_bytes": offloaded,
                  "padding_mask_bytes_per_token": padding_mask,
                  "kbit_upcast_bytes": kbit_upcast, "cpu_4bit_load_bytes": cpu_4bit_load, **details},

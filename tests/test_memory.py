@@ -351,6 +351,57 @@ def test_sft_step_matches_the_estimate(vocab, micro_batch, length, checkpointing
     assert predicted == pytest.approx(measured, rel=0.06), (predicted, measured)
 
 
+@pytest.mark.parametrize("micro_batch, length, checkpointing", [(2, 256, False), (4, 256, False), (1, 1024, False)],
+                         ids=["small", "four-rows", "longer"])
+def test_sft_step_under_the_cpus_bf16_autocast_matches_the_estimate(micro_batch, length, checkpointing, tmp_path):
+    """The same step under the CPU's bfloat16 autocast over float32 weights, as the worker
+    trains where the CPU computes bf16 natively (AVX512-BF16 or AMX: this project's machine):
+    the estimate for such a CPU (its autocast coefficients and the bf16 weight copies the
+    matmuls keep) within 10% of the profiler's peak. (Autocast runs on any CPU, emulated where
+    bf16 is not native, so the measurement does not depend on the machine.) Without
+    checkpointing, where what the blocks keep is most of the step; how checkpointing's parts
+    combine does not depend on the dtype (the float32 test above)."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from localtune.precision import DeviceFacts
+    from tests.test_memory_preference import knobs_for, peak_bytes, tiny_llama, word_tokenizer
+
+    vocab = 256
+    model, shape = tiny_llama(vocab=vocab, hidden=128, intermediate=384, heads=4, kv_heads=2, layers=4)
+    knobs = knobs_for("sft", micro_batch, length, checkpointing)
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(3, vocab, (length,), generator=g).tolist(), "assistant_masks": [1] * length}
+            for _ in range(micro_batch)]
+    args = SFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=micro_batch, max_length=None,
+                     padding_free=True, gradient_checkpointing=checkpointing, bf16=False, use_cpu=True,
+                     report_to="none", disable_tqdm=True)
+    lora = LoraConfig(r=knobs.r, lora_alpha=knobs.lora_alpha, lora_dropout=knobs.lora_dropout,
+                      target_modules=knobs.target_modules, task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=word_tokenizer(vocab), peft_config=lora)
+    policy = trainer.model
+    policy.train()
+    if checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = trainer.data_collator(rows)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # what accelerate wraps the step in on the CPU
+            loss = trainer.compute_loss(policy, batch)
+        loss.backward()
+        policy.zero_grad(set_to_none=True)
+
+    step()
+    measured = peak_bytes(step)
+    est = estimate(shape, knobs.replace(bf16=True), DeviceFacts(backend="cpu", cpu_bf16=True))
+    assert est.details["autocast_weight_copies_bytes"] > 0
+    predicted = est.activations_bytes + est.logits_bytes + est.lora_params * 4
+    assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
+
+
 def test_activation_estimate_with_dropout_is_larger():
     k = Knobs(lora_dropout=0.0, gradient_checkpointing=False)
     assert (estimate(LLAMA_31_8B, k.replace(lora_dropout=0.05), "cuda").activations_bytes

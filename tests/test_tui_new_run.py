@@ -32,6 +32,13 @@ from tests.tui_support import GiB, cpu_machine, freeze_clock, gpu_machine
 pytestmark = pytest.mark.usefixtures("builtin_model_dir")
 
 
+@pytest.fixture(autouse=True)
+def _cpu_without_native_bf16(monkeypatch) -> None:
+    """The faked machines' CPU computes no bf16 natively, whatever CPU runs the tests: the
+    estimate on the screen (and in the snapshots) would otherwise follow this CPU's autocast."""
+    monkeypatch.setattr("localtune.hardware.cpu_has_native_bf16", lambda: False)
+
+
 def small_gpu() -> Hardware:
     """A 4 GB card (the cuda-8gb profile), nearly all of it free."""
     gpu = Device(name="NVIDIA GeForce GTX 1650", total_bytes=4 * GiB, free_bytes=int(3.8 * GiB), index=0,
