@@ -42,6 +42,9 @@ class FakeGPU:
     limit_mw: int | None = 300_000
     mig: list[FakeMig] | None = None
     """MIG mode on, with these slices (None: MIG off)."""
+    processes: list[tuple[int, int | None]] | None = None
+    """(pid, bytes) of the compute processes on the card, as nvmlDeviceGetComputeRunningProcesses
+    lists them (bytes None: a driver that hides per-process figures)."""
 
 
 def fake_nvml(gpus: list[FakeGPU], *, v2: bool = True, init_error: int | None = None):
@@ -93,6 +96,8 @@ def fake_nvml(gpus: list[FakeGPU], *, v2: bool = True, init_error: int | None = 
         return h.mig[j]
 
     nv.nvmlDeviceGetMigDeviceHandleByIndex = mig_handle
+    nv.nvmlDeviceGetComputeRunningProcesses = lambda h: [SimpleNamespace(pid=pid, usedGpuMemory=used)
+                                                         for pid, used in (h.processes or [])]
     return nv
 
 

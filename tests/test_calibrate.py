@@ -186,3 +186,49 @@ def test_plan_calibrate_measures_without_training(capsys, tiny_chat_model_dir: P
     assert set(cal["by_part"]) == {"runtime", "weights", "training"}
     rc, out, err = run_cli(capsys, *args, "--calibrate", "--budget", "24", "--backend", "cuda")
     assert rc == 1 and "--calibrate measures this machine" in err
+
+
+# ---------------------------------------------------------------- the readings this machine lacks, faked
+
+
+def test_on_cuda_the_peak_is_torchs_reserved_peak_plus_what_nvml_says_the_process_holds_outside_it(monkeypatch):
+    """CUDA (faked: torch's allocator counters and NVML's process list): the highest memory
+    torch's caching allocator reserved, plus this process's memory on the card beyond what
+    torch holds now (the CUDA context, cuBLAS workspaces). torch's device 0 under
+    CUDA_VISIBLE_DEVICES=1 is NVML's card 1."""
+    import os
+
+    import torch
+
+    from localtune.calibrate import _Meter
+    from tests.fakes import MiB, FakeGPU, install_gpus
+
+    def card(i: int, used: int | None) -> FakeGPU:
+        return FakeGPU(f"NVIDIA GeForce RTX 3090 #{i}", 24576 * MiB, 0, f"GPU-{i}", f"00000000:0{i + 1}:00.0",
+                       processes=[(os.getpid(), used), (os.getpid() + 1, 9000 * MiB)])
+
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 4000 * MiB)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 7000 * MiB)
+    install_gpus(monkeypatch, [card(0, 4700 * MiB), card(1, 5200 * MiB)])
+    peak, how = _Meter("cuda", "cuda:0").peak()
+    assert peak == (7000 + 700) * MiB and "max_memory_reserved" in how and "NVML" in how
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert _Meter("cuda", "cuda:0").peak()[0] == (7000 + 1200) * MiB
+    # a driver that hides per-process figures: torch's own figure alone
+    install_gpus(monkeypatch, [card(0, None), card(1, None)])
+    assert _Meter("cuda", "cuda:0").peak()[0] == 7000 * MiB
+
+
+def test_on_apple_the_peak_is_the_metal_drivers_largest_sample(monkeypatch):
+    """Apple (faked: torch.mps's driver counter): Metal's allocator keeps what it took, so the
+    largest sample (after loading, after each step, and at the end) is the peak."""
+    import torch
+
+    from localtune.calibrate import _Meter
+
+    samples = iter([1 * GB, 5 * GB, 3 * GB])
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: next(samples))
+    meter = _Meter("mps", "mps")
+    assert meter.now() == 1 * GB and meter.now() == 5 * GB
+    peak, how = meter.peak()
+    assert peak == 5 * GB and "driver_allocated_memory" in how
