@@ -307,53 +307,66 @@ def test_activation_estimate_matches_saved_tensors(activation_model_dir, dropout
     assert predicted_per_token == pytest.approx(measured_per_token, rel=0.15), (predicted_per_token, measured_per_token)
 
 
-@pytest.mark.parametrize("vocab, micro_batch, length, checkpointing", [
-    (256, 2, 256, False), (256, 2, 256, True), (40000, 1, 256, False), (40000, 2, 512, True), (256, 4, 2048, True)],
-    ids=["small", "small-checkpointing", "over-the-vocab-tile", "two-vocab-tiles-checkpointing", "long"])
-def test_sft_step_matches_the_estimate(vocab, micro_batch, length, checkpointing, tmp_path):
-    """One SFT step as trl 1.16's SFTTrainer takes it (padding-free, as the worker trains on the
-    CPU; its fused LM head; LoRA with dropout on all seven projections): the highest total of
-    live tensors it allocates (torch's profiler) against the estimate's activations + logits +
-    the LoRA gradients, within 6% (measured: 0.975 to 1.045 of the measurement)."""
+def measured_sft_step(tmp_path, model, vocab: int, knobs, *, autocast: bool = False) -> int:
+    """The profiler's peak of the second of two SFT steps as trl 1.16's SFTTrainer takes them
+    (padding-free, as the worker trains on the CPU; its fused LM head; LoRA as `knobs` say), on
+    rows of exactly max_length random ids; under the CPU's bf16 autocast with `autocast` (what
+    accelerate wraps a step in on the CPU with bf16)."""
+    import contextlib
+
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from tests.test_memory_preference import knobs_for, peak_bytes, tiny_llama, word_tokenizer
+    from tests.test_memory_preference import peak_bytes, word_tokenizer
 
-    model, shape = tiny_llama(vocab=vocab)
-    knobs = knobs_for("sft", micro_batch, length, checkpointing)
+    micro_batch, length = knobs.per_device_train_batch_size, knobs.max_length
     g = torch.Generator().manual_seed(0)
     rows = [{"input_ids": torch.randint(3, vocab, (length,), generator=g).tolist(), "assistant_masks": [1] * length}
             for _ in range(micro_batch)]
     args = SFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=micro_batch, max_length=None,
-                     padding_free=True, gradient_checkpointing=checkpointing, bf16=False, use_cpu=True,
-                     report_to="none", disable_tqdm=True)
+                     padding_free=True, gradient_checkpointing=knobs.gradient_checkpointing, bf16=False,
+                     use_cpu=True, report_to="none", disable_tqdm=True)
     lora = LoraConfig(r=knobs.r, lora_alpha=knobs.lora_alpha, lora_dropout=knobs.lora_dropout,
                       target_modules=knobs.target_modules, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=word_tokenizer(vocab), peft_config=lora)
     policy = trainer.model
     policy.train()
-    if checkpointing:  # as Trainer.train() does before the first step
+    if knobs.gradient_checkpointing:  # as Trainer.train() does before the first step
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = trainer.data_collator(rows)
 
     def step():
-        trainer.compute_loss(policy, batch).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+            loss = trainer.compute_loss(policy, batch)
+        loss.backward()
         policy.zero_grad(set_to_none=True)
 
     step()  # the first step builds what lives on: measure the second
-    measured = peak_bytes(step)
+    return peak_bytes(step)
+
+
+@pytest.mark.parametrize("vocab, micro_batch, length, checkpointing", [
+    (256, 2, 256, False), (256, 2, 256, True), (40000, 1, 256, False), (40000, 2, 512, True), (256, 4, 2048, True)],
+    ids=["small", "small-checkpointing", "over-the-vocab-tile", "two-vocab-tiles-checkpointing", "long"])
+def test_sft_step_matches_the_estimate(vocab, micro_batch, length, checkpointing, tmp_path):
+    """One SFT step (LoRA with dropout on all seven projections, float32): the highest total of
+    live tensors it allocates (torch's profiler) against the estimate's activations + logits +
+    the LoRA gradients, within 6% (measured: 0.975 to 1.045 of the measurement)."""
+    from tests.test_memory_preference import knobs_for, tiny_llama
+
+    model, shape = tiny_llama(vocab=vocab)
+    knobs = knobs_for("sft", micro_batch, length, checkpointing)
+    measured = measured_sft_step(tmp_path, model, vocab, knobs)
     est = estimate(shape, knobs, "cpu")
     predicted = est.activations_bytes + est.logits_bytes + est.lora_params * 4
     assert predicted == pytest.approx(measured, rel=0.06), (predicted, measured)
 
 
-@pytest.mark.parametrize("micro_batch, length, checkpointing", [(2, 256, False), (4, 256, False), (1, 1024, False)],
-                         ids=["small", "four-rows", "longer"])
-def test_sft_step_under_the_cpus_bf16_autocast_matches_the_estimate(micro_batch, length, checkpointing, tmp_path):
+@pytest.mark.parametrize("micro_batch, length", [(2, 256), (4, 256), (1, 1024)], ids=["small", "four-rows", "longer"])
+def test_sft_step_under_the_cpus_bf16_autocast_matches_the_estimate(micro_batch, length, tmp_path):
     """The same step under the CPU's bfloat16 autocast over float32 weights, as the worker
     trains where the CPU computes bf16 natively (AVX512-BF16 or AMX: this project's machine):
     the estimate for such a CPU (its autocast coefficients and the bf16 weight copies the
@@ -361,41 +374,13 @@ def test_sft_step_under_the_cpus_bf16_autocast_matches_the_estimate(micro_batch,
     bf16 is not native, so the measurement does not depend on the machine.) Without
     checkpointing, where what the blocks keep is most of the step; how checkpointing's parts
     combine does not depend on the dtype (the float32 test above)."""
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
-
     from localtune.precision import DeviceFacts
-    from tests.test_memory_preference import knobs_for, peak_bytes, tiny_llama, word_tokenizer
+    from tests.test_memory_preference import knobs_for, tiny_llama
 
     vocab = 256
     model, shape = tiny_llama(vocab=vocab, hidden=128, intermediate=384, heads=4, kv_heads=2, layers=4)
-    knobs = knobs_for("sft", micro_batch, length, checkpointing)
-    g = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": torch.randint(3, vocab, (length,), generator=g).tolist(), "assistant_masks": [1] * length}
-            for _ in range(micro_batch)]
-    args = SFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=micro_batch, max_length=None,
-                     padding_free=True, gradient_checkpointing=checkpointing, bf16=False, use_cpu=True,
-                     report_to="none", disable_tqdm=True)
-    lora = LoraConfig(r=knobs.r, lora_alpha=knobs.lora_alpha, lora_dropout=knobs.lora_dropout,
-                      target_modules=knobs.target_modules, task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=word_tokenizer(vocab), peft_config=lora)
-    policy = trainer.model
-    policy.train()
-    if checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    batch = trainer.data_collator(rows)
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # what accelerate wraps the step in on the CPU
-            loss = trainer.compute_loss(policy, batch)
-        loss.backward()
-        policy.zero_grad(set_to_none=True)
-
-    step()
-    measured = peak_bytes(step)
+    knobs = knobs_for("sft", micro_batch, length, False)
+    measured = measured_sft_step(tmp_path, model, vocab, knobs, autocast=True)
     est = estimate(shape, knobs.replace(bf16=True), DeviceFacts(backend="cpu", cpu_bf16=True))
     assert est.details["autocast_weight_copies_bytes"] > 0
     predicted = est.activations_bytes + est.logits_bytes + est.lora_params * 4
