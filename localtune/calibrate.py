@@ -262,13 +262,12 @@ def _measure_mlx(setup, knobs, model_path, t0: float) -> Measurement:
 
     from localtune.engines.mlx_lora import (add_lora, add_token_rows, checkpoint_weight_names, load_base,
                                             model_folder, seeded_blocks)
-    from localtune.engines.mlx_sft import _batch, _device_name, is_mlx_oom, loss_sum
+    from localtune.engines.mlx_sft import _batch, compute_dtype, is_mlx_oom, loss_sum
 
     before = _rss()
     mx.reset_peak_memory()
-    dtype = mx.bfloat16 if knobs.bf16 and _device_name() == "mlx:gpu" else mx.float32
     folder = model_folder(model_path)
-    model = load_base(folder, knobs, dtype)
+    model = load_base(folder, knobs, compute_dtype(knobs))  # as train_mlx loads it
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     names = checkpoint_weight_names(folder)
     add_lora(model, knobs, hf_weight_names=names)

@@ -435,7 +435,8 @@ def estimate(shape: ModelShape, knobs: Knobs, device: str | DeviceFacts, *,
     tokens = sequences * S
     # trl's preference trainers set every dropout to p=0 (disable_dropout, on by default)
     act_knobs = knobs.replace(lora_dropout=0.0) if preference else knobs
-    autocast = precision.autocast_bf16 and not knobs.load_in_4bit
+    # torch's CPU autocast only: MLX computes in float32 on the CPU, bitsandbytes dequantises to float32
+    autocast = precision.autocast_bf16 and not knobs.load_in_4bit and knobs.engine != "mlx"
     full_block = activation_bytes_per_token_per_block(shape, act_knobs, "autocast" if autocast else a)
     stored_blocks = 1 if knobs.gradient_checkpointing else L
     mask_per_block = mask_once = 0

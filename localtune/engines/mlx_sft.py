@@ -177,6 +177,14 @@ def sample_answer_mlx(model, tokenizer, prompt: str) -> str:
     return tokenizer.decode(out, skip_special_tokens=True)
 
 
+def compute_dtype(knobs):
+    """What an MLX run holds its floating weights and computes in: bfloat16 on Apple's GPU
+    with the `bf16` knob, float32 otherwise (MLX's CPU backend)."""
+    import mlx.core as mx
+
+    return mx.bfloat16 if knobs.bf16 and _device_name() == "mlx:gpu" else mx.float32
+
+
 def _device_name() -> str:
     import mlx.core as mx
 
@@ -261,7 +269,7 @@ def train_mlx(run, stop, knobs) -> None:
     knobs = calibrate_run(run, knobs, hardware)  # one measured MLX step before step 1 (localtune.calibrate)
     data = SFT().prepare(setup, knobs)  # localtune.data's ids and mask; writes data.json
     device = _device_name()
-    dtype = mx.bfloat16 if knobs.bf16 and device == "mlx:gpu" else mx.float32
+    dtype = compute_dtype(knobs)
     weights = "bfloat16" if dtype == mx.bfloat16 else "float32"
     precision = (f"4-bit weights (MLX, group size {QUANT_GROUP_SIZE}), {weights} compute" if knobs.load_in_4bit
                  else weights)
