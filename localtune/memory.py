@@ -122,6 +122,20 @@ fragmentation
     are allocated once, at load, and do not fragment. This is the gap between
     `torch.cuda.max_memory_reserved` and `max_memory_allocated`.
 
+FSDP (`shards` > 1: the estimate for one of that many ranks of a sharded run, FULL_SHARD)
+    Each rank keeps 1/shards of every base parameter (with 4-bit weights, the packed data
+    stored in the compute dtype, bitsandbytes' `bnb_4bit_quant_storage`, so that FSDP can
+    flatten and shard it; their block constants stay whole on every rank: QuantState is a
+    module attribute, not a parameter) and 1/shards of the adapter, its gradients and its
+    optimizer state. What sharding does not divide: the activations, the logits, the runtime
+    overhead (each rank is a process with its own CUDA context). What it adds, counted in the
+    weights part (`details["fsdp_gathered_bytes"]`): the parameters FSDP gathers whole to
+    compute with, one decoder block's twice (the block being computed and the next one,
+    prefetched) and the root unit's (embeddings, lm_head, final norm), which stays gathered
+    from the forward through the backward. The gathers come and go each step, so they count
+    towards fragmentation. Read from torch's FSDP, peft's and bitsandbytes' documentation, not
+    measured: no multi-GPU machine has run it here.
+
 On the CPU the estimate is of live tensors. glibc's allocator keeps freed blocks below its
 (adaptive, up to 32 MB) mmap threshold in the heap, so a training process's resident size can
 run 1.5-2x above its live tensors; with a fixed `MALLOC_MMAP_THRESHOLD_` in the environment
@@ -399,15 +413,43 @@ def reference_block_bytes_per_token(shape: ModelShape, a: int, max_length: int, 
     return max(mlp, attention)
 
 
+def fsdp_weight_parts(shape: ModelShape, knobs: Knobs, dtype_bytes: int, total_weights_bytes: int) -> tuple[int, int, int]:
+    """(replicated, block, root) bytes of the base weights under FSDP: `replicated` what every
+    rank keeps whole (a 4-bit weight's block constants: bitsandbytes' QuantState is an attribute
+    of the module, not a parameter FSDP shards); `block` one decoder block's parameters as FSDP
+    gathers them (the packed 4-bit data stored in the compute dtype, `bnb_4bit_quant_storage`, or
+    the 16-bit weights, plus its biases and norms); `root` the root unit's (the embeddings, an
+    untied lm_head and the final norm), which FSDP keeps gathered from the forward through the
+    backward."""
+    h, L, V = shape.hidden_size, shape.num_hidden_layers, shape.vocab_size
+    per_block_linear = sum(i * o for i, o in shape.linear_layers().values())
+    bias_per_block = (shape.q_dim + 2 * shape.kv_dim) if shape.attention_bias else 0
+    small_per_block = (bias_per_block + 2 * h) * dtype_bytes
+    root = (V * h * (1 if shape.tie_word_embeddings else 2) + h) * dtype_bytes
+    if not knobs.load_in_4bit:
+        return 0, per_block_linear * dtype_bytes + small_per_block, root
+    plain = (bias_per_block * L + (2 * L + 1) * h + V * h * (1 if shape.tie_word_embeddings else 2)) * dtype_bytes
+    replicated = total_weights_bytes - plain - per_block_linear * L // 2
+    return replicated, per_block_linear // 2 + small_per_block, root
+
+
 def estimate(shape: ModelShape, knobs: Knobs, device: str | DeviceFacts, *,
-             reference_adapter: bool = False) -> MemoryEstimate:
+             reference_adapter: bool = False, shards: int = 1) -> MemoryEstimate:
     """Estimate peak memory for training `shape` with `knobs` on `device`: a backend name
     ('cuda', 'mps', 'cpu': today's common hardware of that kind) or the DeviceFacts of a
     probed device (its bf16 support decides 2 or 4 bytes on Apple). Pure arithmetic.
 
     `knobs.method` decides what a micro-batch holds and how the loss is formed (module
     docstring). `reference_adapter`: DPO continues from a trained adapter, so trl keeps a frozen
-    copy of it as the reference (the planner assumes a fresh adapter: False)."""
+    copy of it as the reference (the planner assumes a fresh adapter: False).
+
+    `shards`: the estimate for one of that many FSDP ranks (FULL_SHARD), 1 for a model that is
+    whole on its device (one device, or each rank of data parallel). See "FSDP" in the module
+    docstring for what sharding divides and what it adds."""
+    if shards < 1:
+        raise ValueError(f"shards must be at least 1, got {shards}")
+    if shards > 1 and knobs.engine == "mlx":
+        raise ValueError("FSDP shards torch models; the MLX engine trains on one device")
     facts = _facts(device)
     backend = facts.backend
     precision = precision_for(knobs, facts)
@@ -431,6 +473,20 @@ def estimate(shape: ModelShape, knobs: Knobs, device: str | DeviceFacts, *,
     tokens_trained = trainable_token_params(shape)
     # peft keeps LoRA weights and the trainable token rows in float32 over any base dtype
     adapter = int((lora + tokens_trained) * (4 + 4 + optimizer_bytes_per_param(knobs.optim)))
+    fsdp: dict[str, Any] = {}
+    gathered = 0
+    if shards > 1:
+        # FSDP FULL_SHARD: each rank keeps 1/shards of every parameter, of the adapter's
+        # gradients and of its optimizer state; what is computed on is gathered whole for a while
+        replicated, block, root = fsdp_weight_parts(shape, knobs, precision.weights_bytes, w_bytes - kbit_upcast)
+        single_weights, single_adapter = w_bytes, adapter
+        sharded = -(-(w_bytes - replicated) // shards) + replicated
+        gathered = 2 * block + root  # the block computed, the next one prefetched, the root unit
+        w_bytes = sharded + gathered
+        adapter = -(-adapter // shards)
+        fsdp = {"fsdp_shards": shards, "fsdp_sharded_weights_bytes": sharded, "fsdp_replicated_bytes": replicated,
+                "fsdp_block_bytes": block, "fsdp_root_bytes": root, "fsdp_gathered_bytes": gathered,
+                "fsdp_unsharded_weights_bytes": single_weights, "fsdp_unsharded_adapter_bytes": single_adapter}
     sequences = knobs.per_device_train_batch_size * SEQUENCES_PER_ROW[method]
     tokens = sequences * S
     # trl's preference trainers set every dropout to p=0 (disable_dropout, on by default)
@@ -507,7 +563,7 @@ def estimate(shape: ModelShape, knobs: Knobs, device: str | DeviceFacts, *,
         logits = saved_hidden + fused_bwd + token_rows_transient
         details.update(fused_head_forward_bytes=fused_fwd, fused_head_backward_bytes=fused_bwd,
                        fused_head_saved_bytes=saved_hidden)
-    transient = adapter + activations + logits + reference
+    transient = adapter + activations + logits + reference + gathered  # FSDP's gathers come and go each step
     fragmentation = int(transient * FRAGMENTATION_FRAC[backend])
     cpu_4bit_load = 0
     if backend == "cpu" and knobs.load_in_4bit and knobs.engine != "mlx":
@@ -532,5 +588,5 @@ def estimate(shape: ModelShape, knobs: Knobs, device: str | DeviceFacts, *,
                  "dequant_buffer_bytes": dequant_buffer, "autocast_weight_copies_bytes": autocast_copies,
                  "offloaded_activation_bytes": offloaded,
                  "padding_mask_bytes_per_token": padding_mask,
-                 "kbit_upcast_bytes": kbit_upcast, "cpu_4bit_load_bytes": cpu_4bit_load, **details},
+                 "kbit_upcast_bytes": kbit_upcast, "cpu_4bit_load_bytes": cpu_4bit_load, **fsdp, **details},
     )

@@ -39,15 +39,44 @@ when gradient accumulation is pinned, since the effective batch would change). I
 smallest configuration still does not fit, the plan says so and what would: a smaller
 model, 4-bit, shorter sequences.
 
-The budget is the primary device's free memory minus a headroom of 10% of its total: the
+The budget is the device's free memory minus a headroom of 10% of its total: the
 estimate's worst measured shortfall (ESTIMATE_WORST_UNDER, 9.8%), which also leaves room for other
 programs, the display and the allocator's own bookkeeping. `Plan` is the one value that
 training, the TUI and `localtune plan --json` share.
+
+Several devices (localtune.parallel: `--gpus`, `--processes`, `--nodes`). The budget is per
+rank: the smallest selected card's free memory minus its headroom, or on the CPU the RAM's
+budget divided by the processes (they share it). The knobs are per rank too: each rank's
+Trainer gets the micro-batch and the accumulation. The mode (`Plan.parallel`):
+
+- one device: "single".
+- the CPU's `--processes N`: "ddp" (gloo) always; each process holds the whole model in its
+  share of the RAM, and if it does not fit there the plan does not fit.
+- NVIDIA, more than one rank: the plan is first made for one card, as above. If it fits
+  without shortening max_length or halving r, "ddp": every card holds the whole model and
+  trains on its own share of each batch, the fastest way to use the cards. Otherwise the
+  planner also plans FSDP (QLoRA: 4-bit weights, turned on unless pinned off, stored in the
+  compute dtype, bitsandbytes' `bnb_4bit_quant_storage`, so that FSDP can shard them) with
+  `memory.estimate(..., shards=ranks)`: per card 1/ranks of the weights, the adapter, its
+  gradients and optimizer state, plus what FSDP gathers whole (a block twice, the root unit's
+  embeddings and lm_head); the activations, the logits and the overhead are not divided. The
+  sharded plan steps down the same list without the 8-bit optimizer and activation offloading
+  (neither documented with FSDP). "fsdp" is chosen when it fits where one card does not, or
+  fits with fewer cuts of max_length and r; a tie goes to "ddp" (no gathers: faster). The
+  reason says which and why, with the numbers.
+
+The effective batch stays what one device would train with: micro-batch x accumulation x
+ranks equals the profile's (and the pins') micro-batch x accumulation. The accumulation is
+divided by the ranks where they divide it; otherwise a micro-batch no larger than planned and
+an accumulation that give exactly the same batch; where none does (15 rows over 2 ranks), the
+smallest larger batch, said in `Plan.notes`. A pinned accumulation is never changed: then
+the effective batch grows with the ranks, and a note says so.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from localtune.engines import MLX_METHODS
@@ -56,7 +85,8 @@ from localtune.hardware import Device, GiB, Hardware
 from localtune.knobs import HARDWARE_KNOBS, KNOB_FIELDS, Knobs, halve_micro_batch
 from localtune.memory import MemoryEstimate, estimate
 from localtune.models import ModelRef
-from localtune.precision import DeviceFacts
+from localtune.parallel import Parallel, Selection, select
+from localtune.precision import DeviceFacts, precision_for
 from localtune.profiles import (BITSANDBYTES_BACKENDS, Profile, check_backend_runs, get_profile,
                                 match_profile)
 
@@ -117,10 +147,41 @@ class Plan:
     """What the estimate counts that the knobs alone do not show (a preference method's pairs)."""
     reference_adapter: bool = False
     """DPO continuing from a trained adapter: its frozen copy is the reference."""
+    parallel: Parallel = field(default_factory=Parallel)
+    """Which devices train and how (single, ddp, fsdp); the knobs are per rank."""
 
     @property
     def backend(self) -> str:
         return self.hardware.backend
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.world_size
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Rows per optimizer step over every rank: micro-batch x accumulation x world size."""
+        return self.knobs.effective_batch_size * self.parallel.world_size
+
+    @property
+    def shards(self) -> int:
+        """What the estimate divides by (memory.estimate's `shards`): the ranks under FSDP, else 1."""
+        return self.parallel.world_size if self.parallel.mode == "fsdp" else 1
+
+    @property
+    def devices(self) -> list[Device]:
+        """The devices one machine trains on: the selected GPUs, or the one device."""
+        chosen = [d for d in self.hardware.devices if d.index is not None and d.index in self.parallel.devices]
+        return chosen or [self.hardware.primary]
+
+    @property
+    def budget_device(self) -> Device:
+        """The selected device whose free memory sets the budget (the smallest budget)."""
+        return min(self.devices, key=lambda d: d.free_bytes - int(d.total_bytes * HEADROOM_FRAC))
+
+    def device_facts(self) -> DeviceFacts:
+        """The facts the estimate was made with: the first selected device's."""
+        return DeviceFacts.from_hardware(self.hardware, self.devices[0])
 
     def knob_sources(self) -> dict[str, str]:
         """Where each knob's value came from, in words, for the TUI and `plan`."""
@@ -152,6 +213,7 @@ class Plan:
             "notes": list(self.notes),
             "reference_adapter": self.reference_adapter,
             "knob_sources": self.knob_sources(),
+            "parallel": self.parallel.to_dict(),
         }
 
 
@@ -204,11 +266,17 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def make_plan(hardware: Hardware, model: ModelRef, *, profile: str | Profile | None = None,
-              pinned: dict[str, Any] | None = None, reference_adapter: bool = False) -> Plan:
+              pinned: dict[str, Any] | None = None, reference_adapter: bool = False,
+              gpus: str | None = None, processes: int | None = None, nodes: int = 1) -> Plan:
     """Fit the run to the machine. Pure arithmetic on the model's shape: takes milliseconds.
-    `reference_adapter`: a DPO run continues from a trained adapter (see memory.estimate)."""
+    `reference_adapter`: a DPO run continues from a trained adapter (see memory.estimate).
+    `gpus`, `processes`, `nodes`: which devices train (localtune.parallel.select); the knobs
+    are then per rank and the mode (single, ddp, fsdp) is chosen as the module docstring says."""
     pinned = dict(pinned or {})
-    prof = profile if isinstance(profile, Profile) else (get_profile(profile) if profile else match_profile(hardware))
+    sel = select(hardware, gpus=gpus, processes=processes, nodes=nodes, headroom_frac=HEADROOM_FRAC)
+    smallest = min(sel.devices, key=lambda d: d.total_bytes)
+    view = hardware if smallest is hardware.primary else replace(hardware, devices=[smallest])
+    prof = profile if isinstance(profile, Profile) else (get_profile(profile) if profile else match_profile(view))
     knobs = prof.knobs.replace(**pinned)
     method_defaults = {k: v for k, v in METHOD_DEFAULTS.get(knobs.method, {}).items() if k not in pinned}
     knobs = knobs.replace(**method_defaults)
@@ -219,17 +287,75 @@ def make_plan(hardware: Hardware, model: ModelRef, *, profile: str | Profile | N
                                       f"only; {knobs.method} trains with torch"))
         knobs = knobs.replace(engine="torch")
     check_backend_runs(knobs, hardware.backend)  # a pinned knob the backend cannot run: refused before anything
-    device = hardware.primary
-    headroom = int(device.total_bytes * HEADROOM_FRAC)
-    budget = max(0, device.free_bytes - headroom)
+    world = sel.world_size
+    if world > 1 and knobs.engine == "mlx":
+        raise UserError(f"the MLX engine trains in one process; {world} ranks need --set engine=torch")
+    budget, headroom = sel.budget_bytes, sel.headroom_bytes
     backend = hardware.backend
+    facts = DeviceFacts.from_hardware(hardware, sel.devices[0])
+
+    def est_for(shards: int):
+        def est(k: Knobs) -> MemoryEstimate:
+            return estimate(model.shape, k, facts, reference_adapter=reference_adapter, shards=shards)
+        return est
+
+    def free(knob: str) -> bool:
+        return knob not in pinned
+
+    s_knobs, s_adj, s_est = _fit(knobs, pinned, budget, est_for(1), backend, hardware.ram_available_bytes)
+    mode, shards = ("single" if world == 1 else "ddp"), 1
+    chosen = (s_knobs, s_adj, s_est)
+    f_plan = None
+    if backend == "cuda" and world > 1 and (s_est.total_bytes > budget or _cuts(s_adj)):
+        start, pre = knobs, []
+        dtype = precision_for(knobs, facts).compute_dtype
+        if free("load_in_4bit") and not knobs.load_in_4bit:
+            pre.append(Adjustment("load_in_4bit", False, True,
+                                  f"FSDP shards QLoRA's 4-bit weights, stored in {dtype} "
+                                  "(bnb_4bit_quant_storage) so that FSDP can split them across the cards"))
+            start = knobs.replace(load_in_4bit=True)
+        f_knobs, f_adj, f_est = _fit(start, pinned, budget, est_for(world), backend,
+                                     hardware.ram_available_bytes, fsdp=True)
+        f_plan = (f_knobs, pre + f_adj, f_est)
+
+        def key(e: MemoryEstimate, adj: list[Adjustment]) -> tuple:
+            over = e.total_bytes > budget
+            return (over, len(_cuts(adj)), e.total_bytes if over else 0)
+
+        if key(f_est, f_plan[1]) < key(s_est, s_adj):  # ties go to DDP: no gathers, faster
+            mode, shards, chosen = "fsdp", world, f_plan
+    knobs, adj, current = chosen
+    adjustments += adj
+    notes: list[str] = []
+    if world > 1:
+        knobs, batch_adj, batch_notes = _split_batch(knobs, pinned, world, _ranks_text(sel))
+        adjustments += batch_adj
+        notes += batch_notes
+        current = est_for(shards)(knobs)
+    par = Parallel(mode=mode, processes=sel.processes, nodes=sel.nodes,
+                   devices=[d.index for d in sel.devices] if backend == "cuda" else [],
+                   reason=_reason(sel, mode, budget, current, s_knobs, s_adj, s_est, f_plan, knobs))
+    note = method_note(knobs, reference_adapter)
+    plan = Plan(model=model, hardware=hardware, profile=prof, knobs=knobs, estimate=current,
+                method_defaults=sorted(method_defaults),
+                budget_bytes=budget, headroom_bytes=headroom, pinned=pinned, adjustments=adjustments,
+                fits=current.total_bytes <= budget, notes=([note] if note else []) + notes,
+                reference_adapter=reference_adapter, parallel=par)
+    if not plan.fits:
+        plan.advice = _advice(plan)
+    return plan
+
+
+def _fit(knobs: Knobs, pinned: dict[str, Any], budget: int, est: Callable[[Knobs], MemoryEstimate],
+         backend: str, ram_available: int, fsdp: bool = False) -> tuple[Knobs, list[Adjustment], MemoryEstimate]:
+    """Step `knobs` down the module docstring's list until `est` fits `budget`: the knobs, the
+    adjustments made and the last estimate. `fsdp`: the sharded plan, which skips the 8-bit
+    optimizer (bitsandbytes' 8-bit state over FSDP's flattened shards is not what peft and
+    bitsandbytes document; the sharded 32-bit state is small) and activation offloading (not
+    run with FSDP by anyone here)."""
+    adjustments: list[Adjustment] = []
     mlx = knobs.engine == "mlx"
-
-    facts = DeviceFacts.from_hardware(hardware)
     bnb = backend in BITSANDBYTES_BACKENDS
-
-    def est(k: Knobs) -> MemoryEstimate:
-        return estimate(model.shape, k, facts, reference_adapter=reference_adapter)
 
     def change(knob: str, new: Any, reason: str, **also: Any) -> None:
         nonlocal knobs
@@ -248,7 +374,7 @@ def make_plan(hardware: Hardware, model: ModelRef, *, profile: str | Profile | N
             return None
         after = est(k.replace(activation_offloading=True))
         moved = after.details["offloaded_activation_bytes"]
-        if after.total_bytes >= now.total_bytes or 2 * moved > hardware.ram_available_bytes:
+        if after.total_bytes >= now.total_bytes or 2 * moved > ram_available:
             return None
         return after
 
@@ -266,7 +392,7 @@ def make_plan(hardware: Hardware, model: ModelRef, *, profile: str | Profile | N
             change("load_in_4bit", True,
                    f"{over}: the 16-bit weights ({_gb(current.weights_bytes)}) take over half the budget; "
                    f"{MLX_4BIT if mlx else '4-bit NF4'} holds them in {_gb(after.weights_bytes)}")
-        elif backend == "cuda" and free("optim") and "8bit" not in knobs.optim:
+        elif backend == "cuda" and not fsdp and free("optim") and "8bit" not in knobs.optim:
             after = est(knobs.replace(optim="paged_adamw_8bit"))
             change("optim", "paged_adamw_8bit",
                    f"{over}: 8-bit paged AdamW saves {_gb(current.adapter_bytes - after.adapter_bytes)} "
@@ -285,7 +411,8 @@ def make_plan(hardware: Hardware, model: ModelRef, *, profile: str | Profile | N
             change("load_in_4bit", True,
                    f"{over}: {MLX_4BIT if mlx else '4-bit NF4'} weights take {_gb(after.weights_bytes)} instead of "
                    f"{_gb(current.weights_bytes)}{cost}")
-        elif backend == "cuda" and free("activation_offloading") and (after := offloading(knobs, current)):
+        elif (backend == "cuda" and not fsdp and free("activation_offloading")
+              and (after := offloading(knobs, current))):
             moved = after.details["offloaded_activation_bytes"]
             change("activation_offloading", True,
                    f"{over}: trl's activation offloading keeps what the blocks save for the backward pass "
@@ -307,16 +434,98 @@ def make_plan(hardware: Hardware, model: ModelRef, *, profile: str | Profile | N
         else:
             break
         current = est(knobs)
+    return knobs, adjustments, current
 
-    note = method_note(knobs, reference_adapter)
-    plan = Plan(model=model, hardware=hardware, profile=prof, knobs=knobs, estimate=current,
-                method_defaults=sorted(method_defaults),
-                budget_bytes=budget, headroom_bytes=headroom, pinned=pinned, adjustments=adjustments,
-                fits=current.total_bytes <= budget, notes=[note] if note else [],
-                reference_adapter=reference_adapter)
-    if not plan.fits:
-        plan.advice = _advice(plan)
-    return plan
+
+def _cuts(adjustments: list[Adjustment]) -> list[Adjustment]:
+    """The adjustments that change what is trained (shorter sequences, a smaller rank), not only how fast."""
+    return [a for a in adjustments if a.knob in ("max_length", "r")]
+
+
+def _ranks_text(sel: Selection) -> str:
+    """'2 GPUs', '3 processes', '4 ranks (2 GPUs on each of 2 machines)'."""
+    n = sel.processes
+    per = f"{n} GPU{'s' if n != 1 else ''}" if sel.devices[0].index is not None else f"{n} process{'es' if n != 1 else ''}"
+    if sel.nodes == 1:
+        return per
+    return f"{sel.world_size} ranks ({per} on each of {sel.nodes} machines)"
+
+
+def _split_batch(knobs: Knobs, pinned: dict[str, Any], world: int,
+                 ranks: str) -> tuple[Knobs, list[Adjustment], list[str]]:
+    """The per-rank micro-batch and accumulation for `world` ranks that keep the effective batch
+    (micro-batch x accumulation x ranks) what one device would train with: the accumulation
+    divided by the ranks where they divide it, else a micro-batch no larger than planned with
+    an accumulation that together give exactly the same batch, else the smallest batch above
+    it (said in a note). Pinned knobs are never changed (a pinned accumulation grows the batch
+    with the ranks: said in a note)."""
+    mb, acc = knobs.per_device_train_batch_size, knobs.gradient_accumulation_steps
+    target = mb * acc
+    pin_mb, pin_acc = "per_device_train_batch_size" in pinned, "gradient_accumulation_steps" in pinned
+    if pin_acc:
+        return knobs, [], [f"{ranks}: gradient_accumulation_steps is set by you ({acc}), so an optimizer step "
+                           f"trains {mb} x {acc} x {world} = {mb * acc * world} rows, not the {target} of one device"]
+    if acc % world == 0:
+        new = acc // world
+        return knobs.replace(gradient_accumulation_steps=new), [Adjustment(
+            "gradient_accumulation_steps", acc, new,
+            f"{ranks}: accumulation {acc} -> {new} keeps the effective batch {target} = {mb} x {new} x {world}")], []
+    sizes = [mb] if pin_mb else range(mb, 0, -1)
+    exact = next((m for m in sizes if target % (m * world) == 0), None)
+    notes: list[str] = []
+    if exact is not None:
+        m, a = exact, target // (exact * world)
+        why = f"{ranks}: {acc} micro-batches do not divide by {world}; {m} x {a} x {world} keeps the effective batch {target}"
+    else:  # the smallest batch above the target, with the largest micro-batch that gives it
+        m, a = min(((s, -(-target // (s * world))) for s in sizes), key=lambda x: (x[0] * x[1], -x[0]))
+        why = (f"{ranks}: {target} rows per optimizer step do not split evenly over {world} ranks; "
+               f"{m} x {a} x {world} = {m * a * world} is the nearest larger batch")
+        notes.append(f"the effective batch is {m * a * world} rows ({m} x {a} x {world}), not the {target} of one "
+                     f"device: {target} does not split evenly over {world} ranks")
+    adjustments = []
+    if m != mb:
+        adjustments.append(Adjustment("per_device_train_batch_size", mb, m, why))
+    if a != acc:
+        adjustments.append(Adjustment("gradient_accumulation_steps", acc, a, why))
+    return knobs.replace(per_device_train_batch_size=m, gradient_accumulation_steps=a), adjustments, notes
+
+
+def _reason(sel: Selection, mode: str, budget: int, current: MemoryEstimate, s_knobs: Knobs,
+            s_adj: list[Adjustment], s_est: MemoryEstimate,
+            f_plan: tuple[Knobs, list[Adjustment], MemoryEstimate] | None, knobs: Knobs) -> str:
+    """Which devices and mode, and why, in one sentence."""
+    where = sel.why + (f", on each of {sel.nodes} machines" if sel.nodes > 1 else "")
+    left = "".join(f"; GPU {d.index} ({d.name}) is left out: {why}" for d, why in sel.left_out)
+    if mode == "single":
+        return where + left
+    cpu = sel.devices[0].index is None
+    unit = "process" if cpu else "card"
+    if s_est.total_bytes > budget:
+        one = f"does not fit one {unit} ({_gb(s_est.total_bytes)} > the {_gb(budget)} budget per {unit})"
+    elif _cuts(s_adj):
+        first: dict[str, Any] = {}
+        for a in _cuts(s_adj):
+            first.setdefault(a.knob, a.old)
+        one = "fits one card only with " + " and ".join(f"{k} {old} -> {getattr(s_knobs, k)}" for k, old in first.items())
+    else:
+        one = f"fits one {unit} ({_gb(s_est.total_bytes)} of the {_gb(budget)} budget per {unit})"
+    if mode == "ddp":
+        how = (f"each of the {sel.world_size} ranks holds the whole model and trains on its own share of every "
+               f"batch (data parallel{', gloo' if cpu else ''})")
+        text = f"{where}{left}: the plan {one}, so {how}"
+        if f_plan is not None:
+            f_est = f_plan[2]
+            shard = ("does not fit either" if f_est.total_bytes > budget else
+                     "would not need fewer cuts")
+            text += f"; sharded (FSDP) it {shard} ({_gb(f_est.total_bytes)} per card)"
+        return text
+    d = current.details
+    weights = "4-bit" if knobs.load_in_4bit else "16-bit"
+    return (f"{where}{left}: the plan {one}; sharded across {sel.world_size} cards (FSDP, QLoRA with the "
+            f"4-bit weights stored in the compute dtype) the {_gb(d['fsdp_unsharded_weights_bytes'])} of "
+            f"{weights} weights become {_gb(d['fsdp_sharded_weights_bytes'])} per card + "
+            f"{_gb(d['fsdp_gathered_bytes'])} gathered while computing (one block twice, the embeddings and "
+            f"lm_head): {_gb(current.total_bytes)} of the {_gb(budget)} budget per card")
 
 
 CONTEXT_STEP = 64
@@ -372,12 +581,12 @@ def _longest(plan: Plan, knobs: Knobs) -> ContextFit:
     (its config's max_position_embeddings) or the memory budget (then which parts grow with the
     length, per 1024 tokens). The estimate grows with the length, so a binary search over
     multiples of CONTEXT_STEP finds it in ~15 estimates (milliseconds)."""
-    facts = DeviceFacts.from_hardware(plan.hardware)
+    facts = plan.device_facts()
     budget = plan.budget_bytes
 
     def est(n: int) -> MemoryEstimate:
         return estimate(plan.model.shape, knobs.replace(max_length=n), facts,
-                        reference_adapter=plan.reference_adapter)
+                        reference_adapter=plan.reference_adapter, shards=plan.shards)
 
     window = plan.model.shape.context_length
     top = (window // CONTEXT_STEP) * CONTEXT_STEP if window >= CONTEXT_STEP else CONTEXT_SEARCH_LIMIT
@@ -418,20 +627,31 @@ def _advice(plan: Plan) -> list[str]:
         params_b = e.base_params * share / 1e9
         out.append(f"a smaller model: the weights alone need {_gb(e.weights_bytes)} of the {_gb(budget)} "
                    f"budget; about {params_b:.1f}B parameters or fewer would leave room to train")
-    facts = DeviceFacts.from_hardware(plan.hardware)
+    facts = plan.device_facts()
+    shards = plan.shards
     if not k.load_in_4bit and (backend in BITSANDBYTES_BACKENDS or k.engine == "mlx"):
         q = estimate(plan.model.shape, k.replace(load_in_4bit=True), facts,
-                     reference_adapter=plan.reference_adapter)
+                     reference_adapter=plan.reference_adapter, shards=shards)
         if q.total_bytes < e.total_bytes:
             out.append(f"4-bit weights (--set load_in_4bit=true): the estimate drops to {_gb(q.total_bytes)}")
     for n in (1024, 512, 256, 128, 64):
         if n >= k.max_length:
             continue
         s = estimate(plan.model.shape, k.replace(max_length=n), facts,
-                     reference_adapter=plan.reference_adapter)
+                     reference_adapter=plan.reference_adapter, shards=shards)
         if s.total_bytes <= budget:
             out.append(f"shorter sequences (--max-seq-len {n}): the estimate drops to {_gb(s.total_bytes)}")
             break
+    if backend == "cuda" and k.engine == "torch":
+        # more cards like these, sharded: the fewest that hold the plan's knobs (4-bit unless pinned off)
+        sharded = k if "load_in_4bit" in plan.pinned else k.replace(load_in_4bit=True)
+        for cards in (2, 3, 4, 6, 8):
+            if cards <= plan.world_size:
+                continue
+            f = estimate(plan.model.shape, sharded, facts, reference_adapter=plan.reference_adapter, shards=cards)
+            if f.total_bytes <= budget:
+                out.append(f"{cards} cards like these, sharded (FSDP): {_gb(f.total_bytes)} per card with these knobs")
+                break
     if not out:
         out.append(f"a machine with at least {_gb(e.total_bytes + plan.headroom_bytes)} free")
     return out
