@@ -109,11 +109,14 @@ def build_plan(args: argparse.Namespace):
     if args.budget is not None or args.backend is not None:
         if args.budget is None or args.backend is None:
             raise UserError("--budget and --backend go together: e.g. --budget 24 --backend cuda")
-        hw = hypothetical_hardware(args.backend, args.budget)
+        # --gpus N with --budget: a machine with N such cards
+        cards = int(args.gpus) if args.backend == "cuda" and (args.gpus or "").strip().isdigit() else 1
+        hw = hypothetical_hardware(args.backend, args.budget, cards=max(1, min(cards, 64)))
     else:
         hw = probe()
     model = resolve_model(args.model, trust_remote_code=args.trust_remote_code)
-    return make_plan(hw, model, profile=args.profile, pinned=pinned)
+    return make_plan(hw, model, profile=args.profile, pinned=pinned, gpus=args.gpus, processes=args.processes,
+                     nodes=args.nodes)
 
 
 def _fmt_value(v: Any) -> str:
@@ -134,9 +137,14 @@ def render_plan(plan) -> None:
     from localtune.memory import PART_LABELS
 
     con = Console(highlight=False)
-    hw, dev, shape = plan.hardware, plan.hardware.primary, plan.model.shape
-    con.print(f"[bold]Machine[/]  {hw.backend} · {dev.name} · {dev.total_bytes / GiB:.1f} GB total, "
+    hw, dev, shape = plan.hardware, plan.budget_device, plan.model.shape
+    par = plan.parallel
+    cards = f"{len(plan.devices)} x " if len(plan.devices) > 1 else ""
+    con.print(f"[bold]Machine[/]  {hw.backend} · {cards}{dev.name} · {dev.total_bytes / GiB:.1f} GB total, "
               f"{dev.free_bytes / GiB:.1f} GB free", soft_wrap=True)
+    mode = {"single": "one device", "ddp": "data parallel (DDP)", "fsdp": "sharded (FSDP, QLoRA)"}[par.mode]
+    ranks = f", {par.world_size} ranks" if par.world_size > 1 else ""
+    con.print(f"[bold]Parallel[/] {mode}{ranks}: {par.reason}", soft_wrap=True)
     con.print(f"[bold]Profile[/]  {plan.profile.name}: {plan.profile.description}", soft_wrap=True)
     con.print(f"[bold]Model[/]    {plan.model.display_name} ({shape.model_type}, "
               f"{plan.estimate.base_params / 1e9:.2f}B params, {shape.num_hidden_layers} layers, "
@@ -172,14 +180,24 @@ def render_plan(plan) -> None:
     for name, b in e.parts():
         m.add_row(PART_LABELS[name], f"{b / GiB:.2f}", "█" * max(0, round(width * b / scale)))
     m.add_row("total", f"{e.total_bytes / GiB:.2f}", "")
-    m.add_row("budget", f"{plan.budget_bytes / GiB:.2f}",
-              f"[dim]free {plan.hardware.primary.free_bytes / GiB:.1f} GB − headroom {plan.headroom_bytes / GiB:.1f} GB[/]")
+    per = "per card" if hw.backend == "cuda" else ("per process" if par.processes > 1 else "")
+    share = f" ÷ {par.processes} processes" if hw.backend != "cuda" and par.processes > 1 else ""
+    which = f"GPU {dev.index}: " if hw.backend == "cuda" and len(plan.devices) > 1 else ""
+    m.add_row(f"budget {per}".strip(), f"{plan.budget_bytes / GiB:.2f}",
+              f"[dim]{which}(free {dev.free_bytes / GiB:.1f} GB − headroom {plan.headroom_bytes / GiB:.1f} GB){share}[/]"
+              if share else f"[dim]{which}free {dev.free_bytes / GiB:.1f} GB − headroom {plan.headroom_bytes / GiB:.1f} GB[/]")
     con.print(m)
+    if par.world_size > 1:
+        k = plan.knobs
+        con.print(f"effective batch {plan.effective_batch_size} = micro-batch {k.per_device_train_batch_size} x "
+                  f"accumulation {k.gradient_accumulation_steps} x {par.world_size} ranks", soft_wrap=True)
     if plan.fits:
-        con.print(Text(f"\nFits: {e.total_bytes / GiB:.1f} GB of {plan.budget_bytes / GiB:.1f} GB.", style="green"))
+        con.print(Text(f"\nFits: {e.total_bytes / GiB:.1f} GB of {plan.budget_bytes / GiB:.1f} GB"
+                       f"{' ' + per if per else ''}.", style="green"))
     else:
         con.print(Text(f"\nDoes not fit: the smallest configuration needs {e.total_bytes / GiB:.1f} GB, "
-                       f"the budget is {plan.budget_bytes / GiB:.1f} GB. What would fit:", style="red"))
+                       f"the budget is {plan.budget_bytes / GiB:.1f} GB{' ' + per if per else ''}. What would fit:",
+                       style="red"))
         for a in plan.advice:
             con.print(f"  - {a}", soft_wrap=True)
 
@@ -525,7 +543,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         from_data = src.read_config()["run"].get("data")
     run_cfg, pinned = with_method_defaults(run_cfg, pinned, from_data=from_data)
     plan = make_plan(probe(), model, profile=run_cfg.get("profile"), pinned=pinned,
-                     reference_adapter=bool(run_cfg.get("from_run")) and pinned.get("method") == "dpo")
+                     reference_adapter=bool(run_cfg.get("from_run")) and pinned.get("method") == "dpo",
+                     gpus=args.gpus, processes=args.processes, nodes=args.nodes)
     require_engine(plan.knobs)  # engine=mlx without mlx installed: how to install it, in one line
     if not plan.fits:
         raise UserError(f"the run does not fit this machine (estimate {plan.estimate.total_bytes / GiB:.1f} GB, "
@@ -787,6 +806,13 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
                    help="pin a knob, e.g. --set r=8 --set load_in_4bit=true (repeatable)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a model whose architecture needs its own Python code")
+    p.add_argument("--gpus", default=None, metavar="SPEC",
+                   help="NVIDIA GPUs to train on: all, N (the first N) or a list of GPU numbers such as 0,2 "
+                        "(1, for GPU 1 alone); default: every GPU that matches GPU 0 in model and memory")
+    p.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="the CPU only: train with N processes on this CPU, each with 1/N of the RAM budget")
+    p.add_argument("--nodes", type=int, default=1, metavar="N",
+                   help="machines, each with the same GPUs (or processes); default 1")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:

@@ -217,18 +217,20 @@ class Plan:
         }
 
 
-def hypothetical_hardware(backend: str, budget_gb: float) -> Hardware:
-    """A machine that is not this one: one device of `budget_gb` GiB, all of it free."""
+def hypothetical_hardware(backend: str, budget_gb: float, cards: int = 1) -> Hardware:
+    """A machine that is not this one: one device of `budget_gb` GiB, all of it free (on cuda,
+    `cards` such GPUs)."""
     if backend not in ("cuda", "mps", "cpu"):
         raise UserError(f"--backend must be cuda, mps or cpu, got {backend!r}")
     if not budget_gb > 0:
         raise UserError(f"--budget must be a positive number of GB, got {budget_gb:g}")
     total = int(budget_gb * GiB)
     name = {"cuda": "NVIDIA GPU", "mps": "Apple Silicon GPU", "cpu": "CPU RAM"}[backend]
-    device = Device(name=f"{name} ({budget_gb:g} GB, planned)", total_bytes=total, free_bytes=total,
-                    index=0 if backend == "cuda" else None)
-    return Hardware(backend=backend, devices=[device], ram_total_bytes=total, ram_available_bytes=total,
-                    cpu_cores=0, notes=[f"planning for a {backend} machine with {budget_gb:g} GB, not this one"])
+    devices = [Device(name=f"{name} ({budget_gb:g} GB, planned)", total_bytes=total, free_bytes=total,
+                      index=i if backend == "cuda" else None) for i in range(cards if backend == "cuda" else 1)]
+    many = f"{len(devices)} GPUs of {budget_gb:g} GB" if len(devices) > 1 else f"{budget_gb:g} GB"
+    return Hardware(backend=backend, devices=devices, ram_total_bytes=total, ram_available_bytes=total,
+                    cpu_cores=0, notes=[f"planning for a {backend} machine with {many}, not this one"])
 
 
 def _seconds(s: float) -> str:
