@@ -160,3 +160,31 @@ def test_readings_that_fail_are_reported_not_fatal(fixed_readings, monkeypatch) 
 @pytest.mark.parametrize("hw", [cpu_machine, gpu_machine], ids=["cpu", "gpu"])
 def test_snapshot(snap_compare, fixed_readings, hw, size) -> None:
     assert snap_compare(LocaltuneApp(hardware=hw(), mode="machine"), terminal_size=size, run_before=settle)
+
+
+def test_several_gpus_say_which_train_by_default_and_which_are_left_out(fixed_readings) -> None:
+    """Two RTX 3090s and a 3060: a run uses the two 3090s (the cards that match GPU 0) and the
+    screen says so, and why the 3060 is left out."""
+    hw = gpu_machine()
+    g0 = replace(hw.devices[0], name="NVIDIA GeForce RTX 3090")
+    odd = replace(g0, name="NVIDIA GeForce RTX 3060", total_bytes=12 * GiB, free_bytes=11 * GiB, index=2, nvml_index=2)
+    hw = replace(hw, devices=[g0, replace(g0, index=1, nvml_index=1), odd])
+
+    async def test(app, pilot) -> None:
+        line = " ".join(shown(app, "#profile-gpus").split())
+        assert line.startswith("training uses GPU 0 and 1 (2 x NVIDIA GeForce RTX 3090, 24.0 GB): data parallel "
+                               "when the model fits one card, sharded (FSDP) when it does not; --gpus picks others")
+        assert "GPU 2 (NVIDIA GeForce RTX 3060, 12.0 GB) is left out: it does not match GPU 0" in line
+
+    drive(hw, test, size=(100, 40))
+
+
+def test_one_gpu_says_it_trains_there_and_a_cpu_box_has_no_gpu_line(fixed_readings) -> None:
+    async def one(app, pilot) -> None:
+        assert shown(app, "#profile-gpus").strip() == "training uses GPU 0 (NVIDIA GeForce RTX 4090, 24.0 GB)"
+
+    async def cpu(app, pilot) -> None:
+        assert not app.screen.query("#profile-gpus")
+
+    drive(gpu_machine(), one)
+    drive(cpu_machine(), cpu)

@@ -1,5 +1,6 @@
 """The Machine screen (key 1): what the probe found and the profile it matched, with live
-readings of memory, temperature, utilisation and power.
+readings of memory, temperature, utilisation and power. On NVIDIA it also says which GPUs a
+run trains on when `--gpus` is left out (every GPU matching GPU 0), and names any left out.
 
 The probe itself ran once when the app started (`app.hardware`); this screen only re-reads
 what changes, every `REFRESH_S` seconds, in a thread (NVML calls can block), and the thread
@@ -25,6 +26,7 @@ from textual.widgets import Footer, Header, Label, Static
 from localtune.engines import engine_line
 from localtune.errors import UserError
 from localtune.hardware import Device, Hardware, gpu_live_facts, sample_devices
+from localtune.parallel import machine_line
 from localtune.profiles import Profile, match_profile
 from localtune.tui.widgets import MemoryBar
 
@@ -151,6 +153,8 @@ class MachineScreen(Screen):
                                                 id="profile-name"))
                     yield row("knobs", Static(profile_knobs_line(p), id="profile-knobs"))
                     yield row("engine", Static(engine_line(p.knobs.engine, hw.versions), id="profile-engine"))
+                if hw.backend == "cuda":  # which GPUs a run uses when --gpus is left out, and why
+                    yield row("GPUs", Static(machine_line(hw), id="profile-gpus"))
             yield Static("", id="machine-live-error", classes="error")
             yield Static("Press 2 to plan a new run, 3 for runs.", id="machine-next")
         yield Footer(compact=True)
