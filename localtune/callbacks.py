@@ -64,13 +64,30 @@ def sample_answer(model, tokenizer, prompt: str) -> str:
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+class AgreeOnStop(TrainerCallback):
+    """Several ranks (localtune.distributed): at each step's end, before the callbacks that act
+    on a stop, the ranks agree whether one was asked for (any rank's SIGTERM), so all end at
+    the same step and write the same checkpoint."""
+
+    def __init__(self, stop: StopRequest) -> None:
+        self.stop = stop
+
+    def on_step_end(self, args, state, control, **kw):
+        from localtune.distributed import agree_any
+
+        if agree_any(self.stop.requested) and not self.stop.requested:
+            self.stop.requested, self.stop.reason = True, "SIGTERM (another rank)"
+
+
 class ThermalGuard(TrainerCallback):
     """Between optimizer steps, wait while the GPU is hotter than `limit_c`: a `thermal_pause`
     event, a reading every `poll_s`, and a `thermal_resume` event once it is
     THERMAL_HYSTERESIS_C below the limit (or a stop is requested). `read_temp` returns degrees
-    C, or None where it cannot tell (then training goes on)."""
+    C, or None where it cannot tell (then training goes on). With several ranks every rank has
+    a guard whose reading is the hottest card's (distributed.make_agreeing_reader), so all pause
+    together; only rank 0's writes events (`events_path` None on the others)."""
 
-    def __init__(self, limit_c: float, read_temp, events_path: Path, stop: StopRequest, *,
+    def __init__(self, limit_c: float, read_temp, events_path: Path | None, stop: StopRequest, *,
                  sleep=time.sleep, poll_s: float = THERMAL_POLL_S) -> None:
         self.limit_c, self.read_temp, self.events_path, self.stop = limit_c, read_temp, events_path, stop
         self.sleep, self.poll_s = sleep, poll_s
@@ -84,7 +101,9 @@ class ThermalGuard(TrainerCallback):
         temp = self.read_temp()
         if temp is None or temp <= self.limit_c:
             return 0.0
-        append_event(self.events_path, "thermal_pause", step=step, temperature_c=temp, max_gpu_temp_c=self.limit_c)
+        if self.events_path is not None:
+            append_event(self.events_path, "thermal_pause", step=step, temperature_c=temp,
+                         max_gpu_temp_c=self.limit_c)
         start = time.monotonic()
         while not self.stop.requested:
             self.sleep(self.poll_s)
@@ -93,49 +112,93 @@ class ThermalGuard(TrainerCallback):
                 break
         paused = time.monotonic() - start
         self.paused_total_s += paused
-        append_event(self.events_path, "thermal_resume", step=step, temperature_c=temp, paused_s=round(paused, 1))
+        if self.events_path is not None:
+            append_event(self.events_path, "thermal_resume", step=step, temperature_c=temp, paused_s=round(paused, 1))
         return paused
 
 
 def thermal_guard_for(max_gpu_temp: float | None, backend: str, hardware, events_path: Path,
-                      stop: StopRequest) -> ThermalGuard | None:
+                      stop: StopRequest, rank=None, devices: list[int] | None = None) -> ThermalGuard | None:
     """The ThermalGuard for a run's `max_gpu_temp`, reading the training GPU (the plan's first
-    device) through NVML; None without a limit or off CUDA (nothing to read there)."""
+    device) through NVML; None without a limit or off CUDA (nothing to read there). A rank of
+    several (`rank`: localtune.distributed.Rank) reads its own card (the plan's `devices`
+    [local rank]) and pauses with the others while the hottest is over the limit."""
     if not max_gpu_temp or backend != "cuda":
         return None
     from localtune.hardware import sample_devices
 
+    index = 0
+    if rank is not None and devices:
+        ordinal = devices[rank.local_rank] if rank.local_rank < len(devices) else None
+        index = next((i for i, d in enumerate(hardware.devices) if d.index == ordinal), 0)
+
     def read_temp() -> float | None:
         try:
-            return sample_devices(hardware)[0].temperature_c
+            return sample_devices(hardware)[index].temperature_c
         except Exception:  # noqa: BLE001 - a failed reading must not stop training
             return None
 
-    return ThermalGuard(float(max_gpu_temp), read_temp, events_path, stop)
+    if rank is None:
+        return ThermalGuard(float(max_gpu_temp), read_temp, events_path, stop)
+    from localtune.distributed import make_agreeing_reader
+
+    return ThermalGuard(float(max_gpu_temp), make_agreeing_reader(read_temp, stop),
+                        events_path if rank.main else None, stop)
 
 
 class SaveByClock(TrainerCallback):
     """Ask for a checkpoint when `minutes` have passed since the last one (0: never)."""
 
-    def __init__(self, minutes: float, clock=time.monotonic) -> None:
-        self.every_s, self.clock = minutes * 60.0, clock
+    def __init__(self, minutes: float, clock=time.monotonic, agree: Callable[[bool], bool] = lambda due: due) -> None:
+        self.every_s, self.clock, self.agree = minutes * 60.0, clock, agree
         self.last = clock()
+        """`agree`: with several ranks, any rank's clock being due makes every rank save
+        (distributed.agree_any; every rank calls it at each step's end)."""
 
     def on_train_begin(self, args, state, control, **kw):
         self.last = self.clock()
 
     def on_step_end(self, args, state, control, **kw):
-        if self.every_s > 0 and self.clock() - self.last >= self.every_s:
+        if self.agree(self.every_s > 0 and self.clock() - self.last >= self.every_s):
             control.should_save = True
 
     def on_save(self, args, state, control, **kw):
         self.last = self.clock()
 
 
-def hardware_event(run: RunDir, backend: str, hw, device: str) -> None:
+def rank_devices(run: RunDir, backend: str, hw, parallel: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's device now, for a run of several: each GPU of the plan (NVML: memory in use
+    on the card, utilisation, temperature, power), or on the CPU each rank process's memory."""
+    import psutil
+
+    out: list[dict[str, Any]] = []
+    if backend == "cuda":
+        from localtune.hardware import sample_devices
+
+        wanted = list(parallel.get("devices") or [])
+        for rank, d in enumerate(d for d in sample_devices(hw) if d.index in wanted):
+            out.append({"rank": rank, "name": d.name, "index": d.index,
+                        "memory_used_bytes": d.total_bytes - d.free_bytes, "memory_total_bytes": d.total_bytes,
+                        "utilization_pct": d.utilization_pct, "temperature_c": d.temperature_c, "power_w": d.power_w})
+        return out
+    from localtune.distributed import read_rank_files
+
+    total = psutil.virtual_memory().total
+    for rank, f in sorted(read_rank_files(run).items()):
+        try:
+            rss = psutil.Process(int(f["pid"])).memory_info().rss
+        except (psutil.Error, KeyError, TypeError, ValueError):
+            rss = None
+        out.append({"rank": rank, "name": f"{backend} process {rank}", "index": None, "memory_used_bytes": rss,
+                    "memory_total_bytes": total, "utilization_pct": None, "temperature_c": None, "power_w": None})
+    return out
+
+
+def hardware_event(run: RunDir, backend: str, hw, device: str, parallel: dict[str, Any] | None = None) -> None:
     """Memory, utilisation, temperature and power of the training device now. `hw` is the
     launch probe: sampling re-reads only the live fields (a full probe per logged step would be
-    work on the hot path); its first device is the plan's, `device`."""
+    work on the hot path); its first device is the plan's, `device`. A run of several ranks
+    (`parallel`, plan.json's) adds `devices`: every rank's (rank_devices)."""
     import psutil
 
     vm = psutil.virtual_memory()
@@ -159,6 +222,11 @@ def hardware_event(run: RunDir, backend: str, hw, device: str) -> None:
         fields.update(memory_used_bytes=mx.get_active_memory() + mx.get_cache_memory(), memory_total_bytes=vm.total)
     else:
         fields.update(memory_used_bytes=psutil.Process().memory_info().rss, memory_total_bytes=vm.total)
+    if parallel is not None and parallel.get("world_size", 1) > 1:
+        try:
+            fields["devices"] = rank_devices(run, backend, hw, parallel)
+        except Exception:  # noqa: BLE001 - live readings are optional
+            pass
     append_event(run.events_path, "hardware", **fields)
 
 
@@ -213,6 +281,10 @@ class RunInfo:
     """trl's log keys -> the step event's fields, for the method's own metrics."""
     eval_metrics: dict[str, str] = field(default_factory=dict)
     """trl's eval log keys -> the eval event's fields (besides eval_loss)."""
+    writes: bool = True
+    """Whether this process writes events and the status: False on ranks other than 0."""
+    parallel: dict[str, Any] | None = None
+    """plan.json's `parallel` for a rank of several (localtune.distributed); None for one process."""
 
 
 class RunEvents(TrainerCallback):
@@ -241,24 +313,34 @@ class RunEvents(TrainerCallback):
         self.tokens_last = state.num_input_tokens_seen
         self.paused_last = self.paused_s()
         info = self.info
+        if not info.writes:
+            return
+        par = info.parallel or {}
+        ranks = ({"world_size": par.get("world_size"), "parallel_mode": par.get("mode"),
+                  "devices": list(par.get("devices") or [])} if par else {})
         self.run.write_status(state="running", pid=os.getpid(), max_steps=state.max_steps, step=state.global_step,
                               error=None)
         append_event(self.run.events_path, "started", pid=os.getpid(), resumed_from=self.attempt.resumed_from,
                      max_steps=state.max_steps, device=info.device, precision=info.precision,
-                     padding_free=info.padding_free, method=info.method, from_run=info.from_run)
+                     padding_free=info.padding_free, method=info.method, from_run=info.from_run, **ranks)
 
     def on_step_end(self, args, state, control, **kw):
         if self.stop.requested:
-            append_event(self.run.events_path, "stopping", reason=self.stop.reason)
-            self.run.write_status(state="stopping")
+            if self.info.writes:
+                append_event(self.run.events_path, "stopping", reason=self.stop.reason)
+                self.run.write_status(state="stopping")
             control.should_save = True
             control.should_training_stop = True
+        elif not self.info.writes:
+            return
         elif self.sample_steps and state.global_step % self.sample_steps == 0:
             append_event(self.run.events_path, "sample", step=state.global_step, prompt=self.sample_prompt,
                          text=self.sample(kw["model"], self.tokenizer, self.sample_prompt))
 
     def on_log(self, args, state, control, logs=None, **kw):
         logs = logs or {}
+        if not self.info.writes:
+            return
         if "loss" in logs:
             now = time.time()
             tokens = state.num_input_tokens_seen
@@ -271,7 +353,7 @@ class RunEvents(TrainerCallback):
                          grad_norm=logs.get("grad_norm"), tokens_per_s=round(rate, 1),
                          elapsed_s=round(self.attempt.elapsed(now), 1), **extra)
             self.run.write_status(step=state.global_step, loss=logs["loss"])
-            hardware_event(self.run, self.info.backend, self.info.hardware, self.info.device)
+            hardware_event(self.run, self.info.backend, self.info.hardware, self.info.device, self.info.parallel)
         if "eval_loss" in logs:
             extra = {field_: float(logs[key]) for key, field_ in self.info.eval_metrics.items() if key in logs}
             append_event(self.run.events_path, "eval", step=state.global_step, eval_loss=logs["eval_loss"], **extra)

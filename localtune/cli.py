@@ -572,7 +572,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         return run_tui(run=run.id)
     end = follow(run, worker=proc, bell=bool(run_cfg["notify"]))
-    return 1 if end and end["kind"] == "failed" else 0
+    return 1 if end and end["kind"] in ("failed", "interrupted") else 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -597,7 +597,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
         return run_tui(run=run.id)
     end = follow(run, worker=proc, offset=offset, bell=bool(run.read_config()["run"].get("notify")))
-    return 1 if end and end["kind"] == "failed" else 0
+    return 1 if end and end["kind"] in ("failed", "interrupted") else 0
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
@@ -611,7 +611,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
     from localtune.headless import follow
 
     end = follow(run)
-    return 1 if end and end["kind"] == "failed" else 0
+    return 1 if end and end["kind"] in ("failed", "interrupted") else 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

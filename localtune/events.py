@@ -28,6 +28,9 @@ EVENT_FIELDS: dict[str, dict[str, str]] = {
         "padding_free": "whether batches are laid end to end without padding (or packed)",
         "method": "the training method: 'sft', 'dpo' or 'orpo'",
         "from_run": "the run whose adapter this one continues (dpo, orpo), or null",
+        "world_size": "several ranks only (GPUs, or CPU processes): how many train together",
+        "parallel_mode": "several ranks only: 'ddp' (each holds the model) or 'fsdp' (sharded)",
+        "devices": "several ranks only: the CUDA ordinals of the ranks' GPUs ([] on the CPU)",
     },
     "download": {
         "repo": "the hub model being downloaded before training (org/name)",
@@ -58,6 +61,8 @@ EVENT_FIELDS: dict[str, dict[str, str]] = {
         "power_w": "GPU power draw, or null",
         "cpu_pct": "CPU use of the machine",
         "ram_used_bytes": "system RAM in use",
+        "devices": "several ranks only: each rank's device, {rank, name, index, memory_used_bytes, "
+                   "memory_total_bytes, utilization_pct, temperature_c, power_w}",
     },
     "checkpoint": {"step": "optimizer step of the checkpoint", "path": "its folder, complete"},
     "oom_backoff": {
@@ -87,6 +92,8 @@ EVENT_FIELDS: dict[str, dict[str, str]] = {
                                       "MLX engine (its arrays, on Apple's GPU or the CPU)"},
     "stopped": {"step": "optimizer steps done", "checkpoint": "the checkpoint to resume from"},
     "failed": {"error": "what went wrong, one line", "log": "the worker log with the traceback"},
+    "interrupted": {"error": "several ranks only: which rank ended without a word, and where resume starts",
+                    "log": "the worker log"},
 }
 """Each event kind and its fields, besides `t` and `kind`."""
 
@@ -107,7 +114,7 @@ METHOD_FIELDS: dict[str, dict[str, str]] = {
 """Fields a kind carries only for some training methods (an SFT run's events have none of them)."""
 
 KINDS = tuple(EVENT_FIELDS)
-END_KINDS = ("finished", "stopped", "failed")
+END_KINDS = ("finished", "stopped", "failed", "interrupted")
 """The kinds that end an attempt. A later `started` (a resume) begins a new one."""
 
 

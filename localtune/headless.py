@@ -73,6 +73,8 @@ def outcome(run: RunDir, p: RunProgress, end: dict[str, Any]) -> Text:
     if end.get("kind") == "stopped":
         where = f" ({end['checkpoint']})" if end.get("checkpoint") else ""
         return Text(f"stopped at step {p.step}{where}; `localtune resume {run.id}` goes on from there")
+    if end.get("kind") == "interrupted":
+        return Text.assemble(("interrupted", "red"), f": {end.get('error', '?')}\n  log: {end.get('log') or run.log_path}")
     return Text.assemble(("failed", "red"), f": {end.get('error', '?')}\n  log: {end.get('log') or run.log_path}")
 
 

@@ -12,19 +12,26 @@ import importlib.metadata
 from typing import Any
 
 
-def load_base_model(path: str, knobs, precision, device: str, trust_remote_code: bool):
+def load_base_model(path: str, knobs, precision, device: str, trust_remote_code: bool, *, fsdp: bool = False):
     """The base model as the plan asks: 4-bit weights (QLoRA) when `load_in_4bit`, else in
     `precision.weights_dtype`; on the plan's device; flash-attention 2 where
-    localtune.precision found that it runs."""
+    localtune.precision found that it runs.
+
+    `fsdp`: a rank of a sharded run (localtune.distributed). The 4-bit weights are then stored
+    in the compute dtype (`bnb_4bit_quant_storage`), so that FSDP can flatten and shard them
+    with the other parameters (bitsandbytes' docs/source/fsdp_qlora.md), and no device map:
+    accelerate's FSDP places the shards (fsdp_cpu_ram_efficient_loading: rank 0 reads the
+    weights, the others receive theirs)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kw: dict[str, Any] = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
     if knobs.load_in_4bit:
+        storage = {"bnb_4bit_quant_storage": precision.bnb_compute_torch_dtype()} if fsdp else {}
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=knobs.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant=knobs.bnb_4bit_use_double_quant,
-            bnb_4bit_compute_dtype=precision.bnb_compute_torch_dtype())
-    if device != "cpu":
+            bnb_4bit_compute_dtype=precision.bnb_compute_torch_dtype(), **storage)
+    if device != "cpu" and not fsdp:
         kw["device_map"] = {"": device}
     if precision.attn_implementation:
         kw["attn_implementation"] = precision.attn_implementation

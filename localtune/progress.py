@@ -129,6 +129,8 @@ class RunProgress:
         self.power_w: float | None = None
         self.cpu_pct: float | None = None
         self.ram_used_bytes: int | None = None
+        self.devices: list[dict[str, Any]] = []
+        """A run of several ranks: each rank's device as the last hardware event read it."""
         self.checkpoint_step: int | None = None
         self.checkpoint_name: str | None = None
         self.checkpoint_t: float | None = None
@@ -287,6 +289,8 @@ class RunProgress:
         return f"step {'?' if step is None else step}: sample: {text[:SAMPLE_LINE_CHARS]}"
 
     def _on_hardware(self, e: dict[str, Any]) -> None:
+        devices = e.get("devices")
+        self.devices = [d for d in devices if isinstance(d, dict)] if isinstance(devices, list) else []
         self.memory_used_bytes = _int(e, "memory_used_bytes")
         self.memory_total_bytes = _int(e, "memory_total_bytes")
         self.utilization_pct = _num(e, "utilization_pct")
@@ -344,6 +348,10 @@ class RunProgress:
         self.end = e
         self.step = _int(e, "step") or self.step
         return self._note(f"stopped at step {self.step}" + (f" ({e['checkpoint']})" if e.get("checkpoint") else ""))
+
+    def _on_interrupted(self, e: dict[str, Any]) -> str:
+        self.end = e
+        return self._note(f"interrupted: {e.get('error', '?')}", "error")
 
     def _on_failed(self, e: dict[str, Any]) -> str:
         self.end = e

@@ -37,7 +37,7 @@ from localtune.errors import UserError
 from localtune.events import atomic_write_json, atomic_write_text, last_event
 from localtune.paths import runs_dir
 
-STATES = ("created", "running", "stopping", "stopped", "failed", "completed")
+STATES = ("created", "running", "stopping", "stopped", "failed", "completed", "interrupted")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 LOCK_FD_ENV = "LOCALTUNE_LOCK_FD"
 """Set by the launcher for the worker it starts: the number of the inherited file descriptor
@@ -195,7 +195,7 @@ class RunDir:
         s = status.get("state", "created")
         if s in ("running", "stopping") and self.live_worker_pid() is None:
             return "interrupted", None
-        return s, status.get("error") if s == "failed" else None
+        return s, status.get("error") if s in ("failed", "interrupted") else None
 
     def lost_worker(self, status: dict[str, Any] | None = None) -> bool:
         """Whether a launcher started a worker that died before it took the run over: the

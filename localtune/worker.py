@@ -83,8 +83,9 @@ from pathlib import Path
 from typing import Any
 
 from localtune.callbacks import (  # noqa: F401 - re-exported: the worker's callbacks, by their old names too
-    FAULT_OOM_AT_STEP_ENV, THERMAL_HYSTERESIS_C, THERMAL_POLL_S, Attempt, InjectOom, RunEvents, RunInfo,
-    SaveByClock, StopRequest, ThermalGuard, hardware_event, sample_answer, thermal_guard_for)
+    FAULT_OOM_AT_STEP_ENV, THERMAL_HYSTERESIS_C, THERMAL_POLL_S, AgreeOnStop, Attempt, InjectOom, RunEvents,
+    RunInfo, SaveByClock, StopRequest, ThermalGuard, hardware_event, sample_answer, thermal_guard_for)
+from localtune.distributed import FAULT_OOM_RANK_ENV, agree_any, resume_checkpoint
 from localtune.errors import UserError
 from localtune.events import append_event, read_events
 from localtune.loading import (  # noqa: F401 - re-exported
@@ -111,7 +112,14 @@ MIN_BACKOFF_MAX_LENGTH = 64
 
 def _device_of(backend: str, plan: dict[str, Any]) -> str:
     """The plan's training device: 'cuda:N' for the plan's first GPU (N is its CUDA ordinal in
-    this process, as the probe numbered it), else the backend."""
+    this process, as the probe numbered it), else the backend. A rank of several (localtune.
+    distributed) trains on 'cuda:LOCAL_RANK': accelerate's launcher made the plan's GPUs the
+    only ones it sees (CUDA_VISIBLE_DEVICES), in the plan's order."""
+    from localtune.distributed import this_rank
+
+    rank = this_rank()
+    if backend == "cuda" and rank is not None:
+        return f"cuda:{rank.local_rank}"
     if backend == "cuda":
         index = plan["hardware"]["devices"][0].get("index") or 0
         return f"cuda:{index}"
@@ -239,7 +247,10 @@ def checkpoint_problem(ck: Path) -> str | None:
         return problem
     if state.get("engine") == "mlx":  # localtune.engines.mlx_sft: the optimizer state as safetensors
         return _safetensors_problem(ck / "optimizer.safetensors")
-    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+    rng = ["rng_state.pth"]
+    if not (ck / "rng_state.pth").is_file():  # several ranks: one per rank (the Trainer's rng_state_R.pth)
+        rng = sorted(p.name for p in ck.glob("rng_state_*.pth")) or rng
+    for name in ("optimizer.pt", "scheduler.pt", *rng):
         p = ck / name
         if not p.is_file():
             return f"{name} is missing"
@@ -327,6 +338,27 @@ def commit_checkpoint(run: RunDir, step: int, keep: int, write) -> Path:
     beyond the newest `keep` removed, the status and a `checkpoint` event written. A full disk
     (ENOSPC) removes the half-written copy, leaves the checkpoints before it as they were and
     raises DiskFull saying so. Returns the checkpoint's folder."""
+    _write_partial(run, step, write)
+    return _publish_checkpoint(run, step, keep)
+
+
+def commit_checkpoint_ranked(run: RunDir, step: int, keep: int, write, main: bool) -> Path | None:
+    """`commit_checkpoint` for one rank of several: every rank writes its part (its RNG state;
+    rank 0 also the adapter, optimizer and trainer state) under `checkpoints/.partial/`, all
+    wait for each other, rank 0 renames it into place, and all wait again before training
+    on. Returns the folder on rank 0, None on the others."""
+    from localtune.distributed import barrier
+
+    _write_partial(run, step, write)
+    barrier()
+    dst = _publish_checkpoint(run, step, keep) if main else None
+    barrier()
+    return dst
+
+
+def _write_partial(run: RunDir, step: int, write) -> None:
+    """`write()` a checkpoint's files under `checkpoints/.partial/`; a full disk removes them and
+    raises DiskFull (see commit_checkpoint)."""
     partial, final_dir = run.checkpoints_dir / ".partial", run.checkpoints_dir
     name = f"checkpoint-{step}"
     try:
@@ -342,6 +374,12 @@ def commit_checkpoint(run: RunDir, step: int, keep: int, write) -> Path:
             f"the disk is full: writing {name} failed ({e.filename or final_dir}); "
             f"{'the checkpoints before it are intact (newest: ' + last[-1].name + ')' if last else 'no checkpoint was lost'}; "
             f"free some space, then `localtune resume {run.id}`") from e
+
+
+def _publish_checkpoint(run: RunDir, step: int, keep: int) -> Path:
+    """Rename the written checkpoint of `step` into `checkpoints/`, rotate, tell (see commit_checkpoint)."""
+    partial, final_dir = run.checkpoints_dir / ".partial", run.checkpoints_dir
+    name = f"checkpoint-{step}"
     if os.environ.get(FAULT_KILL_IN_CHECKPOINT_ENV) == str(step):
         os._exit(137)  # test-only: die with the checkpoint written but not yet renamed
     src, dst = partial / name, final_dir / name
@@ -365,8 +403,14 @@ class CommitCheckpoints:
     localtune_keep: int
 
     def _save_checkpoint(self, model, trial):
-        commit_checkpoint(self.localtune_run, self.state.global_step, self.localtune_keep,
-                          lambda: super(CommitCheckpoints, self)._save_checkpoint(model, trial))
+        from localtune.distributed import this_rank
+
+        write = lambda: super(CommitCheckpoints, self)._save_checkpoint(model, trial)  # noqa: E731
+        rank = this_rank()
+        if rank is None:
+            commit_checkpoint(self.localtune_run, self.state.global_step, self.localtune_keep, write)
+        else:
+            commit_checkpoint_ranked(self.localtune_run, self.state.global_step, self.localtune_keep, write, rank.main)
 
 
 @lru_cache(maxsize=None)
@@ -512,13 +556,25 @@ def _setup_or_stop(run: RunDir, knobs, stop: StopRequest):
         return None
 
 
-def train(run: RunDir, stop: StopRequest) -> None:
+class RankOutOfMemory(Exception):
+    """A rank of several ran out of memory at optimizer step `step`: it cannot back off alone
+    (the others wait for it in a collective), so it ends and the supervisor backs all of them off."""
+
+    def __init__(self, step: int, message: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+def train(run: RunDir, stop: StopRequest, node_rank: int = 0) -> None:
     """Train the run to the end (or to a stop). Takes minutes to hours.
 
     The lifecycle: set up once; then one attempt per pass of the loop (load the base, let the
     run's method build its trainer, train from the newest usable checkpoint); running out of
     memory frees everything, backs the knobs off and goes round again; at the end the adapter is
-    written to a temporary name and renamed."""
+    written to a temporary name and renamed. A plan of several ranks (GPUs, or CPU processes)
+    is supervised by localtune.distributed, whose ranks run this same lifecycle: rank 0 writes,
+    and out of memory ends the rank (RankOutOfMemory) for the supervisor to back all off."""
+    from localtune.distributed import parallel_of, supervise, this_rank
     from localtune.knobs import knobs_from_mapping
     from localtune.methods import get_method
 
@@ -527,37 +583,53 @@ def train(run: RunDir, stop: StopRequest) -> None:
         from localtune.engines.mlx_sft import train_mlx
 
         return train_mlx(run, stop, knobs)
+    par = parallel_of(json.loads(run.plan_path.read_text(encoding="utf-8")))
+    rank = this_rank()
+    if par["world_size"] > 1 and rank is None:
+        return supervise(run, stop, knobs, par, node_rank)
+    main = rank is None or rank.main
     method = get_method(knobs.method)
     setup = _setup_or_stop(run, knobs, stop)
     if setup is None:
         return
     setup, hardware, model_path, trust = setup
-    knobs = calibrate_run(run, knobs, hardware)
+    if rank is None:
+        knobs = calibrate_run(run, knobs, hardware)  # several ranks: the supervisor calibrated
     rcfg, backend, device, tokenizer = setup.rcfg, setup.backend, setup.device, setup.tokenizer
     data = method.prepare(setup, knobs)
     info = RunInfo(run=run, device=device, backend=backend, hardware=hardware, precision=setup.precision.describe(),
                    padding_free=method.padding_free(setup, knobs) or knobs.packing, method=method.name,
-                   from_run=setup.from_run, step_metrics=method.step_metrics, eval_metrics=method.eval_metrics)
+                   from_run=setup.from_run, step_metrics=method.step_metrics, eval_metrics=method.eval_metrics,
+                   writes=main, parallel=par if rank is not None else None)
     sample_prompt = rcfg.get("sample_prompt") or "What is the capital of Italy?"
     sample_steps = int(rcfg.get("sample_steps") or knobs.eval_steps)
+    if rank is not None and par["mode"] == "fsdp":
+        sample_steps = 0  # a sample generates on rank 0 alone; FSDP's sharded weights need every rank
 
     fault_oom = os.environ.get(FAULT_OOM_AT_STEP_ENV)
-    extra_callbacks: list = [SaveByClock(knobs.save_minutes)]
-    if fault_oom:
+    fault_rank = os.environ.get(FAULT_OOM_RANK_ENV)
+    agree = (lambda flag: flag) if rank is None else agree_any
+    extra_callbacks: list = [SaveByClock(knobs.save_minutes, agree=agree)]
+    if fault_oom and (rank is None or not fault_rank or int(fault_rank) == rank.rank):
         extra_callbacks.append(InjectOom(int(fault_oom)))  # one instance: fires once per process
-    guard = thermal_guard_for(rcfg.get("max_gpu_temp"), backend, hardware, run.events_path, stop)
+    guard = thermal_guard_for(rcfg.get("max_gpu_temp"), backend, hardware, run.events_path, stop, rank=rank,
+                              devices=list(par.get("devices") or []))
     if guard is not None:  # first in the list: a stop asked for during a pause is seen at the end of that step
         extra_callbacks.insert(0, guard)
+    if rank is not None:  # before everything else: every rank sees the same stop at the same step
+        extra_callbacks.insert(0, AgreeOnStop(stop))
 
     def paused_s() -> float:
         return sum(getattr(c, "paused_total_s", 0.0) for c in extra_callbacks)
 
     while True:  # one attempt per pass; running out of memory backs off and goes round again
-        shutil.rmtree(setup.partial, ignore_errors=True)  # whatever a crash left there is incomplete
-        model = load_base_model(model_path, knobs, setup.precision, device, trust)
+        if rank is None:  # several ranks: the supervisor cleared it and chose the checkpoint
+            shutil.rmtree(setup.partial, ignore_errors=True)  # whatever a crash left there is incomplete
+        model = load_base_model(model_path, knobs, setup.precision, device, trust,
+                                fsdp=rank is not None and par["mode"] == "fsdp")
         if setup.template.added_tokens:
             model.resize_token_embeddings(len(tokenizer))
-        resume = newest_usable_checkpoint(run)
+        resume = newest_usable_checkpoint(run) if rank is None else resume_checkpoint(run)
         attempt = Attempt(resumed_from=resume.name if resume else None, elapsed_before=_elapsed_before(run, resume))
         events = RunEvents(info, attempt, stop, tokenizer=tokenizer, sample_prompt=sample_prompt,
                            sample_steps=sample_steps, paused_s=paused_s)
@@ -573,6 +645,8 @@ def train(run: RunDir, stop: StopRequest) -> None:
             if not _is_oom(e):
                 raise
             oom_step = trainer.state.global_step + 1  # the optimizer step under way
+            if rank is not None:
+                raise RankOutOfMemory(oom_step, str(e).splitlines()[0] if str(e) else "out of memory") from e
         # out of the except block, so the traceback (which holds the training frames) is gone too
         trainer.accelerator.free_memory()
         trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
@@ -581,8 +655,10 @@ def train(run: RunDir, stop: StopRequest) -> None:
         del trainer, model, kwargs
         _free_memory(backend)
         knobs = back_off(run, knobs, oom_step)  # UserError when nothing is left to shrink
-    shutil.rmtree(setup.partial, ignore_errors=True)  # only trl's model card (README.md) is left there
     step = trainer.state.global_step
+    if not main:
+        return
+    shutil.rmtree(setup.partial, ignore_errors=True)  # only trl's model card (README.md) is left there
     if stop.requested:
         last = run.complete_checkpoints()
         run.write_status(state="stopped", step=step, pid=None)
@@ -634,14 +710,58 @@ def _take_run(run: RunDir) -> None:
         run.write_status(launched=None)
 
 
+def rank_main(run: RunDir) -> int:
+    """One rank of several (`python -m localtune.worker --rank RUN_DIR`, started by accelerate's
+    launcher for the supervisor): train, and leave the outcome in ranks/rank-R.json for the
+    supervisor, which alone decides the run's state on a failure (localtune.distributed)."""
+    from localtune.distributed import is_comm_error, this_rank, write_rank_file
+
+    rank = this_rank()
+    if rank is None:
+        print("localtune worker: --rank is for the processes accelerate starts for a run's supervisor",
+              file=sys.stderr)
+        return 2
+    stop = StopRequest()
+    signal.signal(signal.SIGTERM, stop)
+    write_rank_file(run, rank, pid=os.getpid(), outcome=None)
+    try:
+        train(run, stop)
+        write_rank_file(run, rank, outcome="stopped" if stop.requested else "completed")
+        return 0
+    except BaseException as e:  # noqa: BLE001 - every failure must reach the supervisor
+        traceback.print_exc()
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        fields: dict[str, Any] = {"error": msg}
+        if isinstance(e, RankOutOfMemory):
+            fields.update(outcome="oom", step=e.step)
+        elif isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            fields.update(outcome="user_error", error=f"the disk is full ({e.filename or run.path}); free some "
+                                                      f"space, then `localtune resume {run.id}`")
+        elif isinstance(e, UserError):
+            fields["outcome"] = "user_error"
+        elif is_comm_error(e):
+            fields["outcome"] = "comm"
+        else:
+            fields.update(outcome="error", error=f"{type(e).__name__}: {msg}")
+        write_rank_file(run, rank, **fields)
+        return 75 if isinstance(e, RankOutOfMemory) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == "--rank":
+        return rank_main(RunDir(Path(argv[1]).resolve()))
+    node_rank = 0
+    if len(argv) == 3 and argv[1] == "--node-rank" and argv[2].isdigit():
+        node_rank, argv = int(argv[2]), argv[:1]
     if len(argv) != 1:
-        print("usage: python -m localtune.worker RUN_DIR", file=sys.stderr)
+        print("usage: python -m localtune.worker RUN_DIR [--node-rank K]", file=sys.stderr)
         return 2
     run = RunDir(Path(argv[0]).resolve())
     stop = StopRequest()
     signal.signal(signal.SIGTERM, stop)
+    if node_rank > 0:  # another machine's ranks of a run machine 0 supervises (localtune.distributed)
+        return _node_main(run, stop, node_rank)
     try:
         _take_run(run)
     except UserError as e:
@@ -652,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # noqa: BLE001 - a broken config fails in train(), with its message
         notify = False
     try:
-        train(run, stop)
+        train(run, stop, node_rank)
         if notify and run.read_status().get("state") == "completed":
             status = run.read_status()
             loss = status.get("loss")
@@ -675,6 +795,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         run.release_lock()
+
+
+def _node_main(run: RunDir, stop: StopRequest, node_rank: int) -> int:
+    """Machine `node_rank` (> 0) of a run on several machines: its ranks, until the run ends.
+    Machine 0 holds the run's lock and writes its state; a failure here reaches it through the
+    ranks (a collective fails there) and is only printed here."""
+    try:
+        train(run, stop, node_rank)
+        return 0
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+        return 1
 
 
 if __name__ == "__main__":

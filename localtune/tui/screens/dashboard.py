@@ -99,6 +99,18 @@ def short_model(model: str | None) -> str:
     return p.name if p.is_absolute() or p.exists() else model
 
 
+
+def _rank_line(d: dict) -> Text:
+    """One rank's device on the dashboard: 'rank 1  GPU 1  12.3/24.0 GB  97%  71 C  280 W'."""
+    where = f"GPU {d['index']}" if d.get("index") is not None else "process"
+    used, total = d.get("memory_used_bytes"), d.get("memory_total_bytes")
+    parts = [f"{used / 2**30:.1f}/{total / 2**30:.1f} GB" if used and total else None,
+             f"{d['utilization_pct']:.0f}%" if d.get("utilization_pct") is not None else None,
+             f"{d['temperature_c']:.0f} C" if d.get("temperature_c") is not None else None,
+             f"{d['power_w']:.0f} W" if d.get("power_w") is not None else None]
+    return Text.assemble((f"rank {d.get('rank', '?')} ", "dim"), (f"{where}  ", "dim"),
+                         "  ".join(x for x in parts if x) or "-")
+
 class DashboardScreen(Screen):
     """One run, live: what the worker reports through its event log."""
 
@@ -266,7 +278,10 @@ class DashboardScreen(Screen):
         gpu = [f"{p.utilization_pct:.0f}%" if p.utilization_pct is not None else None,
                f"{p.temperature_c:.0f} C" if p.temperature_c is not None else None,
                f"{p.power_w:.0f} W" if p.power_w is not None else None]
-        self._set("#dash-gpu", Text.assemble(("GPU ", "dim"), "  ".join(g for g in gpu if g) or "-"))
+        if len(p.devices) > 1:  # several ranks: one line each (their GPU, or on the CPU their process)
+            self._set("#dash-gpu", Text("\n").join(_rank_line(d) for d in p.devices))
+        else:
+            self._set("#dash-gpu", Text.assemble(("GPU ", "dim"), "  ".join(g for g in gpu if g) or "-"))
         cpu = f"{p.cpu_pct:.0f}%" if p.cpu_pct is not None else "-"
         self._set("#dash-cpu", Text.assemble(("CPU ", "dim"), cpu, ("   RAM ", "dim"), fmt.gb(p.ram_used_bytes)))
         self._draw_sample()
@@ -304,6 +319,9 @@ class DashboardScreen(Screen):
             line = Text.assemble(("stopped", "bold yellow"), f" at step {end.get('step', '?')}",
                                  f" ({end['checkpoint']})" if end.get("checkpoint") else "",
                                  ("; r resumes from there", "dim"))
+        elif end and end.get("kind") == "interrupted":  # a rank of several ended without a word
+            line = Text.assemble(("interrupted", "bold red"), f": {end.get('error', '?')}",
+                                 ("\nr resumes every rank from the last checkpoint", "dim"))
         elif state == "interrupted":
             line = Text.assemble(("interrupted", "bold red"), ": the worker is gone without a word",
                                  ("; r resumes from the last checkpoint", "dim"))
