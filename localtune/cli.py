@@ -556,6 +556,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"warning: {w}")
     if run_cfg.get("max_gpu_temp") and plan.backend != "cuda":
         print(f"note: --max-gpu-temp watches an NVIDIA GPU; this run trains on {plan.backend}, so it has no effect")
+    if args.print_launch or plan.parallel.nodes > 1:
+        return _print_launch(run, plan, args.main_address)
     proc = start_worker(run)
     how = "" if plan.knobs.method == "sft" else f" with {plan.knobs.method.upper()}"
     if plan.knobs.engine == "mlx":
@@ -573,6 +575,33 @@ def cmd_train(args: argparse.Namespace) -> int:
         return run_tui(run=run.id)
     end = follow(run, worker=proc, bell=bool(run_cfg["notify"]))
     return 1 if end and end["kind"] in ("failed", "interrupted") else 0
+
+
+def _print_launch(run, plan, main_address: str | None) -> int:
+    """`train --print-launch` (and any run on several machines, which localtune cannot start on
+    the others): write the run's accelerate configuration and print the command for each machine."""
+    from localtune.distributed import (DEFAULT_PORT, accelerate_config, default_address, parse_address,
+                                       write_accelerate_config)
+
+    par = plan.parallel
+    host, port = parse_address(main_address or f"{default_address()}:{DEFAULT_PORT}", "--main-address")
+    cfg = run.read_config()
+    cfg["run"]["main_address"] = f"{host}:{port}"
+    run.write_config(cfg)
+    path = write_accelerate_config(run, accelerate_config(par.to_dict(), plan.backend, main_address=host, port=port))
+    machines = "machine" if par.nodes == 1 else "machines"
+    unit = ("GPU" if par.processes == 1 else "GPUs") if plan.backend == "cuda" else (
+        "process" if par.processes == 1 else "processes")
+    print(f"run {run.id} is ready for {par.nodes} {machines} x {par.processes} {unit} "
+          f"({par.mode}, {par.world_size} ranks); nothing started yet")
+    print(f"  accelerate configuration: {path}")
+    print(f"  rendezvous: {host}:{port} (machine 0 listens there; the others must reach it)")
+    if par.nodes > 1:
+        print(f"  the run folder must be on storage every machine sees at the same path: {run.path}")
+    print("run on each machine (machine 0 holds the run: its dashboard, `localtune stop`, `localtune resume`):")
+    for k in range(par.nodes):
+        print(f"  machine {k}: {sys.executable} -m localtune.worker {run.path} --node-rank {k}")
+    return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -871,6 +900,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="continue a finished run's adapter with --method dpo (default) or orpo; DPO's reference "
                         "is then that run's model")
     _add_run_options(p)
+    p.add_argument("--print-launch", action="store_true",
+                   help="write the run and its accelerate configuration, and print the command to run on each "
+                        "machine instead of starting it (implied by --nodes N > 1)")
+    p.add_argument("--main-address", default=None, metavar="HOST[:PORT]",
+                   help="with --nodes: where machine 0 listens for the others (default: this machine's address, "
+                        "port 29500)")
     p.add_argument("--detach", action="store_true", help="start the run and return at once")
     p.set_defaults(func=cmd_train)
 

@@ -25,9 +25,9 @@ RUN_KEYS = ("model", "data", "eval_data", "eval_split", "format", "train_on_inpu
 """Keys of the [run] table a person may set (the [knobs] table holds localtune.knobs.Knobs).
 `from_run`: the id of the completed run whose adapter a dpo or orpo run goes on training."""
 
-RUN_DIR_KEYS = ("model_sha256", "data_sha256", "from_adapter")
+RUN_DIR_KEYS = ("model_sha256", "data_sha256", "from_adapter", "main_address")
 """[run] keys that only a run's own config.toml has: what launch recorded to detect a changed
-model or data at resume."""
+model or data at resume; `main_address`, the rendezvous (HOST:PORT) of a run on several machines."""
 
 REQUIRED_RUN_KEYS = ("model", "data")
 """[run] keys every run's config.toml has (a `--config` file may leave them to the defaults)."""
@@ -81,7 +81,7 @@ RUN_CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "train_on_inputs": _check_bool, "skip_bad_rows": _check_bool, "trust_remote_code": _check_bool,
     "notify": _check_bool,
     "eval_split": check_eval_split, "sample_steps": _check_sample_steps, "max_gpu_temp": check_max_gpu_temp,
-    "model_sha256": _check_str, "data_sha256": _check_str,
+    "model_sha256": _check_str, "data_sha256": _check_str, "main_address": _check_str,
 }
 """How each [run] value is checked (and converted); `where` names the file, table and key."""
 

@@ -278,6 +278,8 @@ def accelerate_config(par: dict[str, Any], backend: str, *, main_address: str = 
     }
     if par["mode"] == "fsdp":
         cfg["fsdp_config"] = dict(FSDP_CONFIG)
+        if backend == "cpu":  # torch's FSDP cannot sync module states on the CPU: each process loads the model
+            cfg["fsdp_config"].update(fsdp_cpu_ram_efficient_loading=False, fsdp_sync_module_states=False)
     return cfg
 
 
@@ -421,28 +423,22 @@ def supervise(run: RunDir, stop, knobs, par: dict[str, Any], node_rank: int = 0)
         state = run.read_status().get("state")
         if rc == 0 and state in ("completed", "stopped"):
             return
-        ooms = [d for d in outcomes.values() if d.get("outcome") == "oom"]
-        if ooms and not stop.requested:
-            step = min(int(d.get("step") or 1) for d in ooms)
+        verdict, detail = judge(outcomes, par["world_size"], rc, stop.requested)
+        if verdict == "oom":
             from localtune.knobs import knobs_from_mapping
 
             knobs = knobs_from_mapping(run.read_config()["knobs"], str(run.config_path))
-            who = ", ".join(str(d["rank"]) for d in ooms)
-            print(f"localtune worker: out of memory on rank {who}: every rank backs off", file=sys.stderr, flush=True)
-            knobs = worker.back_off(run, knobs, step)  # UserError when nothing is left to shrink
+            print(f"localtune worker: out of memory on rank {detail['ranks']}: every rank backs off",
+                  file=sys.stderr, flush=True)
+            knobs = worker.back_off(run, knobs, detail["step"])  # UserError when nothing is left to shrink
             env.pop(worker.FAULT_OOM_AT_STEP_ENV, None)  # test-only injection: once per run
             continue
-        for d in outcomes.values():
-            if d.get("outcome") == "user_error":
-                raise UserError(str(d.get("error") or "a rank met a bad input"))
-        for d in outcomes.values():
-            if d.get("outcome") == "error":
-                raise RuntimeError(f"rank {d['rank']}: {d.get('error')} (its traceback is in {run.log_path})")
-        silent = [r for r in range(par["world_size"]) if not outcomes.get(r, {}).get("outcome")]
-        why = (f"rank {', '.join(map(str, silent))} ended without a word (killed, or out of the machine's memory)"
-               if silent else f"the ranks ended with exit code {rc}")
+        if verdict == "user_error":
+            raise UserError(detail["error"])
+        if verdict == "error":
+            raise RuntimeError(f"{detail['error']} (its traceback is in {run.log_path})")
         last = run.complete_checkpoints()
-        msg = (f"{why}; every rank was stopped; `localtune resume {run.id}` starts them all from "
+        msg = (f"{detail['error']}; every rank was stopped; `localtune resume {run.id}` starts them all from "
                f"{last[-1].name if last else 'the start'}")
         print(f"localtune worker: interrupted: {msg}", file=sys.stderr, flush=True)
         run.write_status(state="interrupted", error=msg, pid=None)
@@ -450,12 +446,34 @@ def supervise(run: RunDir, stop, knobs, par: dict[str, Any], node_rank: int = 0)
         return
 
 
+def judge(outcomes: dict[int, dict[str, Any]], world_size: int, rc: int, stopping: bool) -> tuple[str, dict[str, Any]]:
+    """What the supervisor does after the ranks' launcher exited without the run completed or
+    stopped, from the ranks' outcome files: ("oom", {step, ranks}) when any rank ran out of
+    memory (not while stopping); ("user_error", {error}) for a bad input a rank met;
+    ("error", {error}) for a rank's own failure; else ("interrupted", {error}): a rank ended
+    without a word (killed), or only peers' communication failures are known."""
+    ooms = [d for d in outcomes.values() if d.get("outcome") == "oom"]
+    if ooms and not stopping:
+        return "oom", {"step": min(int(d.get("step") or 1) for d in ooms),
+                       "ranks": ", ".join(str(d["rank"]) for d in sorted(ooms, key=lambda d: d["rank"]))}
+    for kind in ("user_error", "error"):
+        for r, d in sorted(outcomes.items()):
+            if d.get("outcome") == kind:
+                error = str(d.get("error") or "failed")
+                return kind, {"error": error if kind == "user_error" else f"rank {r}: {error}"}
+    silent = [r for r in range(world_size) if not outcomes.get(r, {}).get("outcome")]
+    if silent:
+        why = f"rank {', '.join(map(str, silent))} ended without a word (killed, or out of the machine's memory)"
+    else:
+        why = f"the ranks lost each other (exit code {rc})"
+    return "interrupted", {"error": why}
+
+
 def _address(cfg: dict[str, Any], par: dict[str, Any]) -> tuple[str, int]:
     """The rendezvous: [run] main_address ("HOST:PORT") for several machines; one machine: the
     loopback address and a port free now."""
     if int(par["nodes"]) > 1:
-        host, _, port = str(cfg.get("main_address") or f"127.0.0.1:{DEFAULT_PORT}").rpartition(":")
-        return host, int(port)
+        return parse_address(str(cfg.get("main_address") or f"127.0.0.1:{DEFAULT_PORT}"), "main_address")
     return "127.0.0.1", free_port()
 
 
@@ -474,7 +492,24 @@ def _follow_main_machine(run: RunDir, stop, node_rank: int) -> None:
         env.pop("LOCALTUNE_FAULT_OOM_AT_STEP", None)
 
 
-def print_launch(run: RunDir, par: dict[str, Any], main_address: str) -> list[str]:
-    """The commands that start the run on each machine (`localtune train --nodes N --print-launch`)."""
-    return [f"machine {k}{' (the rendezvous, ' + main_address + ')' if k == 0 else ''}: "
-            f"python -m localtune.worker {run.path} --node-rank {k}" for k in range(int(par["nodes"]))]
+
+
+def default_address() -> str:
+    """This machine's address on its network (the interface a route out would use; nothing is
+    sent), or the loopback address when it has none."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            return str(s.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+
+
+def parse_address(text: str, where: str) -> tuple[str, int]:
+    """HOST[:PORT] (port DEFAULT_PORT when left out); UserError naming `where` otherwise."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep:
+        host, port = text.strip(), str(DEFAULT_PORT)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"{where} {text!r}: give HOST or HOST:PORT with a port from 1 to 65535, e.g. 10.0.0.5:29500")
+    return host, int(port)
