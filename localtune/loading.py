@@ -126,8 +126,12 @@ def lora_config(knobs, model, tokenizer, added_tokens: list[str]):
                       trainable_token_indices=_trainable_token_indices(model, tokenizer, added_tokens))
 
 
-def settle_trainable_weights(model) -> None:
+def settle_trainable_weights(model, *, sharded: bool = False) -> None:
     """After a trl trainer wrapped the model: trl's fused LM head can read the token wrappers'
-    bias, and the trained weights are float32 over any base (see the two helpers)."""
+    bias, and the trained weights are float32 over any base (see the two helpers). `sharded`:
+    a rank of an FSDP run, whose shard units flatten every parameter into one tensor of one
+    dtype: the trained weights stay in the dtype trl gave them (the 4-bit storage's, bfloat16),
+    as in peft's FSDP-QLoRA recipe."""
     _expose_bias_of_token_wrappers(model)
-    _trainable_weights_in_float32(model)
+    if not sharded:
+        _trainable_weights_in_float32(model)

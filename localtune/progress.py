@@ -199,6 +199,10 @@ class RunProgress:
         self._step_times.clear()  # the time between attempts is no training pace
         src = f"resumed from {e['resumed_from']}" if e.get("resumed_from") else "from the start"
         how = f" in {self.precision}" if self.precision else ""
+        world = _int(e, "world_size")
+        if world and world > 1:  # several ranks: rank 0's device, and how many train with it
+            mode = {"ddp": "data parallel", "fsdp": "sharded"}.get(str(e.get("parallel_mode")), "")
+            how = f" x {world} ranks" + (f" ({mode})" if mode else "") + how
         how += ", padding-free" if e.get("padding_free") else ""
         # an sft run says what it always said; a preference run names its method and what it continues
         what = f"{self.method} " if self.method in PREFERENCE_METHODS else ""

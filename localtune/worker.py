@@ -106,6 +106,11 @@ FAULT_ENOSPC_IN_CHECKPOINT_ENV = "LOCALTUNE_FAULT_ENOSPC_IN_CHECKPOINT"
 """Test-only: the step whose checkpoint meets a full disk (see the module docstring)."""
 CUDA_MEMORY_CAP_ENV = "LOCALTUNE_CUDA_MEMORY_CAP_GB"
 """Benchmark-only: GiB of the GPU the worker may use, and its peaks in worker.log (see the module docstring)."""
+FSDP_CHECKPOINT_DIRS = ("pytorch_model_fsdp_0", "optimizer_0")
+"""What a sharded (FSDP, SHARDED_STATE_DICT) run's checkpoint holds instead of the adapter's
+safetensors and optimizer.pt: each a torch distributed checkpoint (a `.metadata` file and
+every rank's shards), written by accelerate's save_fsdp_model (adapter only) and
+save_fsdp_optimizer through the Trainer."""
 MIN_BACKOFF_MAX_LENGTH = 64
 """The out-of-memory back-off halves max_length down to this, and no further."""
 
@@ -242,15 +247,21 @@ def checkpoint_problem(ck: Path) -> str | None:
         return "trainer_state.json is not valid JSON"
     if not isinstance(state, dict) or "global_step" not in state:
         return "trainer_state.json has no global_step"
-    problem = _safetensors_problem(ck / "adapter_model.safetensors")
-    if problem is not None:
-        return problem
+    fsdp = [d for d in FSDP_CHECKPOINT_DIRS if (ck / d).is_dir()]
+    if fsdp:  # a sharded run's: accelerate's distributed checkpoint folders instead of the adapter and optimizer.pt
+        missing = [d for d in FSDP_CHECKPOINT_DIRS if not (ck / d / ".metadata").is_file()]
+        if missing:
+            return f"{missing[0]}/.metadata is missing"
+    else:
+        problem = _safetensors_problem(ck / "adapter_model.safetensors")
+        if problem is not None:
+            return problem
     if state.get("engine") == "mlx":  # localtune.engines.mlx_sft: the optimizer state as safetensors
         return _safetensors_problem(ck / "optimizer.safetensors")
     rng = ["rng_state.pth"]
     if not (ck / "rng_state.pth").is_file():  # several ranks: one per rank (the Trainer's rng_state_R.pth)
         rng = sorted(p.name for p in ck.glob("rng_state_*.pth")) or rng
-    for name in ("optimizer.pt", "scheduler.pt", *rng):
+    for name in ("scheduler.pt", *rng) if fsdp else ("optimizer.pt", "scheduler.pt", *rng):
         p = ck / name
         if not p.is_file():
             return f"{name} is missing"
@@ -636,7 +647,7 @@ def train(run: RunDir, stop: StopRequest, node_rank: int = 0) -> None:
         cls, kwargs = method.trainer(setup, data, model, knobs, [*extra_callbacks, events])
         trainer = committing(cls)(**kwargs)
         trainer.localtune_run, trainer.localtune_keep = run, knobs.save_total_limit
-        settle_trainable_weights(trainer.model)
+        settle_trainable_weights(trainer.model, sharded=rank is not None and par["mode"] == "fsdp")
         attempt.begin()
         try:
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -656,6 +667,9 @@ def train(run: RunDir, stop: StopRequest, node_rank: int = 0) -> None:
         _free_memory(backend)
         knobs = back_off(run, knobs, oom_step)  # UserError when nothing is left to shrink
     step = trainer.state.global_step
+    gathered = None
+    if rank is not None and par["mode"] == "fsdp" and not stop.requested:
+        gathered = _gather_fsdp_adapter(run, trainer)  # every rank takes part; rank 0 writes
     if not main:
         return
     shutil.rmtree(setup.partial, ignore_errors=True)  # only trl's model card (README.md) is left there
@@ -664,12 +678,31 @@ def train(run: RunDir, stop: StopRequest, node_rank: int = 0) -> None:
         run.write_status(state="stopped", step=step, pid=None)
         append_event(run.events_path, "stopped", step=step, checkpoint=last[-1].name if last else None)
         return
-    _save_adapter(run, trainer.model, tokenizer, method.card(knobs, setup))
+    if gathered is not None:
+        publish_adapter(run, tokenizer, method.card(knobs, setup),
+                        lambda tmp: shutil.copytree(gathered, tmp, dirs_exist_ok=True))
+        shutil.rmtree(gathered, ignore_errors=True)
+    else:
+        _save_adapter(run, trainer.model, tokenizer, method.card(knobs, setup))
     elapsed = attempt.elapsed()
     run.write_status(state="completed", step=step, pid=None, adapter=str(run.adapter_dir))
     append_event(run.events_path, "finished", step=step, adapter=str(run.adapter_dir),
                  train_loss=getattr(result, "training_loss", None), elapsed_s=round(elapsed, 1),
                  tokens=int(trainer.state.num_input_tokens_seen), peak_memory_bytes=_peak_memory_bytes(device))
+
+
+def _gather_fsdp_adapter(run: RunDir, trainer) -> Path:
+    """A sharded run's final adapter: its pieces are spread over the ranks, so every rank calls
+    the Trainer's save with FSDP's full state dict (peft's docs, accelerate/fsdp.md: set
+    FULL_STATE_DICT before the last save), which gathers the adapter's weights and writes them
+    from rank 0 in PEFT's format. Returns the folder (complete once all ranks are back)."""
+    from localtune.distributed import barrier
+
+    folder = run.path / ".adapter.fsdp"
+    trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(folder))
+    barrier()
+    return folder
 
 
 def _save_adapter(run: RunDir, model, tokenizer, card: dict[str, Any]) -> None:

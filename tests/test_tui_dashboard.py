@@ -686,3 +686,34 @@ def test_snapshot_dpo_run(snap_compare, monkeypatch, size):
     with live_worker(run):
         assert snap_compare(snapshot_app(monkeypatch, run), terminal_size=size,
                             run_before=wait_for(len(dpo_events()), "running"))
+
+
+def test_a_run_of_two_ranks_shows_each_ranks_gpu_and_an_interrupted_end(monkeypatch):
+    """Several ranks (localtune.distributed): the start says how many train, the hardware panel
+    has a line for each rank's GPU, and a rank that died without a word ends the run
+    `interrupted`, naming the rank and where resume starts."""
+    freeze_clock(monkeypatch)
+
+    def gpu(rank: int, used_gb: float, temp: float) -> dict[str, Any]:
+        return {"rank": rank, "name": "NVIDIA GeForce RTX 3090", "index": rank, "memory_used_bytes": int(used_gb * GiB),
+                "memory_total_bytes": 24 * GiB, "utilization_pct": 97.0, "temperature_c": temp, "power_w": 280.0}
+
+    first = {**started(), "device": "cuda:0", "precision": "bfloat16", "world_size": 2, "parallel_mode": "ddp",
+             "devices": [0, 1]}
+    reading = {**hardware(T0 + 3), "devices": [gpu(0, 12.5, 71.0), gpu(1, 12.25, 78.0)]}
+    why = ("rank 1 ended without a word (killed, or out of the machine's memory); every rank was stopped; "
+           "`localtune resume x` starts them all from checkpoint-2")
+    run = fabricate_run(events=[first, *step_events(1, 3, 40, t0=T0), reading,
+                                {"t": T0 + 9, "kind": "interrupted", "error": why, "log": "/tmp/worker.log"}],
+                        state="interrupted", error=why)
+
+    async def test(app, pilot):
+        await folded(app, pilot, 6)
+        lines = shown(app, "dash-gpu").splitlines()
+        assert lines == ["rank 0 GPU 0  12.5/24.0 GB  97%  71 C  280 W", "rank 1 GPU 1  12.2/24.0 GB  97%  78 C  280 W"]
+        assert "started on cuda:0 x 2 ranks (data parallel) in bfloat16" in shown_log(app)
+        banner = str(dashboard(app).query_one("#dash-end").render())
+        assert banner.startswith("interrupted: rank 1 ended without a word")
+        assert "r resumes every rank from the last checkpoint" in banner
+
+    drive(run, test)
