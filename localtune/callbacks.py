@@ -79,6 +79,20 @@ class AgreeOnStop(TrainerCallback):
             self.stop.requested, self.stop.reason = True, "SIGTERM (another rank)"
 
 
+class AnnounceRank(TrainerCallback):
+    """Several ranks: each rank's pid in ranks/rank-R.json once training begins, after the ranks
+    met (on several machines the supervisor of machine 0 clears that folder before its ranks
+    start, which may be after another machine's ranks wrote theirs)."""
+
+    def __init__(self, run: RunDir, rank) -> None:
+        self.run, self.rank = run, rank
+
+    def on_train_begin(self, args, state, control, **kw):
+        from localtune.distributed import write_rank_file
+
+        write_rank_file(self.run, self.rank, pid=os.getpid(), outcome=None)
+
+
 class ThermalGuard(TrainerCallback):
     """Between optimizer steps, wait while the GPU is hotter than `limit_c`: a `thermal_pause`
     event, a reading every `poll_s`, and a `thermal_resume` event once it is

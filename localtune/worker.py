@@ -83,8 +83,8 @@ from pathlib import Path
 from typing import Any
 
 from localtune.callbacks import (  # noqa: F401 - re-exported: the worker's callbacks, by their old names too
-    FAULT_OOM_AT_STEP_ENV, THERMAL_HYSTERESIS_C, THERMAL_POLL_S, AgreeOnStop, Attempt, InjectOom, RunEvents,
-    RunInfo, SaveByClock, StopRequest, ThermalGuard, hardware_event, sample_answer, thermal_guard_for)
+    FAULT_OOM_AT_STEP_ENV, THERMAL_HYSTERESIS_C, THERMAL_POLL_S, AgreeOnStop, AnnounceRank, Attempt, InjectOom,
+    RunEvents, RunInfo, SaveByClock, StopRequest, ThermalGuard, hardware_event, sample_answer, thermal_guard_for)
 from localtune.distributed import FAULT_OOM_RANK_ENV, agree_any, resume_checkpoint
 from localtune.errors import UserError
 from localtune.events import append_event, read_events
@@ -629,6 +629,7 @@ def train(run: RunDir, stop: StopRequest, node_rank: int = 0) -> None:
         extra_callbacks.insert(0, guard)
     if rank is not None:  # before everything else: every rank sees the same stop at the same step
         extra_callbacks.insert(0, AgreeOnStop(stop))
+        extra_callbacks.append(AnnounceRank(run, rank))
 
     def paused_s() -> float:
         return sum(getattr(c, "paused_total_s", 0.0) for c in extra_callbacks)

@@ -550,3 +550,20 @@ def test_snapshot_continue_with_dpo(snap_compare, monkeypatch, tmp_path) -> None
         await quiet(pilot)
 
     assert snap_compare(LocaltuneApp(hardware=cpu_machine(), mode="new"), terminal_size=(80, 24), run_before=prefilled)
+
+
+def test_on_two_matching_gpus_the_plan_says_both_train_and_its_knobs_are_per_rank() -> None:
+    """Two RTX 4090s: a run started here trains on both (data parallel); the screen says so and
+    that the micro-batch, accumulation and estimate are each rank's."""
+    two = gpu_machine()
+    second = replace(two.devices[0], index=1, nvml_index=1, uuid="GPU-2")
+    two = replace(two, devices=[two.devices[0], second])
+
+    async def test(app, pilot) -> None:
+        plan = app.screen.plan
+        assert plan.parallel.mode == "ddp" and plan.parallel.devices == [0, 1]
+        text = " ".join(shown(app, "#plan-profile").split())
+        assert f"Parallel {' '.join(plan.parallel.reason.split())}" in text, text
+        assert f"per rank (effective batch {plan.knobs.effective_batch_size * 2})" in text
+
+    drive(test, hw=two, size=(140, 50))

@@ -804,8 +804,12 @@ class NewRunScreen(Screen):
         estimate.show(plan.estimate.parts(), plan.budget_bytes)
         self.show("#plan-advice", Text("\n".join(f"would fit: {a}" for a in plan.advice), "yellow"))
         self.show("#plan-context", Text(max_context(plan).line(short=True), "dim"))
-        self.show("#plan-profile", Text.assemble(("Profile ", "bold"), (plan.profile.name, "bold"),
-                                                 f": {plan.profile.description}"))
+        profile = Text.assemble(("Profile ", "bold"), (plan.profile.name, "bold"), f": {plan.profile.description}")
+        if plan.parallel.world_size > 1:  # several GPUs: the knobs and the estimate are each rank's
+            profile.append_text(Text.assemble(("\nParallel ", "bold"), plan.parallel.reason,
+                                              f"; the knobs and the estimate are per rank (effective batch "
+                                              f"{plan.effective_batch_size})"))
+        self.show("#plan-profile", profile)
         if plan.adjustments:
             lines = Text("Planner changes", "bold")
             for a in plan.adjustments:
