@@ -28,9 +28,6 @@ EVENT_FIELDS: dict[str, dict[str, str]] = {
         "padding_free": "whether batches are laid end to end without padding (or packed)",
         "method": "the training method: 'sft', 'dpo' or 'orpo'",
         "from_run": "the run whose adapter this one continues (dpo, orpo), or null",
-        "world_size": "several ranks only (GPUs, or CPU processes): how many train together",
-        "parallel_mode": "several ranks only: 'ddp' (each holds the model) or 'fsdp' (sharded)",
-        "devices": "several ranks only: the CUDA ordinals of the ranks' GPUs ([] on the CPU)",
     },
     "download": {
         "repo": "the hub model being downloaded before training (org/name)",
@@ -61,8 +58,6 @@ EVENT_FIELDS: dict[str, dict[str, str]] = {
         "power_w": "GPU power draw, or null",
         "cpu_pct": "CPU use of the machine",
         "ram_used_bytes": "system RAM in use",
-        "devices": "several ranks only: each rank's device, {rank, name, index, memory_used_bytes, "
-                   "memory_total_bytes, utilization_pct, temperature_c, power_w}",
     },
     "checkpoint": {"step": "optimizer step of the checkpoint", "path": "its folder, complete"},
     "oom_backoff": {
@@ -112,6 +107,19 @@ METHOD_FIELDS: dict[str, dict[str, str]] = {
     },
 }
 """Fields a kind carries only for some training methods (an SFT run's events have none of them)."""
+
+RANK_FIELDS: dict[str, dict[str, str]] = {
+    "started": {
+        "world_size": "how many ranks train together (GPUs, or CPU processes)",
+        "parallel_mode": "'ddp' (each rank holds the model) or 'fsdp' (sharded)",
+        "devices": "the CUDA ordinals of the ranks' GPUs ([] on the CPU)",
+    },
+    "hardware": {
+        "devices": "each rank's device: {rank, name, index, memory_used_bytes, memory_total_bytes, "
+                   "utilization_pct, temperature_c, power_w}",
+    },
+}
+"""Fields a kind carries only in a run of several ranks (localtune.distributed)."""
 
 KINDS = tuple(EVENT_FIELDS)
 END_KINDS = ("finished", "stopped", "failed", "interrupted")

@@ -41,20 +41,3 @@ def live_worker(run: RunDir) -> Iterator[subprocess.Popen]:
         proc.kill()
         proc.wait()
 
-
-def kill_after_first_checkpoint(run: RunDir, pid=None, timeout: float = 600) -> str:
-    """SIGKILL a run's process once its first checkpoint is complete; return the newest
-    checkpoint's name then. `pid`: a callable giving the process to kill (default: the run's
-    worker); it is asked only once the checkpoint is there."""
-    import os
-    import signal
-    import time
-
-    deadline = time.time() + timeout
-    while not run.complete_checkpoints():
-        assert time.time() < deadline, f"no checkpoint within {timeout} s: {run.log_path.read_text()[-2000:]}"
-        time.sleep(0.2)
-    target = pid() if pid is not None else run.live_worker_pid()
-    assert target is not None, "no process to kill"
-    os.kill(target, signal.SIGKILL)
-    return run.complete_checkpoints()[-1].name

@@ -31,8 +31,9 @@ import pytest
 
 from localtune.distributed import (FSDP_CONFIG, accelerate_config, dump_yaml, gpu_ids, judge, parse_address)
 from localtune.errors import UserError
+from localtune.events import EVENT_FIELDS, RANK_FIELDS
 from localtune.runs import RunDir
-from tests.helpers import kill_after_first_checkpoint
+from tests.test_worker import signal_after_first_checkpoint
 
 STEPS = 6
 PINS = ["--set", f"max_steps={STEPS}", "--set", "save_steps=2", "--set", "eval_steps=100", "--set", "max_length=64",
@@ -108,6 +109,8 @@ def test_two_processes_train_like_one_with_the_same_effective_batch(two_process_
     assert "distributed_type: \"MULTI_GPU\"" in cfg and "num_processes: 2" in cfg and "use_cpu: true" in cfg
 
     events = _events(run)
+    for e in events:  # every field is documented: the kind's own, and those of a run of several ranks
+        assert set(e) - {"t", "kind"} == set(EVENT_FIELDS[e["kind"]]) | set(RANK_FIELDS.get(e["kind"], {})), e
     kinds = [e["kind"] for e in events]
     # rank 0 alone writes: one start, one event per step, one finish
     assert kinds.count("started") == 1 and kinds.count("step") == STEPS and kinds.count("finished") == 1
@@ -126,6 +129,15 @@ def test_two_processes_train_like_one_with_the_same_effective_batch(two_process_
     outcomes = {json.loads(p.read_text())["rank"]: json.loads(p.read_text())["outcome"]
                 for p in (run.path / "ranks").glob("rank-*.json")}
     assert outcomes == {0: "completed", 1: "completed"}
+    # the export is the one a single process's run gets: the same adapter files and shape
+    home = two_process_run[0]
+    exported = _localtune(home, "export", run.id, "--format", "adapter", "--out", str(home / "out"), timeout=300)
+    assert exported.returncode == 0, exported.stderr
+    mine = json.loads((home / "out" / "adapter_config.json").read_text())
+    theirs = json.loads((single.adapter_dir / "adapter_config.json").read_text())
+    assert {k: mine[k] for k in ("r", "lora_alpha", "target_modules")} == \
+        {k: theirs[k] for k in ("r", "lora_alpha", "target_modules")}
+    assert sorted(p.name for p in (home / "out").iterdir()) == sorted(p.name for p in single.adapter_dir.iterdir())
 
 
 @pytest.mark.slow
@@ -138,8 +150,8 @@ def test_sigkill_of_one_rank_interrupts_the_run_and_resume_continues_exactly(bui
     run = _only_run(home)
     supervisor = run.live_worker_pid()
     assert supervisor is not None
-    newest = kill_after_first_checkpoint(run, pid=lambda: json.loads((run.path / "ranks" / "rank-1.json")
-                                                                      .read_text())["pid"])
+    newest = signal_after_first_checkpoint(None, run, signal.SIGKILL,
+                                           pid=lambda: json.loads((run.path / "ranks" / "rank-1.json").read_text())["pid"])
     assert newest == "checkpoint-2"
     deadline = time.time() + 120
     while run.live_worker_pid() is not None and time.time() < deadline:

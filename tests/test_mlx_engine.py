@@ -22,7 +22,7 @@ from localtune.events import EVENT_FIELDS, read_events
 from localtune.runs import RunDir
 from tests.helpers import one_line_error, run as run_cli
 from tests.test_worker import (KNOBS, MAX_STEPS, SAVE_STEPS, _no_orphan_workers, events_of, log_tail,  # noqa: F401
-                               make_run, partial_leftovers, run_to_end, signal_after_first_checkpoint, start_worker,
+                               kill_after_first_checkpoint, make_run, partial_leftovers, run_to_end, start_worker,
                                step_losses, train_file, wait_worker)
 
 mx = pytest.importorskip("mlx.core", reason="the MLX engine's tests need mlx: pip install -e '.[mlx]'")
@@ -107,13 +107,8 @@ def test_an_mlx_run_writes_the_same_run_directory_as_torch(mlx_reference_run: Ru
 def test_mlx_resume_after_sigkill_matches_the_uninterrupted_run(mlx_reference_run: RunDir, tiny_chat_model_dir: Path,
                                                                  train_file: Path) -> None:
     run = make_run("mlx-interrupted", tiny_chat_model_dir, train_file, **MLX_KNOBS)
-    proc = start_worker(run)
-    at = signal_after_first_checkpoint(proc, run, signal.SIGKILL)
-    assert wait_worker(proc, run) == -signal.SIGKILL
-    assert not events_of(run, "finished"), "the worker finished before it was killed"
-    assert run.state() == "interrupted"
-    newest = run.complete_checkpoints()[-1].name
-    assert int(newest.rsplit("-", 1)[1]) < MAX_STEPS, at
+    newest = kill_after_first_checkpoint(start_worker(run), run)
+    assert int(newest.rsplit("-", 1)[1]) < MAX_STEPS
 
     run_to_end(run)  # resume: the same command on the same folder
     assert run.read_status()["state"] == "completed", log_tail(run)

@@ -21,8 +21,8 @@ import pytest
 
 from localtune.events import EVENT_FIELDS, METHOD_FIELDS, read_events
 from localtune.runs import RunDir, create_run
-from tests.test_worker import (KNOBS, _cpu_hardware, events_of, log_tail, partial_leftovers, run_to_end,
-                               signal_after_first_checkpoint, start_worker, step_losses, wait_worker)
+from tests.test_worker import (KNOBS, _cpu_hardware, events_of, kill_after_first_checkpoint, log_tail,
+                               partial_leftovers, run_to_end, start_worker, step_losses, wait_worker)
 
 MAX_STEPS = 8
 PAIR_KNOBS = {**KNOBS, "max_steps": MAX_STEPS, "save_steps": 2, "eval_steps": 4, "learning_rate": 5e-3,
@@ -122,15 +122,10 @@ def test_a_dpo_run_reports_its_rewards_and_writes_one_adapter(dpo_reference: Run
 def test_dpo_resumes_after_sigkill_with_the_losses_of_the_uninterrupted_run(
         dpo_reference: RunDir, tiny_chat_model_dir: Path, pairs_file: Path) -> None:
     run = make_run("dpo-killed", tiny_chat_model_dir, pairs_file)
-    proc = start_worker(run)
-    at = signal_after_first_checkpoint(proc, run, signal.SIGKILL)
-    assert wait_worker(proc, run) == -signal.SIGKILL
-    assert not events_of(run, "finished"), "the worker finished before it was killed"
-    assert run.state() == "interrupted"
-    newest = run.complete_checkpoints()[-1].name
+    newest = kill_after_first_checkpoint(start_worker(run), run)
     run_to_end(run)
     assert run.read_status()["state"] == "completed", log_tail(run)
-    assert [s["resumed_from"] for s in events_of(run, "started")] == [None, newest], at
+    assert [s["resumed_from"] for s in events_of(run, "started")] == [None, newest]
     got, want = step_losses(run), step_losses(dpo_reference)
     assert sorted(got) == list(range(1, MAX_STEPS + 1))
     for step in got:
