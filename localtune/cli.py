@@ -550,14 +550,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError(f"the run does not fit this machine (estimate {plan.estimate.total_bytes / GiB:.1f} GB, "
                         f"budget {plan.budget_bytes / GiB:.1f} GB); try: {'; '.join(plan.advice)}. "
                         "`localtune plan` shows the details")
+    launch_by_hand = args.print_launch or plan.parallel.nodes > 1
+    if launch_by_hand:  # checked before the run is written: a bad address leaves nothing behind
+        from localtune.distributed import DEFAULT_PORT, default_address, parse_address
+
+        address = parse_address(args.main_address or f"{default_address()}:{DEFAULT_PORT}", "--main-address")
     _fetch_hub_data(run_cfg["data"], run_cfg.get("eval_data") or "")
     run, warnings = prepare_run(run_cfg, plan)
     for w in warnings:
         print(f"warning: {w}")
     if run_cfg.get("max_gpu_temp") and plan.backend != "cuda":
         print(f"note: --max-gpu-temp watches an NVIDIA GPU; this run trains on {plan.backend}, so it has no effect")
-    if args.print_launch or plan.parallel.nodes > 1:
-        return _print_launch(run, plan, args.main_address)
+    if launch_by_hand:
+        return _print_launch(run, plan, *address)
     proc = start_worker(run)
     how = "" if plan.knobs.method == "sft" else f" with {plan.knobs.method.upper()}"
     if plan.knobs.engine == "mlx":
@@ -577,14 +582,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 1 if end and end["kind"] in ("failed", "interrupted") else 0
 
 
-def _print_launch(run, plan, main_address: str | None) -> int:
+def _print_launch(run, plan, host: str, port: int) -> int:
     """`train --print-launch` (and any run on several machines, which localtune cannot start on
     the others): write the run's accelerate configuration and print the command for each machine."""
-    from localtune.distributed import (DEFAULT_PORT, accelerate_config, default_address, parse_address,
-                                       write_accelerate_config)
+    from localtune.distributed import accelerate_config, write_accelerate_config
 
     par = plan.parallel
-    host, port = parse_address(main_address or f"{default_address()}:{DEFAULT_PORT}", "--main-address")
     cfg = run.read_config()
     cfg["run"]["main_address"] = f"{host}:{port}"
     run.write_config(cfg)

@@ -278,7 +278,13 @@ def test_accelerate_reads_the_written_configuration_as_written(tmp_path: Path) -
     assert cfg.fsdp_config["fsdp_cpu_ram_efficient_loading"] is True
 
 
-def test_a_bad_rendezvous_address_is_one_line(capsys) -> None:
+def test_a_bad_rendezvous_address_is_one_line_and_leaves_no_run(capsys, builtin_model_dir, localtune_home) -> None:
+    from tests.helpers import one_line_error, run as run_cli
+
+    rc, _, err = run_cli(capsys, "train", "--nodes", "2", "--main-address", "node0:99999", "--print-launch")
+    assert rc == 1
+    assert "--main-address 'node0:99999': give HOST or HOST:PORT" in one_line_error(err)
+    assert not (localtune_home / "runs").exists() or not any((localtune_home / "runs").iterdir())
     assert parse_address("10.0.0.5", "--main-address") == ("10.0.0.5", 29500)
     assert parse_address("node0:1234", "--main-address") == ("node0", 1234)
     for bad in ("10.0.0.5:", ":80", "host:99999", "host:abc"):
