@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -387,13 +388,17 @@ def supervise(run: RunDir, stop, knobs, par: dict[str, Any], node_rank: int = 0)
     for a bad input a rank met, RuntimeError for a rank's own failure (our bug)."""
     from localtune import worker
 
-    setup = worker._setup_or_stop(run, knobs, stop)  # the model's download, once, before any rank
-    if setup is None:
+    # the model's download, once, before any rank; nothing here touches a GPU (a CUDA context in
+    # this process would take memory from GPU 0 for the whole run)
+    fetched = worker._setup_or_stop(run, knobs, stop, lambda r, k, s: worker.fetch_weights(r, r.read_config()["run"], s))
+    if fetched is None:
         return
     if node_rank > 0:
         return _follow_main_machine(run, stop, node_rank)
-    hardware = setup[1]
+    from localtune.hardware import Hardware
+
     plan = json.loads(run.plan_path.read_text(encoding="utf-8"))
+    hardware = Hardware.from_dict(plan["hardware"])
     if par["mode"] == "ddp":
         knobs = worker.calibrate_run(run, knobs, hardware)  # one rank's step on one device: what each rank holds
     elif knobs.calibrate and "calibration" not in plan:
@@ -407,8 +412,6 @@ def supervise(run: RunDir, stop, knobs, par: dict[str, Any], node_rank: int = 0)
     attempt = 0
     while True:
         attempt += 1
-        import shutil
-
         shutil.rmtree(run.checkpoints_dir / ".partial", ignore_errors=True)
         shutil.rmtree(ranks_dir(run), ignore_errors=True)
         resume = worker.newest_usable_checkpoint(run)

@@ -42,6 +42,15 @@ same two through `CommitCheckpoints` and `_save_adapter`).
 - `notify` ([run], `--notify`): a desktop notification when the run finishes or fails
   (localtune.notify).
 
+- Several ranks (the plan's `parallel`: N GPUs, or N processes on the CPU, on one machine or
+  several): this process supervises them (localtune.distributed.supervise) and each rank runs
+  this same lifecycle under accelerate's launcher (`python -m localtune.worker --rank RUN_DIR`):
+  rank 0 writes the events, the status, the checkpoints' renames and the adapter; the ranks
+  agree on a stop, on the clock's checkpoints and on the hottest card at each step's end; out of
+  memory on any rank ends the ranks and the supervisor backs all off; a rank that dies makes
+  the run `interrupted`. On machine K > 0 of several: `python -m localtune.worker RUN_DIR
+  --node-rank K`.
+
 Anything that escapes is written to the status (`failed`, with the reason) and the traceback
 to worker.log.
 
@@ -461,7 +470,7 @@ def _setup(run: RunDir, knobs, stop: StopRequest | None = None):
     from localtune.data import chat_template_for
     from localtune.hardware import Hardware
     from localtune.methods import Setup
-    from localtune.models import load_tokenizer, resolve_model, weights_location
+    from localtune.models import load_tokenizer
     from localtune.precision import DeviceFacts, precision_for
 
     rcfg = run.read_config()["run"]
@@ -474,18 +483,7 @@ def _setup(run: RunDir, knobs, stop: StopRequest | None = None):
     # the live device's own facts (its compute capability, the running macOS), not the probe's
     precision = precision_for(knobs, DeviceFacts.live(backend, torch_index(device)))
     trust = bool(rcfg.get("trust_remote_code", False))
-    model_ref = resolve_model(rcfg["model"], trust_remote_code=trust)
-    # a hub model's weights are downloaded here, not by the command that started the run: the
-    # download survives the TUI being closed, and its progress reaches every viewer as events
-    def progress(p) -> None:
-        append_event(run.events_path, "download", **p.to_event())
-        if stop is not None and stop.requested:  # `localtune stop` while downloading: the partial file stays
-            from localtune.download import Stopped
-
-            raise Stopped()
-
-    model_path = weights_location(model_ref, log=lambda m: append_event(run.events_path, "warning", message=m),
-                                  progress=progress)
+    model_ref, model_path = fetch_weights(run, rcfg, stop)
     tokenizer = load_tokenizer(model_ref)
     template = chat_template_for(tokenizer)
     if tokenizer.pad_token is None:
@@ -495,6 +493,26 @@ def _setup(run: RunDir, knobs, stop: StopRequest | None = None):
                   template=template, seed=knobs.seed, partial=run.checkpoints_dir / ".partial",
                   from_adapter=from_adapter, from_run=from_run)
     return setup, hardware, model_path, trust
+
+
+def fetch_weights(run: RunDir, rcfg: dict[str, Any], stop: StopRequest | None):
+    """The run's model and the folder of its weights. A hub model's weights are downloaded here,
+    not by the command that started the run: the download survives the TUI being closed, and
+    its progress reaches every viewer as `download` events; a stop asked for meanwhile ends it
+    (localtune.download.Stopped)."""
+    from localtune.models import resolve_model, weights_location
+
+    model_ref = resolve_model(rcfg["model"], trust_remote_code=bool(rcfg.get("trust_remote_code", False)))
+
+    def progress(p) -> None:
+        append_event(run.events_path, "download", **p.to_event())
+        if stop is not None and stop.requested:  # `localtune stop` while downloading: the partial file stays
+            from localtune.download import Stopped
+
+            raise Stopped()
+
+    return model_ref, weights_location(model_ref, log=lambda m: append_event(run.events_path, "warning", message=m),
+                                       progress=progress)
 
 
 def calibrate_run(run: RunDir, knobs, hardware):
@@ -554,13 +572,14 @@ def calibrate_run(run: RunDir, knobs, hardware):
     return decision.knobs
 
 
-def _setup_or_stop(run: RunDir, knobs, stop: StopRequest):
-    """`_setup`, or None after a stop asked for during the model's download (the run is then
-    `stopped` at step 0, and `localtune resume` goes on downloading where it stopped)."""
+def _setup_or_stop(run: RunDir, knobs, stop: StopRequest, setup=None):
+    """`_setup` (or `setup(run, knobs, stop)`), or None after a stop asked for during the model's
+    download (the run is then `stopped` at step 0, and `localtune resume` goes on downloading
+    where it stopped)."""
     from localtune.download import Stopped
 
     try:
-        return _setup(run, knobs, stop)
+        return (setup or _setup)(run, knobs, stop)
     except Stopped:
         run.write_status(state="stopped", step=0, pid=None)
         append_event(run.events_path, "stopped", step=0, checkpoint=None)
@@ -835,6 +854,17 @@ def _node_main(run: RunDir, stop: StopRequest, node_rank: int) -> int:
     """Machine `node_rank` (> 0) of a run on several machines: its ranks, until the run ends.
     Machine 0 holds the run's lock and writes its state; a failure here reaches it through the
     ranks (a collective fails there) and is only printed here."""
+    from localtune.distributed import parallel_of
+
+    try:
+        nodes = parallel_of(json.loads(run.plan_path.read_text(encoding="utf-8")))["nodes"]
+    except (OSError, ValueError) as e:
+        print(f"localtune worker: {run.path} is not a run folder this machine can read ({e})", file=sys.stderr)
+        return 1
+    if node_rank >= nodes:
+        print(f"localtune worker: run {run.id} is planned for {nodes} machine{'s' if nodes != 1 else ''} "
+              f"(--node-rank 0 to {nodes - 1}); --node-rank {node_rank} is not one of them", file=sys.stderr)
+        return 2
     try:
         train(run, stop, node_rank)
         return 0

@@ -352,3 +352,17 @@ def test_ranks_pause_for_the_hottest_card_and_stop_together(tmp_path: Path) -> N
     # rank 0's own card was cool: it paused for rank 1's, and only rank 0 wrote the events
     assert [e["kind"] for e in kinds] == ["thermal_pause", "thermal_resume"]
     assert kinds[0]["temperature_c"] == 95.0 and kinds[1]["temperature_c"] == 70.0
+
+
+def test_a_machine_the_run_was_not_planned_for_is_refused(tmp_path: Path) -> None:
+    """`python -m localtune.worker RUN --node-rank K` on a run planned for fewer machines trains
+    nothing (it would be a second, unsupervised copy of the run)."""
+    from localtune.runs import create_run
+
+    run = create_run({"run": {"model": "smollm2-135m", "data": "demo"}, "knobs": {}},
+                     {"parallel": {"mode": "ddp", "processes": 2, "nodes": 1, "devices": []}}, "20261207-100000-x")
+    done = subprocess.run([sys.executable, "-m", "localtune.worker", str(run.path), "--node-rank", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "is planned for 1 machine (--node-rank 0 to 0); --node-rank 1 is not one of them" in done.stderr
+    assert run.read_status()["state"] == "created" and not (run.path / "ranks").exists()
