@@ -35,7 +35,7 @@ from localtune.events import EVENT_FIELDS, RANK_FIELDS
 from localtune.runs import RunDir
 from tests.test_worker import signal_after_first_checkpoint
 
-STEPS = 6
+STEPS = 4
 PINS = ["--set", f"max_steps={STEPS}", "--set", "save_steps=2", "--set", "eval_steps=100", "--set", "max_length=64",
         "--set", "per_device_train_batch_size=2"]
 LOSS_TOL = 1e-3
@@ -47,7 +47,7 @@ def _home(builtin_model_dir: Path, tmp_path_factory, name: str) -> Path:
     link = home / "cache" / "models" / builtin_model_dir.name
     link.parent.mkdir(parents=True)
     os.symlink(builtin_model_dir, link, target_is_directory=True)
-    (home / "sample.toml").write_text("[run]\nsample_steps = 3\n")
+    (home / "sample.toml").write_text("[run]\nsample_steps = 2\n")
     return home
 
 
@@ -76,7 +76,7 @@ def _losses(run: RunDir) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def two_process_run(builtin_model_dir, tmp_path_factory):
-    """`localtune train --processes 2` on the built-in model, 6 steps of 2 ranks x 2 rows."""
+    """`localtune train --processes 2` on the built-in model, 4 steps of 2 ranks x 2 rows."""
     home = _home(builtin_model_dir, tmp_path_factory, "two-process")
     done = _localtune(home, "train", "--processes", "2", *PINS, "--set", "gradient_accumulation_steps=1",
                       "--config", str(home / "sample.toml"), "--headless")
@@ -95,7 +95,7 @@ def one_process_run(builtin_model_dir, tmp_path_factory):
 def test_two_processes_train_like_one_with_the_same_effective_batch(two_process_run, one_process_run) -> None:
     _, run, done = two_process_run
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + run.log_path.read_text()[-3000:]
-    assert "finished: 6 steps" in done.stdout
+    assert f"finished: {STEPS} steps" in done.stdout
     _, single, single_done = one_process_run
     assert single_done.returncode == 0, single_done.stderr[-2000:]
     two, one = _losses(run), _losses(single)
@@ -116,14 +116,14 @@ def test_two_processes_train_like_one_with_the_same_effective_batch(two_process_
     assert kinds.count("started") == 1 and kinds.count("step") == STEPS and kinds.count("finished") == 1
     started = next(e for e in events if e["kind"] == "started")
     assert started["world_size"] == 2 and started["parallel_mode"] == "ddp"
-    assert kinds.count("sample") == 2  # rank 0 generates at steps 3 and 6 while rank 1 waits
+    assert kinds.count("sample") == 2  # rank 0 generates at steps 2 and 4 while rank 1 waits
     hardware = [e for e in events if e["kind"] == "hardware"]
     assert hardware and all(len(e["devices"]) == 2 for e in hardware)
     assert all(d["memory_used_bytes"] > 100e6 for d in hardware[-1]["devices"])  # each rank holds the model
 
     for ck in run.complete_checkpoints():
         assert (ck / "rng_state_0.pth").is_file() and (ck / "rng_state_1.pth").is_file(), list(ck.iterdir())
-    assert [c.name for c in run.complete_checkpoints()] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert [c.name for c in run.complete_checkpoints()] == ["checkpoint-2", "checkpoint-4"]
     # one adapter, written once, by rank 0
     assert (run.adapter_dir / "adapter_model.safetensors").is_file()
     outcomes = {json.loads(p.read_text())["rank"]: json.loads(p.read_text())["outcome"]
@@ -135,8 +135,8 @@ def test_two_processes_train_like_one_with_the_same_effective_batch(two_process_
     assert exported.returncode == 0, exported.stderr
     mine = json.loads((home / "out" / "adapter_config.json").read_text())
     theirs = json.loads((single.adapter_dir / "adapter_config.json").read_text())
-    assert {k: mine[k] for k in ("r", "lora_alpha", "target_modules")} == \
-        {k: theirs[k] for k in ("r", "lora_alpha", "target_modules")}
+    assert (mine["r"], mine["lora_alpha"], sorted(mine["target_modules"])) == \
+        (theirs["r"], theirs["lora_alpha"], sorted(theirs["target_modules"]))
     assert sorted(p.name for p in (home / "out").iterdir()) == sorted(p.name for p in single.adapter_dir.iterdir())
 
 

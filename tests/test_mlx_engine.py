@@ -22,7 +22,8 @@ from localtune.events import EVENT_FIELDS, read_events
 from localtune.runs import RunDir
 from tests.helpers import one_line_error, run as run_cli
 from tests.test_worker import (KNOBS, MAX_STEPS, SAVE_STEPS, _no_orphan_workers, events_of, log_tail,  # noqa: F401
-                               kill_after_first_checkpoint, make_run, partial_leftovers, run_to_end, start_worker,
+                               kill_after_first_checkpoint, make_run, partial_leftovers, run_to_end,
+                               signal_after_first_checkpoint, start_worker,
                                step_losses, train_file, wait_worker)
 
 mx = pytest.importorskip("mlx.core", reason="the MLX engine's tests need mlx: pip install -e '.[mlx]'")

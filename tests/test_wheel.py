@@ -57,9 +57,11 @@ def test_installed_wheel_runs_as_the_localtune_command(wheel: Path, tmp_path: Pa
     """Installed from the wheel, the `localtune` console script (not `python -m`) runs and lists
     the shipped profiles from inside the installed package."""
     prefix = tmp_path / "prefix"
-    # --no-deps: the dependencies are already in this environment, whose python the script runs with
+    # --no-deps: the dependencies are already in this environment, whose python the script runs with;
+    # --ignore-installed: pip would otherwise uninstall this environment's (editable) localtune first,
+    # and every later worker started outside the checkout would find no `localtune.worker`
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--quiet",
-                        "--prefix", str(prefix), str(wheel)], capture_output=True, text=True)
+                        "--ignore-installed", "--prefix", str(prefix), str(wheel)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     script = prefix / "bin" / "localtune"
     assert script.is_file() and os.access(script, os.X_OK), sorted(p.name for p in (prefix / "bin").iterdir())
