@@ -366,3 +366,30 @@ def test_a_machine_the_run_was_not_planned_for_is_refused(tmp_path: Path) -> Non
     assert done.returncode == 2
     assert "is planned for 1 machine (--node-rank 0 to 0); --node-rank 1 is not one of them" in done.stderr
     assert run.read_status()["state"] == "created" and not (run.path / "ranks").exists()
+
+
+def test_every_ranks_gpu_is_in_the_hardware_event(monkeypatch, tmp_path: Path) -> None:
+    """Two RTX 4090s under a faked NVML (this machine has none): rank 0's hardware event carries
+    both cards' memory in use and temperature, as NVML reads them."""
+    from dataclasses import replace
+
+    from localtune import hardware
+    from localtune.callbacks import hardware_event
+    from localtune.runs import create_run
+    from tests.fakes import RTX_4090, MiB, install_gpus
+
+    hot = replace(RTX_4090, used=20000 * MiB, temp=83, uuid="GPU-4090aaaa-0000-0000-0000-000000000002",
+                  bus_id="00000000:02:00.0")
+    install_gpus(monkeypatch, [RTX_4090, hot])
+    monkeypatch.setattr(hardware, "_probe_apple", lambda ram_total: None)
+    hw = hardware.probe()
+    assert hw.backend == "cuda" and [d.index for d in hw.devices] == [0, 1]
+    monkeypatch.setattr("torch.cuda.mem_get_info", lambda device=None: (4 * 2**30, 24 * 2**30))
+    run = create_run({"run": {"model": "smollm2-135m", "data": "demo"}, "knobs": {}}, {}, "20261207-100001-x")
+    hardware_event(run, "cuda", hw, "cuda:0", {"mode": "ddp", "world_size": 2, "devices": [0, 1]})
+    (event,) = [json.loads(line) for line in run.events_path.read_text().splitlines()]
+    cards = event["devices"]
+    assert [(d["rank"], d["index"], d["temperature_c"]) for d in cards] == [(0, 0, 45.0), (1, 1, 83.0)]
+    # in use on the card: the fake's 20000 MiB and what NVML's v2 reading adds for the driver (300 MiB here)
+    assert 20000 * MiB <= cards[1]["memory_used_bytes"] <= 20512 * MiB
+    assert cards[0]["memory_used_bytes"] < 2048 * MiB and cards[1]["memory_total_bytes"] == RTX_4090.total
