@@ -174,6 +174,31 @@ def test_sigkill_of_one_rank_interrupts_the_run_and_resume_continues_exactly(bui
 
 
 @pytest.mark.slow
+def test_localtune_stop_reaches_every_rank_and_they_stop_at_one_step(builtin_model_dir, tmp_path_factory) -> None:
+    home = _home(builtin_model_dir, tmp_path_factory, "two-process-stop")
+    started = _localtune(home, "train", "--processes", "2", *PINS, "--set", "gradient_accumulation_steps=1",
+                         "--set", "max_steps=30", "--detach")
+    assert started.returncode == 0, started.stderr
+    run = _only_run(home)
+    deadline = time.time() + 600
+    while not run.complete_checkpoints():
+        assert time.time() < deadline and run.live_worker_pid(), run.log_path.read_text()[-3000:]
+        time.sleep(0.5)
+    stopped = _localtune(home, "stop", run.id, "--wait", timeout=300)  # it signals the supervisor alone
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert run.state() == "stopped"
+    events = _events(run)
+    (end,) = [e for e in events if e["kind"] == "stopped"]
+    assert [e["kind"] for e in events].count("stopping") == 1  # rank 0 alone says it
+    assert end["checkpoint"] == f"checkpoint-{end['step']}" and 2 <= end["step"] < 30
+    ck = run.checkpoints_dir / end["checkpoint"]
+    assert (ck / "rng_state_0.pth").is_file() and (ck / "rng_state_1.pth").is_file()
+    outcomes = {d["rank"]: d["outcome"] for d in map(lambda p: json.loads(p.read_text()),
+                                                      (run.path / "ranks").glob("rank-*.json"))}
+    assert outcomes == {0: "stopped", 1: "stopped"}  # both ended the same step, neither was killed
+
+
+@pytest.mark.slow
 def test_out_of_memory_on_rank_1_backs_off_every_rank(builtin_model_dir, tmp_path_factory, two_process_run) -> None:
     home = _home(builtin_model_dir, tmp_path_factory, "two-process-oom")
     done = _localtune(home, "train", "--processes", "2", *PINS, "--set", "gradient_accumulation_steps=1",
