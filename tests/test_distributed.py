@@ -239,7 +239,9 @@ def test_two_machines_on_the_loopback_address_train_as_the_two_process_run(built
     assert "num_machines: 2" in cfg and "num_processes: 2" in cfg and f"main_process_port: {port}" in cfg
 
     with open(run.path / "machine-1.log", "wb") as log1:
-        machines = [subprocess.Popen(shlex.split(c), env=_env(home), stdin=subprocess.DEVNULL,
+        # two "machines" on one 2-core box: accelerate gives each machine's one process every core
+        # (OMP_NUM_THREADS unset), and four threads on two cores made a step 15x slower
+        machines = [subprocess.Popen(shlex.split(c), env=_env(home, OMP_NUM_THREADS="1"), stdin=subprocess.DEVNULL,
                                      stdout=open(run.log_path, "ab") if k == 0 else log1, stderr=subprocess.STDOUT)
                     for k, c in enumerate(commands)]
         codes = [m.wait(timeout=900) for m in machines]
