@@ -110,14 +110,11 @@ def this_rank(env: dict[str, str] | None = None) -> Rank | None:
 
 
 def parallel_of(plan: dict[str, Any]) -> dict[str, Any]:
-    """plan.json's "parallel", or one process for a plan written before it existed."""
-    par = dict(plan.get("parallel") or {})
-    par.setdefault("mode", "single")
-    par.setdefault("processes", 1)
-    par.setdefault("nodes", 1)
-    par.setdefault("devices", [])
-    par["world_size"] = int(par["processes"]) * int(par["nodes"])
-    return par
+    """plan.json's "parallel" as a dict (localtune.parallel.Parallel.to_dict: with world_size),
+    one process for a plan written before it existed."""
+    from localtune.parallel import Parallel
+
+    return Parallel.from_dict(plan.get("parallel")).to_dict()
 
 
 # ------------------------------------------------------------------ agreeing between ranks
@@ -285,23 +282,11 @@ def accelerate_config(par: dict[str, Any], backend: str, *, main_address: str = 
 
 
 def dump_yaml(cfg: dict[str, Any]) -> str:
-    """accelerate's YAML for a flat config (nested one level, as fsdp_config)."""
+    """The configuration as the YAML file `accelerate launch --config_file` reads (PyYAML, which
+    accelerate itself loads it with), keys in the order given."""
+    import yaml
 
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return str(v)
-        return json.dumps(str(v))
-
-    lines = []
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            lines.append(f"{k}:")
-            lines.extend(f"  {kk}: {value(vv)}" for kk, vv in v.items())
-        else:
-            lines.append(f"{k}: {value(v)}")
-    return "\n".join(lines) + "\n"
+    return yaml.safe_dump(cfg, sort_keys=False)
 
 
 def config_path(run: RunDir) -> Path:
