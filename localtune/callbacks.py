@@ -142,8 +142,9 @@ def thermal_guard_for(max_gpu_temp: float | None, backend: str, hardware, events
     from localtune.hardware import sample_devices
 
     index = 0
-    if rank is not None and devices:
-        ordinal = devices[rank.local_rank] if rank.local_rank < len(devices) else None
+    if devices:  # the plan's GPUs (--gpus): this rank's, or the one GPU a single process trains on
+        local = rank.local_rank if rank is not None else 0
+        ordinal = devices[local] if local < len(devices) else None
         index = next((i for i, d in enumerate(hardware.devices) if d.index == ordinal), 0)
 
     def read_temp() -> float | None:
@@ -226,8 +227,16 @@ def hardware_event(run: RunDir, backend: str, hw, device: str, parallel: dict[st
         try:
             from localtune.hardware import sample_devices
 
-            d = sample_devices(hw)[0]
-            fields.update(utilization_pct=d.utilization_pct, temperature_c=d.temperature_c, power_w=d.power_w)
+            several = parallel is not None and parallel.get("world_size", 1) > 1
+            if several:  # one NVML reading of every rank's card; rank 0's is the training device
+                fields["devices"] = rank_devices(run, backend, hw, parallel)
+                own = fields["devices"][0] if fields["devices"] else {}
+            else:  # the plan's GPU (--gpus may have picked another than the probe's first)
+                chosen = (parallel or {}).get("devices") or []
+                readings = sample_devices(hw)
+                d = next((x for x in readings if chosen and x.index == chosen[0]), readings[0])
+                own = {"utilization_pct": d.utilization_pct, "temperature_c": d.temperature_c, "power_w": d.power_w}
+            fields.update({k: own.get(k) for k in ("utilization_pct", "temperature_c", "power_w")})
         except Exception:  # noqa: BLE001 - live readings are optional
             pass
     elif device == "mlx:gpu":  # Apple's GPU under MLX: its buffers (in use and cached) are not in the RSS
@@ -236,7 +245,7 @@ def hardware_event(run: RunDir, backend: str, hw, device: str, parallel: dict[st
         fields.update(memory_used_bytes=mx.get_active_memory() + mx.get_cache_memory(), memory_total_bytes=vm.total)
     else:
         fields.update(memory_used_bytes=psutil.Process().memory_info().rss, memory_total_bytes=vm.total)
-    if parallel is not None and parallel.get("world_size", 1) > 1:
+    if parallel is not None and parallel.get("world_size", 1) > 1 and "devices" not in fields:
         try:
             fields["devices"] = rank_devices(run, backend, hw, parallel)
         except Exception:  # noqa: BLE001 - live readings are optional
@@ -298,7 +307,8 @@ class RunInfo:
     writes: bool = True
     """Whether this process writes events and the status: False on ranks other than 0."""
     parallel: dict[str, Any] | None = None
-    """plan.json's `parallel` for a rank of several (localtune.distributed); None for one process."""
+    """plan.json's `parallel` (localtune.parallel): the GPUs the plan picked, and for a rank of
+    several (localtune.distributed) how many there are; None for a plan from before it existed."""
 
 
 class RunEvents(TrainerCallback):
@@ -331,7 +341,7 @@ class RunEvents(TrainerCallback):
             return
         par = info.parallel or {}
         ranks = ({"world_size": par.get("world_size"), "parallel_mode": par.get("mode"),
-                  "devices": list(par.get("devices") or [])} if par else {})
+                  "devices": list(par.get("devices") or [])} if par.get("world_size", 1) > 1 else {})
         self.run.write_status(state="running", pid=os.getpid(), max_steps=state.max_steps, step=state.global_step,
                               error=None)
         append_event(self.run.events_path, "started", pid=os.getpid(), resumed_from=self.attempt.resumed_from,

@@ -135,7 +135,8 @@ def _device_of(backend: str, plan: dict[str, Any]) -> str:
     if backend == "cuda" and rank is not None:
         return f"cuda:{rank.local_rank}"
     if backend == "cuda":
-        index = plan["hardware"]["devices"][0].get("index") or 0
+        chosen = (plan.get("parallel") or {}).get("devices") or []  # --gpus: the plan's GPUs, not the probe's first
+        index = chosen[0] if chosen else plan["hardware"]["devices"][0].get("index") or 0
         return f"cuda:{index}"
     return backend
 
@@ -630,7 +631,7 @@ def train(run: RunDir, stop: StopRequest, node_rank: int = 0) -> None:
     info = RunInfo(run=run, device=device, backend=backend, hardware=hardware, precision=setup.precision.describe(),
                    padding_free=method.padding_free(setup, knobs) or knobs.packing, method=method.name,
                    from_run=setup.from_run, step_metrics=method.step_metrics, eval_metrics=method.eval_metrics,
-                   writes=main, parallel=par if rank is not None else None)
+                   writes=main, parallel=par)
     sample_prompt = rcfg.get("sample_prompt") or "What is the capital of Italy?"
     sample_steps = int(rcfg.get("sample_steps") or knobs.eval_steps)
     if rank is not None and par["mode"] == "fsdp":

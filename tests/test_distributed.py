@@ -425,3 +425,37 @@ def test_every_ranks_gpu_is_in_the_hardware_event(monkeypatch, tmp_path: Path) -
     # in use on the card: the fake's 20000 MiB and what NVML's v2 reading adds for the driver (300 MiB here)
     assert 20000 * MiB <= cards[1]["memory_used_bytes"] <= 20512 * MiB
     assert cards[0]["memory_used_bytes"] < 2048 * MiB and cards[1]["memory_total_bytes"] == RTX_4090.total
+
+
+def test_gpus_that_skip_gpu_0_train_are_read_and_guarded_on_the_cards_picked(monkeypatch) -> None:
+    """`--gpus 1` (one process) and `--gpus 1,2` (two ranks) on a faked 3-GPU NVML: training,
+    the hardware event's readings and the thermal guard follow the picked cards, not GPU 0."""
+    from dataclasses import replace
+
+    from localtune import hardware
+    from localtune.callbacks import StopRequest, hardware_event, thermal_guard_for
+    from localtune.distributed import parallel_of
+    from localtune.runs import create_run
+    from localtune.worker import _device_of
+    from tests.fakes import RTX_4090, install_gpus
+
+    cards = [replace(RTX_4090, temp=t, uuid=f"GPU-4090aaaa-0000-0000-0000-00000000000{i}", bus_id=f"00000000:0{i + 1}:00.0")
+             for i, t in enumerate((40, 83, 61))]
+    install_gpus(monkeypatch, cards)
+    monkeypatch.setattr(hardware, "_probe_apple", lambda ram_total: None)
+    monkeypatch.setattr("torch.cuda.mem_get_info", lambda device=None: (4 * 2**30, 24 * 2**30))
+    hw = hardware.probe()
+    run = create_run({"run": {"model": "smollm2-135m", "data": "demo"}, "knobs": {}}, {}, "20261207-100002-x")
+
+    one = {"hardware": hw.to_dict(), "parallel": {"mode": "single", "processes": 1, "nodes": 1, "devices": [1]}}
+    assert _device_of("cuda", one) == "cuda:1"
+    hardware_event(run, "cuda", hw, "cuda:1", parallel_of(one))
+    guard = thermal_guard_for(80, "cuda", hw, run.events_path, StopRequest(), devices=[1])
+    assert guard.read_temp() == 83.0
+
+    two = {"mode": "ddp", "processes": 2, "nodes": 1, "devices": [1, 2]}
+    hardware_event(run, "cuda", hw, "cuda:0", parallel_of({"parallel": two}))  # rank 0 sees GPU 1 as cuda:0
+    single, ranked = [json.loads(line) for line in run.events_path.read_text().splitlines()]
+    assert single["temperature_c"] == 83.0 and "devices" not in single
+    assert ranked["temperature_c"] == 83.0
+    assert [(d["rank"], d["index"], d["temperature_c"]) for d in ranked["devices"]] == [(0, 1, 83.0), (1, 2, 61.0)]
